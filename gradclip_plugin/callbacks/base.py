@@ -1,0 +1,308 @@
+"""What every clipping callback shares: parameter selection, the non-finite policy, metrics, state.
+
+A subclass implements two methods, following "measure, then clip":
+
+* ``measure(grads)`` returns the pre-clip total norm (a 0-dim tensor) and whatever the rule needs
+  again to clip (per-tensor norms, say), from one pass over the gradients;
+* ``clip_(grads, params, measured)`` clips the gradients in place and returns a :class:`ClipStats`
+  computed from the same numbers, with no second pass.
+
+Everything runs on the gradients' device. The base class reads values back to the host only on
+logging steps (one batched copy), and for the ``skip``/``error``/``zero`` policies one boolean per
+optimizer step (whether the norm is finite), since the step's fate is a host decision.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Any, Literal, NamedTuple, Optional
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torchmetrics.aggregation import MeanMetric, SumMetric
+
+NonFinitePolicy = Literal["skip", "error", "zero", "ignore"]
+_POLICIES = ("skip", "error", "zero", "ignore")
+
+
+class ClipStats(NamedTuple):
+    """What one clipping step reports, all 0-dim tensors on the gradients' device."""
+
+    norm: Tensor  #: pre-clip norm of the selected gradients
+    norm_clipped: Tensor  #: post-clip norm, derived from the same measurement
+    threshold: Tensor  #: the threshold in force at this step
+    clipped: Tensor  #: bool, whether clipping changed the gradients
+
+
+def check_positive(name: str, value: Any, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is a positive finite number (or ``None`` if allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
+
+
+def check_norm_type(norm_type: Any) -> float:
+    """``norm_type`` as a float: any positive number or ``inf`` (``"inf"`` from YAML)."""
+    try:
+        value = float(norm_type)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(norm_type, bool) or not value > 0:
+        raise ValueError(f"`norm_type` must be a positive number or 'inf', got {norm_type!r}")
+    return value
+
+
+def _check_patterns(name: str, patterns: Any) -> list[str]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"`{name}` must be a list of fnmatch patterns such as ['encoder.*'], got {patterns!r}")
+    return list(patterns)
+
+
+def should_log(trainer: pl.Trainer) -> bool:
+    """Whether this optimizer step is one whose metrics Lightning writes (``log_every_n_steps``).
+
+    Uses the logger connector's private ``should_update_logs``, as Lightning's own
+    ``LearningRateMonitor`` does: there is no public equivalent, so it is isolated here.
+    """
+    return bool(trainer.loggers) and trainer._logger_connector.should_update_logs
+
+
+def log_step(trainer: pl.Trainer) -> int:
+    """The step index Lightning's loggers use for this batch (``LearningRateMonitor``'s choice)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def loss_scaler(trainer: pl.Trainer) -> Optional[torch.amp.GradScaler]:
+    """The precision plugin's enabled loss scaler (``16-mixed``), or ``None``."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def optimizer_index(trainer: pl.Trainer, optimizer: Any) -> int:
+    for i, opt in enumerate(trainer.optimizers):
+        if opt is optimizer:
+            return i
+    return 0
+
+
+class GradientClipCallback(Callback):
+    """Base class of the clipping callbacks; not used on its own.
+
+    Args:
+        include: fnmatch patterns on ``named_parameters()`` names; only matching parameters are
+            clipped and counted. ``None`` selects every parameter.
+        exclude: fnmatch patterns of parameters left alone (neither clipped nor counted).
+        nonfinite: what to do when the selected gradients hold inf or NaN: ``"skip"`` the optimizer
+            step (weights and optimizer state untouched), raise an ``"error"``, ``"zero"`` the
+            non-finite entries then clip, or ``"ignore"`` (torch's behaviour: unsafe, NaN reaches
+            the weights). Under a ``16-mixed`` loss scaler the scaler skips such steps itself.
+        log_prefix: prefix of the logged metric names.
+    """
+
+    metric_names = ("norm", "norm_clipped", "threshold", "clip_rate", "nonfinite_steps")
+
+    def __init__(
+        self,
+        *,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        nonfinite: NonFinitePolicy = "skip",
+        log_prefix: str = "grad_clip",
+    ) -> None:
+        self.include = _check_patterns("include", include)
+        self.exclude = _check_patterns("exclude", exclude)
+        if nonfinite not in _POLICIES:
+            raise ValueError(f"`nonfinite` must be one of {list(_POLICIES)}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        if not isinstance(log_prefix, str) or not log_prefix:
+            raise ValueError(f"`log_prefix` must be a non-empty string, got {log_prefix!r}")
+        self.log_prefix = log_prefix
+        self._key_prefix = log_prefix
+        self._selected: dict[int, bool] = {}  # id(param) -> selected?
+        self._names: dict[int, str] = {}  # id(param) -> name
+        self._clip_rate: dict[int, MeanMetric] = {}
+        self._nonfinite_steps: dict[int, SumMetric] = {}
+        self._warned_nonfinite = False
+
+    # ------------------------------------------------------------------ to implement
+    def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
+        """Return the pre-clip total norm (0-dim) and what ``clip_`` needs, from one pass."""
+        raise NotImplementedError
+
+    def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
+        """Clip ``grads`` in place using ``measured``; update adaptive state; return the stats."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ Lightning hooks
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(log_prefix=self.log_prefix)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.gradient_clip_val:
+            raise MisconfigurationException(
+                f"{type(self).__name__} clips the gradients itself, but `Trainer(gradient_clip_val="
+                f"{trainer.gradient_clip_val})` is also set and Lightning would clip them a second time. "
+                "Remove `gradient_clip_val` from the Trainer."
+            )
+        from pytorch_lightning.strategies import DeepSpeedStrategy
+
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            raise MisconfigurationException(
+                f"{type(self).__name__} cannot clip under DeepSpeed: the engine partitions the gradients "
+                "and steps them itself. Use DeepSpeed's own `gradient_clipping` setting instead."
+            )
+        self._assign_key_prefix(trainer)
+        if any(True for _ in pl_module.parameters()):
+            self._check_include(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_include(pl_module)  # again: `configure_model` may have created the parameters
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        params = self._selected_params(pl_module, optimizer)
+        pairs = [(p, p.grad) for p in params if p.grad is not None]
+        if not pairs:
+            return
+        params, grads = [p for p, _ in pairs], [g for _, g in pairs]
+        idx = optimizer_index(trainer, optimizer)
+        scaler = loss_scaler(trainer)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            raise MisconfigurationException(
+                f"{type(self).__name__} cannot clip for `{type(optimizer).__name__}` under a loss scaler: this "
+                "optimizer unscales inside `step()` (e.g. `fused=True`), so the gradients it sees here are still "
+                "scaled by the loss scale. Use `fused=False`, or `precision='bf16-mixed'` which needs no scaler."
+            )
+        measured = self.measure(grads)
+        finite = torch.isfinite(measured[0])
+        counter = self._metric(self._nonfinite_steps, idx, grads[0].device, SumMetric)
+        if scaler is None and self.nonfinite != "ignore" and not bool(finite):  # one host read per step
+            counter.update(torch.ones((), device=grads[0].device))
+            if self.nonfinite == "error":
+                bad = [self._names.get(id(p), "?") for p, g in pairs if not torch.isfinite(g).all()]
+                raise RuntimeError(
+                    f"{type(self).__name__}: non-finite gradients at global step {trainer.global_step} in {bad}. "
+                    "Set `nonfinite='skip'` to skip such steps, or find the source (learning rate, loss, data)."
+                )
+            if self.nonfinite == "skip":
+                self._warn_nonfinite("skipping the optimizer step")
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        p.grad = None
+                if should_log(trainer):
+                    self._log(trainer, idx, None)
+                return
+            self._warn_nonfinite("zeroing the non-finite entries")
+            for g in grads:
+                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+            measured = self.measure(grads)
+        else:
+            # sync-free: under a scaler the scaler skips the step; count it on the device.
+            counter.update(~finite)
+        stats = self.clip_(grads, params, measured)
+        rate = self._metric(self._clip_rate, idx, grads[0].device, MeanMetric)
+        rate.update(stats.clipped.float(), finite.float())
+        if should_log(trainer):
+            self._log(trainer, idx, stats)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"nonfinite_steps": {i: float(m.compute()) for i, m in self._nonfinite_steps.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for i, count in state_dict.get("nonfinite_steps", {}).items():
+            metric = self._metric(self._nonfinite_steps, int(i), torch.device("cpu"), SumMetric)
+            metric.reset()
+            metric.update(torch.tensor(float(count)))
+
+    # ------------------------------------------------------------------ helpers
+    def metric_key(self, name: str, idx: int, trainer: pl.Trainer) -> str:
+        """``<prefix>/<name>``, or ``<prefix>/opt<i>/<name>`` when the Trainer has several optimizers."""
+        if len(trainer.optimizers) > 1:
+            return f"{self._key_prefix}/opt{idx}/{name}"
+        return f"{self._key_prefix}/{name}"
+
+    def extra_metrics(self) -> dict[str, Tensor]:
+        """More 0-dim tensors to log for this step (adaptive callbacks); read with the rest."""
+        return {}
+
+    def _log(self, trainer: pl.Trainer, idx: int, stats: Optional[ClipStats]) -> None:
+        values: dict[str, Tensor] = {}
+        if stats is not None:
+            values.update(norm=stats.norm, norm_clipped=stats.norm_clipped, threshold=stats.threshold)
+            values.update(self.extra_metrics())
+        if idx in self._clip_rate and self._clip_rate[idx].update_count:
+            values["clip_rate"] = self._clip_rate[idx].compute()
+            self._clip_rate[idx].reset()
+        values["nonfinite_steps"] = self._nonfinite_steps[idx].compute()
+        device = values["nonfinite_steps"].device
+        host = torch.stack([v.detach().float().to(device) for v in values.values()]).tolist()  # one copy
+        metrics = {self.metric_key(k, idx, trainer): v for k, v in zip(values, host)}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=log_step(trainer))
+
+    @staticmethod
+    def _metric(store: dict, idx: int, device: torch.device, cls: type) -> Any:
+        metric = store.get(idx)
+        if metric is None:
+            # nan_strategy="disable": the default NaN check reads a value back to the host.
+            # The count is not reduced across ranks: every rank reaches the same decision.
+            kwargs = {"sync_on_compute": False} if cls is SumMetric else {}
+            metric = store[idx] = cls(nan_strategy="disable", **kwargs)
+        if metric.device != device:
+            metric.to(device)
+        return metric
+
+    def _warn_nonfinite(self, action: str) -> None:
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            rank_zero_warn(
+                f"{type(self).__name__}: non-finite gradients found, {action} (nonfinite={self.nonfinite!r}). "
+                f"Such steps are counted in `{self._key_prefix}/nonfinite_steps`; this warning is shown once."
+            )
+
+    def _selected_params(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> list[Tensor]:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if any(id(p) not in self._selected for p in params):
+            self._names = {id(p): n for n, p in pl_module.named_parameters()}
+            for p in params:
+                name = self._names.get(id(p))
+                self._selected[id(p)] = self._matches(name)
+        return [p for p in params if self._selected[id(p)]]
+
+    def _matches(self, name: Optional[str]) -> bool:
+        if name is None:  # not a module parameter: only selected when no pattern restricts the set
+            return not self.include
+        if self.include and not any(fnmatch.fnmatchcase(name, pat) for pat in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude)
+
+    def _check_include(self, pl_module: pl.LightningModule) -> None:
+        names = [n for n, _ in pl_module.named_parameters()]
+        for pat in self.include:
+            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+                raise MisconfigurationException(
+                    f"{type(self).__name__}: the `include` pattern {pat!r} matches no parameter of "
+                    f"{type(pl_module).__name__}; names look like {names[:3]}"
+                )
+
+    def _assign_key_prefix(self, trainer: pl.Trainer) -> None:
+        """Keep metric names distinct when several clipping callbacks share a prefix."""
+        same = [cb for cb in trainer.callbacks if isinstance(cb, GradientClipCallback) and cb.log_prefix == self.log_prefix]
+        if len(same) < 2:
+            self._key_prefix = self.log_prefix
+            return
+        kinds = [type(cb).__name__ for cb in same]
+        name = type(self).__name__
+        k = sum(1 for cb in same[: same.index(self)] if type(cb) is type(self))
+        suffix = name if kinds.count(name) == 1 else f"{name}{k}"
+        self._key_prefix = f"{self.log_prefix}/{suffix}"

@@ -1,0 +1,163 @@
+"""The three fixed-threshold rules: by value, by per-tensor norm, by global norm."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from gradclip_plugin.callbacks.base import ClipStats, GradientClipCallback, NonFinitePolicy, check_norm_type, check_positive
+from gradclip_plugin.functional import clip_by_value_, clip_coefficient, combine_norms, scale_, tensor_norms
+
+__all__ = ["ClipByGlobalNorm", "ClipByNorm", "ClipByValue"]
+
+_INF = float("inf")
+
+
+class ClipByValue(GradientClipCallback):
+    """Clamp every gradient entry to ``[-clip_value, clip_value]`` before each optimizer step.
+
+    The logged ``norm`` is the inf-norm (largest ``|g|``), the quantity this rule bounds, so that
+    ``norm``, ``norm_clipped`` and ``threshold`` share one scale; it is measured in the same pass
+    that decides whether clipping changed anything.
+
+    Args:
+        clip_value: the bound, a positive finite number.
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``log_prefix`` (see :class:`GradientClipCallback`).
+
+    Example YAML::
+
+        trainer:
+          callbacks:
+            - class_path: gradclip_plugin.ClipByValue
+              init_args:
+                clip_value: 0.5
+
+    References:
+        Mikolov 2012 (thesis); Pascanu et al. 2013; ``tf.clip_by_value``, ``torch.nn.utils.clip_grad_value_``.
+    """
+
+    def __init__(
+        self,
+        clip_value: float,
+        *,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        nonfinite: NonFinitePolicy = "skip",
+        log_prefix: str = "grad_clip",
+    ) -> None:
+        check_positive("clip_value", clip_value)
+        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, log_prefix=log_prefix)
+        self.clip_value = float(clip_value)
+
+    def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
+        return combine_norms(tensor_norms(grads, _INF), _INF), None
+
+    def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
+        norm = measured[0]
+        clip_by_value_(grads, self.clip_value)
+        threshold = torch.full_like(norm, self.clip_value)
+        return ClipStats(norm, torch.minimum(norm, threshold), threshold, norm > threshold)
+
+
+class ClipByNorm(GradientClipCallback):
+    """Clip each gradient tensor to norm ``max_norm`` on its own: ``g *= min(1, max_norm / ||g||)``.
+
+    The logged ``norm`` is the total norm of all selected gradients; ``clip_rate`` counts the
+    steps at which at least one tensor was rescaled.
+
+    Args:
+        max_norm: the per-tensor threshold, a positive finite number.
+        norm_type: order of the norm: any positive number, or ``inf``.
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``log_prefix`` (see :class:`GradientClipCallback`).
+
+    Example YAML::
+
+        trainer:
+          callbacks:
+            - class_path: gradclip_plugin.ClipByNorm
+              init_args:
+                max_norm: 1.0
+                norm_type: 2.0
+
+    References:
+        ``tf.clip_by_norm`` applied per tensor; Pascanu et al. 2013.
+    """
+
+    def __init__(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        *,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        nonfinite: NonFinitePolicy = "skip",
+        log_prefix: str = "grad_clip",
+    ) -> None:
+        check_positive("max_norm", max_norm)
+        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, log_prefix=log_prefix)
+        self.max_norm = float(max_norm)
+        self.norm_type = check_norm_type(norm_type)
+
+    def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
+        norms = tensor_norms(grads, self.norm_type)
+        return combine_norms(norms, self.norm_type), norms
+
+    def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
+        norm, norms = measured
+        coefs = clip_coefficient(self.max_norm, norms)
+        scale_(grads, coefs)
+        threshold = torch.full_like(norm, self.max_norm)
+        return ClipStats(norm, combine_norms(norms * coefs, self.norm_type), threshold, (coefs < 1).any())
+
+
+class ClipByGlobalNorm(GradientClipCallback):
+    """Scale all selected gradients together so that their global norm is at most ``max_norm``.
+
+    ``g *= min(1, max_norm / ||all g||)``: TensorFlow's ``clip_by_global_norm`` and torch's
+    ``clip_grad_norm_``, without torch's ``1e-6`` epsilon (gradients under the threshold are left
+    bit-for-bit unchanged). Each optimizer is clipped on the norm of its own parameters.
+
+    Args:
+        max_norm: the threshold on the global norm, a positive finite number.
+        norm_type: order of the norm: any positive number, or ``inf``.
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``log_prefix`` (see :class:`GradientClipCallback`).
+
+    Example YAML::
+
+        trainer:
+          callbacks:
+            - class_path: gradclip_plugin.ClipByGlobalNorm
+              init_args:
+                max_norm: 1.0
+
+    References:
+        Pascanu et al. 2013, "On the difficulty of training recurrent neural networks";
+        ``tf.clip_by_global_norm``, ``torch.nn.utils.clip_grad_norm_``.
+    """
+
+    def __init__(
+        self,
+        max_norm: float,
+        norm_type: float = 2.0,
+        *,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        nonfinite: NonFinitePolicy = "skip",
+        log_prefix: str = "grad_clip",
+    ) -> None:
+        check_positive("max_norm", max_norm)
+        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, log_prefix=log_prefix)
+        self.max_norm = float(max_norm)
+        self.norm_type = check_norm_type(norm_type)
+
+    def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
+        return combine_norms(tensor_norms(grads, self.norm_type), self.norm_type), None
+
+    def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
+        norm = measured[0]
+        coef = clip_coefficient(self.max_norm, norm)
+        scale_(grads, coef)
+        threshold = torch.full_like(norm, self.max_norm)
+        return ClipStats(norm, norm * coef, threshold, coef < 1)

@@ -1,0 +1,220 @@
+"""Clipping rules: TensorFlow's three out-of-place ops and torch-style in-place forms for training.
+
+Out of place (``clip_by_value``, ``clip_by_norm``, ``clip_by_global_norm``) follow ``tf.clip_by_*``:
+same names, arguments and results, inputs never modified.
+
+In place (names ending in ``_``) follow ``torch.nn.utils.clip_grad_*_``, "measure, then clip": the
+norm is computed once and returned, the coefficient is ``min(1, max_norm / norm)`` with no epsilon
+(a tensor at or under the threshold is multiplied by exactly 1.0), and nothing reads a value back to
+the host, so the ops can run every step on a GPU without a sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from gradclip_plugin.functional.norms import (
+    Tensors,
+    as_tensor_list,
+    global_norm,
+    group_by_device_and_dtype,
+    tensor_norms,
+)
+
+__all__ = [
+    "clip_by_global_norm",
+    "clip_by_global_norm_",
+    "clip_by_norm",
+    "clip_by_norm_",
+    "clip_by_value",
+    "clip_by_value_",
+    "clip_coefficient",
+    "scale_",
+]
+
+Number = Union[float, int]
+
+
+def _check_threshold(name: str, value: Union[Number, Tensor]) -> None:
+    if isinstance(value, Tensor):
+        return  # a device tensor is not read back (no host sync); the caller owns its range
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
+
+
+@torch.no_grad()
+def clip_by_value(t: Tensor, clip_value_min: Union[Number, Tensor], clip_value_max: Union[Number, Tensor]) -> Tensor:
+    """Clip every entry of ``t`` to ``[clip_value_min, clip_value_max]``, as ``tf.clip_by_value``.
+
+    Computed in TensorFlow's order, ``maximum(minimum(t, clip_value_max), clip_value_min)``.
+
+    Args:
+        t: the tensor to clip (not modified).
+        clip_value_min: lower bound, a number or a tensor broadcastable to ``t``.
+        clip_value_max: upper bound, a number or a tensor broadcastable to ``t``.
+
+    Returns:
+        A new tensor of ``t``'s shape and dtype.
+
+    Raises:
+        ValueError: if both bounds are numbers and ``clip_value_min > clip_value_max``.
+
+    References:
+        TensorFlow, ``tf.clip_by_value``.
+    """
+    if not isinstance(clip_value_min, Tensor) and not isinstance(clip_value_max, Tensor):
+        if clip_value_min > clip_value_max:
+            raise ValueError(
+                f"`clip_value_min` must be <= `clip_value_max`, got {clip_value_min!r} > {clip_value_max!r}"
+            )
+        return t.clamp_max(clip_value_max).clamp_min(clip_value_min)
+    hi = torch.as_tensor(clip_value_max, dtype=t.dtype, device=t.device)
+    lo = torch.as_tensor(clip_value_min, dtype=t.dtype, device=t.device)
+    out = torch.maximum(torch.minimum(t, hi), lo)
+    if out.shape != t.shape:
+        raise ValueError(f"clipping bounds must not broadcast `t` of shape {tuple(t.shape)} to {tuple(out.shape)}")
+    return out
+
+
+@torch.no_grad()
+def clip_by_norm(t: Tensor, clip_norm: Union[Number, Tensor], axes: Optional[Sequence[int]] = None) -> Tensor:
+    """Rescale ``t`` so that its L2-norm (over ``axes``) is at most ``clip_norm``, as ``tf.clip_by_norm``.
+
+    ``t * clip_norm / max(l2norm(t, axes), clip_norm)``, computed in TensorFlow's order; a zero
+    tensor (or zero slice along ``axes``) is returned unchanged. float16/bfloat16 inputs are
+    computed in float32 and cast back, so their squares cannot overflow.
+
+    Args:
+        t: the tensor to clip (not modified).
+        clip_norm: the maximum norm, a positive number or a 0-dim tensor.
+        axes: dimensions to take the norm over (one norm per remaining index); ``None`` for all.
+
+    Returns:
+        A new tensor of ``t``'s shape and dtype.
+
+    References:
+        TensorFlow, ``tf.clip_by_norm``.
+    """
+    _check_threshold("clip_norm", clip_norm)
+    x = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    dims = tuple(range(x.dim())) if axes is None else tuple(axes)
+    l2sum = (x * x).sum(dim=dims, keepdim=True) if x.dim() else x * x
+    pred = l2sum > 0
+    l2norm = torch.where(pred, torch.sqrt(torch.where(pred, l2sum, torch.ones_like(l2sum))), l2sum)
+    clip = torch.as_tensor(clip_norm, dtype=x.dtype, device=x.device)
+    return ((x * clip) / torch.maximum(l2norm, clip)).to(t.dtype)
+
+
+@torch.no_grad()
+def clip_by_global_norm(
+    t_list: Sequence[Optional[Tensor]],
+    clip_norm: Union[Number, Tensor],
+    use_norm: Optional[Tensor] = None,
+) -> tuple[list[Optional[Tensor]], Tensor]:
+    """Scale every tensor by ``clip_norm / max(global_norm, clip_norm)``, as ``tf.clip_by_global_norm``.
+
+    Args:
+        t_list: tensors to clip (not modified); ``None`` entries are returned as ``None``.
+        clip_norm: the maximum global norm, a positive number or a 0-dim tensor.
+        use_norm: the global norm to use; computed with :func:`global_norm` if ``None``.
+
+    Returns:
+        ``(clipped, global_norm)``. If the global norm is not finite, every returned tensor is NaN
+        (TensorFlow's signal), and ``global_norm`` is returned as computed (inf or NaN).
+
+    References:
+        TensorFlow, ``tf.clip_by_global_norm``; Pascanu et al. 2013, "On the difficulty of
+        training recurrent neural networks".
+    """
+    if isinstance(t_list, Tensor):
+        raise TypeError("`t_list` must be a sequence of tensors, got a single tensor; wrap it in a list")
+    _check_threshold("clip_norm", clip_norm)
+    t_list = list(t_list)
+    norm = global_norm(t_list) if use_norm is None else torch.as_tensor(use_norm)
+    clip = torch.as_tensor(clip_norm, dtype=norm.dtype, device=norm.device)
+    # `norm - norm` is 0 for a finite norm and NaN otherwise: TensorFlow's non-finite signal.
+    scale = clip / torch.maximum(norm, clip) + (norm - norm)
+    clipped = [None if t is None else t * scale.to(device=t.device, dtype=t.dtype) for t in t_list]
+    return clipped, norm
+
+
+@torch.no_grad()
+def clip_coefficient(max_norm: Union[Number, Tensor], norm: Tensor) -> Tensor:
+    """``min(1, max_norm / norm)``, with no epsilon: exactly 1.0 when ``norm <= max_norm`` (and for 0)."""
+    return torch.clamp(max_norm / norm, max=1.0)
+
+
+@torch.no_grad()
+def scale_(tensors: Tensors, coef: Tensor) -> None:
+    """Multiply tensors in place by ``coef``: a 0-dim tensor for all, or a 1-D tensor, one per tensor.
+
+    Uses the foreach kernels per (device, dtype) group; reads nothing back to the host.
+    """
+    tensors = as_tensor_list(tensors)
+    if not tensors:
+        return
+    per_tensor = coef.dim() == 1
+    for (device, _), idx in group_by_device_and_dtype(tensors).items():
+        group = [tensors[i] for i in idx]
+        c = coef.to(device)
+        if per_tensor:
+            torch._foreach_mul_(group, list(c[idx].unbind()))
+        else:
+            torch._foreach_mul_(group, c)
+
+
+@torch.no_grad()
+def clip_by_value_(tensors: Tensors, clip_value: Number) -> None:
+    """Clamp every entry to ``[-clip_value, clip_value]`` in place, as ``torch.nn.utils.clip_grad_value_``.
+
+    References:
+        Mikolov 2012 (thesis), Pascanu et al. 2013: element-wise gradient clipping.
+    """
+    _check_threshold("clip_value", clip_value)
+    tensors = as_tensor_list(tensors)
+    for _, idx in group_by_device_and_dtype(tensors).items():
+        group = [tensors[i] for i in idx]
+        torch._foreach_clamp_min_(group, -clip_value)
+        torch._foreach_clamp_max_(group, clip_value)
+
+
+@torch.no_grad()
+def clip_by_norm_(tensors: Tensors, max_norm: Union[Number, Tensor], norm_type: float = 2.0) -> Tensor:
+    """Clip each tensor to norm ``max_norm`` on its own, in place: ``t *= min(1, max_norm / ||t||)``.
+
+    Returns:
+        The pre-clip norm of each tensor, a 1-D float32 tensor.
+
+    References:
+        TensorFlow, ``tf.clip_by_norm`` (per tensor); Pascanu et al. 2013.
+    """
+    _check_threshold("max_norm", max_norm)
+    tensors = as_tensor_list(tensors)
+    norms = tensor_norms(tensors, norm_type)
+    scale_(tensors, clip_coefficient(max_norm, norms))
+    return norms
+
+
+@torch.no_grad()
+def clip_by_global_norm_(tensors: Tensors, max_norm: Union[Number, Tensor], norm_type: float = 2.0) -> Tensor:
+    """Scale all tensors in place by ``min(1, max_norm / global_norm)``.
+
+    Same as ``torch.nn.utils.clip_grad_norm_`` on the tensors themselves, without its ``1e-6``
+    epsilon: a total norm at or under ``max_norm`` leaves the tensors bit-for-bit unchanged.
+
+    Returns:
+        The pre-clip global norm, a 0-dim float32 tensor.
+
+    References:
+        Pascanu et al. 2013, "On the difficulty of training recurrent neural networks".
+    """
+    _check_threshold("max_norm", max_norm)
+    tensors = as_tensor_list(tensors)
+    norm = global_norm(tensors, norm_type)
+    scale_(tensors, clip_coefficient(max_norm, norm))
+    return norm

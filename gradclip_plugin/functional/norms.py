@@ -1,0 +1,122 @@
+"""Gradient norms: per tensor, global and per group, from one fused pass.
+
+Norms are accumulated in float32 (float64 for float64 tensors) whatever the tensor dtype, with
+tensors grouped by (device, dtype) so that each group is one ``torch._foreach_norm`` call, as in
+torch's ``torch.nn.utils.get_total_norm``. Nothing here reads a value back to the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+Tensors = Union[Tensor, Iterable[Optional[Tensor]]]
+
+__all__ = ["Tensors", "combine_norms", "global_norm", "segment_norms", "tensor_norms"]
+
+
+def as_tensor_list(tensors: Tensors) -> list[Tensor]:
+    """Return ``tensors`` as a list, a single tensor wrapped and ``None`` entries dropped."""
+    if isinstance(tensors, Tensor):
+        return [tensors]
+    return [t for t in tensors if t is not None]
+
+
+def check_norm_type(norm_type: float) -> float:
+    """Return ``norm_type`` as a float; raise ``ValueError`` unless it is positive (``inf`` allowed)."""
+    norm_type = float(norm_type)
+    if not norm_type > 0:  # also rejects NaN
+        raise ValueError(f"`norm_type` must be a positive number or inf, got {norm_type}")
+    return norm_type
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), in first-seen order."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
+
+
+def _has_foreach(device: torch.device) -> bool:
+    return device.type in ("cpu", "cuda")
+
+
+@torch.no_grad()
+def tensor_norms(tensors: Tensors, norm_type: float = 2.0) -> Tensor:
+    """The ``norm_type``-norm of each tensor, as a 1-D float32 tensor on the first tensor's device.
+
+    Args:
+        tensors: a tensor or an iterable of tensors; ``None`` entries are skipped.
+        norm_type: order of the norm, any positive float or ``inf``.
+
+    Returns:
+        A 1-D tensor with one norm per (non-``None``) tensor, in input order; empty for no tensors.
+    """
+    tensors = as_tensor_list(tensors)
+    norm_type = check_norm_type(norm_type)
+    if not tensors:
+        return torch.zeros(0)
+    first_device = tensors[0].device
+    out: list[Optional[Tensor]] = [None] * len(tensors)
+    for (device, dtype), idx in group_by_device_and_dtype(tensors).items():
+        group = [tensors[i] for i in idx]
+        acc = accumulation_dtype(dtype)
+        if _has_foreach(device):
+            norms = torch._foreach_norm(group, norm_type, dtype=acc)
+        else:
+            norms = [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in group]
+        for i, n in zip(idx, norms):
+            out[i] = n
+    result = torch.stack([n.to(first_device) for n in out])  # type: ignore[union-attr]
+    return result if result.dtype == torch.float64 else result.float()
+
+
+@torch.no_grad()
+def combine_norms(norms: Tensor, norm_type: float = 2.0) -> Tensor:
+    """Total norm from per-tensor norms: ``(sum n_i^p)^(1/p)``, or ``max n_i`` for the inf-norm."""
+    if norms.numel() == 0:
+        return torch.zeros((), dtype=norms.dtype, device=norms.device)
+    return torch.linalg.vector_norm(norms, check_norm_type(norm_type))
+
+
+@torch.no_grad()
+def global_norm(tensors: Tensors, norm_type: float = 2.0) -> Tensor:
+    """The norm of all tensors viewed as one vector, as ``tf.linalg.global_norm`` (and any ``norm_type``).
+
+    Args:
+        tensors: a tensor or an iterable of tensors; ``None`` entries are skipped.
+        norm_type: order of the norm, any positive float or ``inf``.
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 inputs); 0 for an empty list.
+    """
+    return combine_norms(tensor_norms(tensors, norm_type), norm_type)
+
+
+@torch.no_grad()
+def segment_norms(norms: Tensor, segment_ids: Tensor, num_segments: int, norm_type: float = 2.0) -> Tensor:
+    """Combine per-tensor norms into one norm per segment (group of tensors), with no host read.
+
+    Args:
+        norms: 1-D per-tensor norms, as from :func:`tensor_norms`.
+        segment_ids: 1-D int64 tensor, the segment of each norm, on ``norms``' device.
+        num_segments: number of segments; a segment with no tensor has norm 0.
+        norm_type: order of the norm the per-tensor norms were taken with.
+
+    Returns:
+        A 1-D tensor of ``num_segments`` norms.
+    """
+    norm_type = check_norm_type(norm_type)
+    out = torch.zeros(num_segments, dtype=norms.dtype, device=norms.device)
+    if norm_type == float("inf"):
+        return out.scatter_reduce(0, segment_ids, norms, reduce="amax", include_self=True)
+    return out.index_add(0, segment_ids, norms.pow(norm_type)).pow(1.0 / norm_type)
