@@ -144,7 +144,9 @@ class GradientClipCallback(Callback):
     # ------------------------------------------------------------------ Lightning hooks
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(log_prefix=self.log_prefix)
+        """Class name plus the init arguments (public attributes): two differently configured
+        instances keep separate entries in a checkpoint."""
+        return self._generate_state_key(**{k: v for k, v in sorted(vars(self).items()) if not k.startswith("_")})
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.gradient_clip_val:
