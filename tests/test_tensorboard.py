@@ -1,0 +1,102 @@
+"""The custom-scalars layout: its charts, written once, and every chart's tags present in the run."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from helpers import TinyModel, TwoOptimizerModel, make_loader, make_trainer
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
+
+from gradclip_plugin.callbacks import ClipByGlobalNorm, ClipByValue
+from gradclip_plugin.callbacks.monitor import GradientNormMonitor
+from gradclip_plugin.tensorboard import CATEGORY, layout, read_layout, write_layout
+
+
+def scalar_tags(log_dir) -> list[str]:
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc.Tags()["scalars"]
+
+
+def fit(tmp_path, callbacks, model=None, **kwargs):
+    logger = kwargs.pop("logger", None) or TensorBoardLogger(tmp_path, name="run", version=0)
+    trainer = make_trainer(tmp_path, callbacks, logger=logger, max_steps=2, **kwargs)
+    trainer.fit(model or TinyModel(), make_loader())
+    return trainer, logger
+
+
+def assert_every_chart_has_its_tags(charts: dict, tags: list[str]) -> None:
+    """Each regex of each chart matches a logged scalar, as TensorBoard's dashboard would (``search``)."""
+    for title, (kind, regexes) in charts.items():
+        assert kind == "Multiline"
+        for regex in regexes:
+            assert any(re.search(regex, tag) for tag in tags), f"chart {title!r}: {regex!r} matches none of {tags}"
+
+
+def test_layout_overlays_norm_norm_clipped_threshold(tmp_path):
+    trainer, logger = fit(tmp_path, [GradientNormMonitor(), ClipByGlobalNorm(1.0)])
+    charts = layout(trainer)[CATEGORY]
+    assert charts["grad_clip: norm, norm_clipped, threshold"] == [
+        "Multiline", ["^grad_clip/norm$", "^grad_clip/norm_clipped$", "^grad_clip/threshold$"]
+    ]
+    assert charts["clip_rate"] == ["Multiline", ["^grad_clip/clip_rate$"]]
+    assert charts["monitored total norms and thresholds"] == ["Multiline", ["^grad_norm/total$", "^grad_clip/threshold$"]]
+    tags = scalar_tags(logger.log_dir)
+    assert_every_chart_has_its_tags(charts, tags)
+    # the monitor's chart takes its own curves and no one else's
+    monitor_chart = charts["grad_norm: total and per-group norms"][1]
+    assert sorted(t for t in tags if any(re.search(r, t) for r in monitor_chart)) == [
+        "grad_norm/encoder", "grad_norm/head", "grad_norm/total"
+    ]
+    assert read_layout(logger.log_dir) == layout(trainer)
+
+
+def test_layout_for_two_optimizers(tmp_path):
+    trainer, logger = fit(tmp_path, [ClipByGlobalNorm(1.0), GradientNormMonitor()], model=TwoOptimizerModel())
+    charts = read_layout(logger.log_dir)[CATEGORY]
+    for i in (0, 1):
+        assert charts[f"grad_clip/opt{i}: norm, norm_clipped, threshold"] == [
+            "Multiline", [f"^grad_clip/opt{i}/norm$", f"^grad_clip/opt{i}/norm_clipped$", f"^grad_clip/opt{i}/threshold$"]
+        ]
+        assert f"grad_norm/opt{i}: total and per-group norms" in charts
+    assert_every_chart_has_its_tags(charts, scalar_tags(logger.log_dir))
+
+
+def test_layout_for_two_clipping_callbacks_sharing_a_prefix(tmp_path):
+    trainer, logger = fit(tmp_path, [ClipByValue(5.0), ClipByGlobalNorm(1.0), GradientNormMonitor()])
+    charts = read_layout(logger.log_dir)[CATEGORY]
+    assert "grad_clip/ClipByValue: norm, norm_clipped, threshold" in charts
+    assert "grad_clip/ClipByGlobalNorm: norm, norm_clipped, threshold" in charts
+    assert_every_chart_has_its_tags(charts, scalar_tags(logger.log_dir))
+
+
+def test_layout_follows_the_logger_prefix(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run", version=0, prefix="train")
+    trainer, _ = fit(tmp_path, [GradientNormMonitor(), ClipByGlobalNorm(1.0)], logger=logger)
+    charts = read_layout(logger.log_dir)[CATEGORY]
+    assert "train-grad_clip: norm, norm_clipped, threshold" in charts
+    tags = scalar_tags(logger.log_dir)
+    assert "train-grad_clip/norm" in tags
+    assert_every_chart_has_its_tags(charts, tags)
+
+
+def test_written_once_for_all_callbacks(tmp_path, monkeypatch):
+    calls = []
+    original = SummaryWriter.add_custom_scalars
+    monkeypatch.setattr(SummaryWriter, "add_custom_scalars", lambda self, lay: calls.append(lay) or original(self, lay))
+    trainer, _ = fit(tmp_path, [GradientNormMonitor(), ClipByGlobalNorm(1.0), GradientNormMonitor(log_prefix="post")])
+    assert len(calls) == 1
+    write_layout(trainer)  # again, by hand: nothing new to write
+    assert len(calls) == 1
+    assert calls[0] == layout(trainer)
+
+
+def test_nothing_without_tensorboard_or_gradclip_callbacks(tmp_path, monkeypatch):
+    monkeypatch.setattr(SummaryWriter, "add_custom_scalars", lambda *a: pytest.fail("layout written"))
+    fit(tmp_path, [GradientNormMonitor()], logger=CSVLogger(tmp_path))
+    trainer, logger = fit(tmp_path / "plain", [])
+    assert layout(trainer) == {}
+    assert read_layout(logger.log_dir) == {}
