@@ -1,0 +1,414 @@
+"""Adaptive clipping rules: AGC's unit-wise limits, AutoClip's percentile of past norms, ZClip's z-score.
+
+AGC (Brock et al. 2021) is stateless: each unit (output row of a weight) is clipped relative to the
+norm of the weight itself. AutoClip (Seetharaman et al. 2020) and ZClip (Kumar et al. 2025) keep a
+small state of past gradient norms; here that state is a ``NamedTuple`` of device tensors (plus host
+integers that the caller knows without reading a tensor), and each step is one pure function
+``update(state, norm) -> (state, threshold, ...)`` built from ``torch.where``, so that:
+
+* nothing is read back to the host (no ``.item()``, no Python ``if`` on a tensor);
+* a non-finite norm (inf or NaN) never enters the state: the update keeps the old values, so the
+  statistics stay finite whatever the caller does with the step;
+* the state can be saved and restored (``state._asdict()``) and the run continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Literal, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from gradclip_plugin.functional.norms import Tensors, accumulation_dtype, as_tensor_list, check_norm_type
+
+__all__ = [
+    "AutoClipState",
+    "ZClipState",
+    "adaptive_clip_grad_",
+    "agc_coefficients",
+    "autoclip_init",
+    "autoclip_update",
+    "threshold_coefficient",
+    "scale_units_",
+    "unit_counts",
+    "unitwise_norm",
+    "unitwise_norms",
+    "zclip_init",
+    "zclip_update",
+]
+
+ZClipMode = Literal["zscore", "percentile"]
+ZClipOption = Literal["adaptive_scaling", "mean"]
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------- AGC
+@torch.no_grad()
+def unitwise_norm(x: Tensor, norm_type: float = 2.0) -> Tensor:
+    """The norm of each unit of ``x``, shaped as timm's ``unitwise_norm``.
+
+    A unit is a slice along the first (output) dimension, as PyTorch stores ``Linear`` and
+    ``ConvNd`` weights; a tensor of one dimension or less (a bias, a gain) is one unit. Accumulated
+    in float32 (float64 for float64 inputs).
+
+    Returns:
+        A 0-dim tensor for ``x.dim() <= 1``, else a tensor of shape ``(x.shape[0], 1, ..., 1)``.
+
+    References:
+        Brock et al. 2021, "High-Performance Large-Scale Image Recognition Without Normalization";
+        timm ``timm/utils/agc.py``.
+    """
+    norm_type = check_norm_type(norm_type)
+    acc = accumulation_dtype(x.dtype)
+    if x.dim() <= 1:
+        return torch.linalg.vector_norm(x, norm_type, dtype=acc)
+    return torch.linalg.vector_norm(x, norm_type, dim=tuple(range(1, x.dim())), keepdim=True, dtype=acc)
+
+
+def unit_counts(tensors: Tensors) -> list[int]:
+    """Number of units of each tensor: ``t.shape[0]`` for two or more dimensions, else 1 (host shapes only)."""
+    return [t.shape[0] if t.dim() > 1 else 1 for t in as_tensor_list(tensors)]
+
+
+@torch.no_grad()
+def unitwise_norms(tensors: Tensors, norm_type: float = 2.0) -> Tensor:
+    """Unit-wise norms of all tensors, concatenated into one 1-D tensor on the first tensor's device.
+
+    Tensor ``i`` contributes ``unit_counts(tensors)[i]`` entries, in order. Tensors of one dimension
+    or less are grouped by (device, dtype) into one ``torch._foreach_norm`` call; each tensor of two
+    or more dimensions is one ``vector_norm`` over its flattened trailing dimensions. Nothing is read
+    back to the host.
+
+    Returns:
+        A 1-D float32 tensor (float64 if every tensor is float64); empty for no tensors.
+    """
+    tensors = as_tensor_list(tensors)
+    norm_type = check_norm_type(norm_type)
+    if not tensors:
+        return torch.zeros(0)
+    first = tensors[0].device
+    parts: list[Optional[Tensor]] = [None] * len(tensors)
+    small: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.dim() <= 1:
+            small.setdefault((t.device, t.dtype), []).append(i)
+        else:
+            parts[i] = torch.linalg.vector_norm(t.flatten(1), norm_type, dim=1, dtype=accumulation_dtype(t.dtype))
+    for (device, dtype), idx in small.items():
+        group = [tensors[i] for i in idx]
+        acc = accumulation_dtype(dtype)
+        if device.type in ("cpu", "cuda"):
+            norms = torch._foreach_norm(group, norm_type, dtype=acc)
+        else:
+            norms = [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in group]
+        for i, n in zip(idx, norms):
+            parts[i] = n.reshape(1)
+    dtype = torch.float64 if all(p.dtype == torch.float64 for p in parts) else torch.float32  # type: ignore[union-attr]
+    return torch.cat([p.to(device=first, dtype=dtype) for p in parts])  # type: ignore[union-attr]
+
+
+@torch.no_grad()
+def agc_coefficients(
+    grad_norms: Tensor, param_norms: Tensor, clip_factor: float = 0.01, eps: float = 1e-3
+) -> tuple[Tensor, Tensor]:
+    """AGC's scale per unit: ``limit / ||G_u||`` where ``||G_u|| > limit``, else exactly 1.
+
+    ``limit = clip_factor * max(||W_u||, eps)``: a zero-initialised unit (a bias at 0) gets
+    ``clip_factor * eps``, never 0. Since ``limit > 0``, a clipped unit has a positive norm and the
+    division is safe: the unit is scaled exactly to the limit (timm and the DeepMind reference
+    divide by ``max(||G_u||, 1e-6)``, which differs only where ``clip_factor * eps < 1e-6``).
+
+    Args:
+        grad_norms: unit-wise gradient norms, as from :func:`unitwise_norms`.
+        param_norms: unit-wise parameter norms, same layout.
+        clip_factor: the ratio ``||G_u|| / ||W_u||`` allowed (the paper's lambda).
+        eps: floor on the parameter norm.
+
+    Returns:
+        ``(coefficients, limits)``, both shaped like ``grad_norms``.
+
+    References:
+        Brock et al. 2021 (NFNets), Section 4.1; timm ``adaptive_clip_grad``.
+    """
+    _check_positive("clip_factor", clip_factor)
+    _check_positive("eps", eps)
+    limits = param_norms.to(grad_norms.device, grad_norms.dtype).clamp_min(eps).mul_(clip_factor)
+    coefs = torch.where(grad_norms > limits, limits / grad_norms, torch.ones_like(grad_norms))
+    return coefs, limits
+
+
+@torch.no_grad()
+def scale_units_(tensors: Tensors, coefs: Tensor) -> None:
+    """Multiply each unit of each tensor in place by its entry of ``coefs`` (layout of :func:`unitwise_norms`)."""
+    tensors = as_tensor_list(tensors)
+    if not tensors:
+        return
+    counts = unit_counts(tensors)
+    if coefs.numel() != sum(counts):
+        raise ValueError(f"`coefs` must hold one entry per unit ({sum(counts)}), got {coefs.numel()}")
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    for t, c in zip(tensors, coefs.split(counts)):
+        shape = (t.shape[0],) + (1,) * (t.dim() - 1) if t.dim() > 1 else ()
+        ts, cs = groups.setdefault((t.device, t.dtype), ([], []))
+        ts.append(t)
+        cs.append(c.to(device=t.device, dtype=t.dtype).reshape(shape))
+    for ts, cs in groups.values():
+        torch._foreach_mul_(ts, cs)
+
+
+@torch.no_grad()
+def adaptive_clip_grad_(
+    parameters: Union[Tensor, Iterable[Tensor]], clip_factor: float = 0.01, eps: float = 1e-3, norm_type: float = 2.0
+) -> Tensor:
+    """Unit-wise adaptive gradient clipping of ``p.grad`` in place, as timm's ``adaptive_clip_grad``.
+
+    Each unit ``G_u`` of a gradient is scaled to ``clip_factor * max(||W_u||, eps)`` where its norm
+    exceeds that limit (see :func:`agc_coefficients`).
+
+    Args:
+        parameters: a parameter or an iterable of parameters; those without ``.grad`` are skipped.
+        clip_factor: the allowed ratio of gradient to parameter norm, per unit.
+        eps: floor on the parameter norm (so zero-initialised parameters can still move).
+        norm_type: order of the unit-wise norms.
+
+    Returns:
+        The pre-clip norm of all gradients together, a 0-dim tensor.
+
+    References:
+        Brock et al. 2021, "High-Performance Large-Scale Image Recognition Without Normalization".
+    """
+    params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
+    grad_norms = unitwise_norms(grads, norm_type)
+    coefs, _ = agc_coefficients(grad_norms, unitwise_norms(params, norm_type), clip_factor, eps)
+    scale_units_(grads, coefs)
+    if grad_norms.numel() == 0:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(grad_norms, check_norm_type(norm_type))
+
+
+@torch.no_grad()
+def threshold_coefficient(threshold: Tensor, norm: Tensor) -> Tensor:
+    """``threshold / norm`` where ``norm > threshold``, else exactly 1.
+
+    Unlike ``min(1, threshold / norm)`` this is never NaN for a finite norm: an adaptive threshold
+    can be 0 (a history of zero gradients) and ``0 / 0`` would poison the gradients. A NaN norm
+    gives 1 (the gradients are already NaN and the non-finite policy decides their fate).
+    """
+    return torch.where(norm > threshold, threshold / norm, torch.ones_like(norm))
+
+
+# ---------------------------------------------------------------------------------------------- AutoClip
+class AutoClipState(NamedTuple):
+    """AutoClip's history of pre-clip gradient norms.
+
+    ``history`` is a ring buffer (``history_size`` given) or a prefix-filled buffer that doubles when
+    full (``history_size=None``); unused slots hold ``+inf``, so sorting puts the recorded norms
+    first. ``steps`` counts update calls, finite or not: a host integer, known without a read, that
+    bounds ``count`` and decides when the buffer must grow.
+    """
+
+    history: Tensor  #: 1-D, recorded norms, ``+inf`` in unused slots
+    count: Tensor  #: 0-dim int64, finite norms recorded so far (all time)
+    steps: int  #: update calls so far (host integer)
+
+
+def _check_history_size(history_size: Optional[int]) -> None:
+    if history_size is not None and (isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1):
+        raise ValueError(f"`history_size` must be a positive integer or None (keep every norm), got {history_size!r}")
+
+
+def _check_percentile(percentile: float) -> None:
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile <= 100:
+        raise ValueError(f"`percentile` must be a number in [0, 100], got {percentile!r}")
+
+
+def autoclip_init(
+    history_size: Optional[int] = None,
+    *,
+    device: Optional[torch.device] = None,
+    dtype: torch.dtype = torch.float32,
+    capacity: int = 64,
+) -> AutoClipState:
+    """An empty AutoClip state: ``history_size`` slots, or ``capacity`` (growing) if ``None``."""
+    _check_history_size(history_size)
+    size = history_size if history_size is not None else capacity
+    return AutoClipState(
+        history=torch.full((size,), math.inf, device=device, dtype=dtype),
+        count=torch.zeros((), dtype=torch.int64, device=device),
+        steps=0,
+    )
+
+
+@torch.no_grad()
+def autoclip_update(
+    state: AutoClipState, norm: Tensor, percentile: float = 10.0, history_size: Optional[int] = None
+) -> tuple[AutoClipState, Tensor]:
+    """Record ``norm`` and return the clipping threshold: the ``percentile``-th percentile of the history.
+
+    The history includes this step's norm (the paper's order: append, then take the percentile),
+    restricted to the ``history_size`` most recent finite norms (all of them if ``None``). The
+    percentile interpolates linearly between the closest ranks, as ``numpy.percentile`` and
+    ``torch.quantile``: with ``n`` norms sorted ``s``, position ``(n - 1) * percentile / 100``.
+    A non-finite ``norm`` is not recorded; the threshold is then the percentile of the history so
+    far (``+inf`` if empty).
+
+    Args:
+        state: from :func:`autoclip_init` or a previous update.
+        norm: this step's pre-clip global gradient norm, a 0-dim tensor.
+        percentile: in [0, 100].
+        history_size: as given to :func:`autoclip_init`.
+
+    Returns:
+        ``(new_state, threshold)``, the threshold a 0-dim tensor of the history's dtype.
+
+    References:
+        Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for Source Separation
+        Networks" (github.com/pseeth/autoclip).
+    """
+    _check_percentile(percentile)
+    _check_history_size(history_size)
+    history = state.history
+    if history_size is not None and history.numel() != history_size:
+        raise ValueError(
+            f"`history_size` is {history_size} but the state holds {history.numel()} slots; "
+            "pass the `history_size` the state was created with"
+        )
+    if history_size is None and state.steps >= history.numel():  # host integers: grow by doubling
+        history = torch.cat([history, torch.full_like(history, math.inf)])
+    capacity = history.numel()
+    norm = norm.to(device=history.device, dtype=history.dtype)
+    finite = torch.isfinite(norm)
+    pos = (state.count % capacity).reshape(1)
+    value = torch.where(finite, norm, history.gather(0, pos).squeeze(0))
+    history = history.scatter(0, pos, value.reshape(1))
+    count = state.count + finite.to(torch.int64)
+    n = count.clamp(max=capacity)
+    ranked = torch.sort(history).values
+    # linear interpolation at position (n - 1) * q, as numpy.percentile(method="linear")
+    rank = (n - 1).clamp(min=0).to(history.dtype) * (percentile / 100.0)
+    lo = rank.floor()
+    frac = rank - lo
+    lo_i = lo.to(torch.int64).reshape(1)
+    hi_i = torch.minimum(lo_i + 1, (n - 1).clamp(min=0).reshape(1))
+    a, b = ranked.gather(0, lo_i).squeeze(0), ranked.gather(0, hi_i).squeeze(0)
+    threshold = torch.where(a == b, a, a + frac * (b - a))  # a == b == inf: an empty history
+    return AutoClipState(history, count, state.steps + 1), threshold
+
+
+# ---------------------------------------------------------------------------------------------- ZClip
+class ZClipState(NamedTuple):
+    """ZClip's warm-up buffer and exponential moving statistics of the gradient norm."""
+
+    buffer: Tensor  #: 1-D, ``warmup_steps`` slots: the norms collected during warm-up
+    count: Tensor  #: 0-dim int64, finite norms seen so far (warm-up ends when it reaches ``warmup_steps``)
+    mean: Tensor  #: 0-dim, EMA of the norm (0 until warm-up ends)
+    var: Tensor  #: 0-dim, EMA of the squared deviation (0 until warm-up ends)
+    spikes: Tensor  #: 0-dim int64, steps detected as spikes so far
+
+
+def zclip_init(
+    warmup_steps: int = 25, *, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32
+) -> ZClipState:
+    """A fresh ZClip state with ``warmup_steps`` warm-up slots."""
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+        raise ValueError(f"`warmup_steps` must be a positive integer, got {warmup_steps!r}")
+    zero = torch.zeros((), device=device, dtype=dtype)
+    ints = torch.zeros((), device=device, dtype=torch.int64)
+    return ZClipState(torch.zeros(warmup_steps, device=device, dtype=dtype), ints, zero, zero.clone(), ints.clone())
+
+
+@torch.no_grad()
+def zclip_update(
+    state: ZClipState,
+    norm: Tensor,
+    *,
+    alpha: float = 0.97,
+    z_thresh: float = 2.5,
+    max_norm: Optional[float] = 1.0,
+    eps: float = 1e-6,
+    mode: ZClipMode = "zscore",
+    clip_option: ZClipOption = "adaptive_scaling",
+    clip_factor: float = 1.0,
+    skip_update_on_spike: bool = False,
+) -> tuple[ZClipState, Tensor, Tensor, Tensor]:
+    """One ZClip step: the threshold for this norm, its z-score, whether it is a spike, and the new state.
+
+    The reference algorithm (``bluorion-com/ZClip``, ``ZClip.step``):
+
+    * **warm-up** (the first ``warmup_steps`` finite norms): collect the norm, threshold
+      ``max_norm`` (``+inf`` if ``None``); on the last, ``mean`` = their average and ``var`` = their
+      population variance;
+    * then ``std = sqrt(var)``, ``z = (g - mean) / (std + eps)``. In ``"zscore"`` mode a spike is
+      ``z > z_thresh``, clipped to ``(mean + z_thresh * std / (z / z_thresh)) * clip_factor``
+      (``clip_option="adaptive_scaling"``) or to ``mean`` (``"mean"``). In ``"percentile"`` mode a
+      spike is ``g > mean + z_thresh * std``, clipped to that value. The threshold in force is
+      ``min(clip value if spike else g, max_norm)``;
+    * the EMA takes the clip value on a spike (unless ``skip_update_on_spike``) and ``g`` otherwise:
+      ``mean = alpha * mean + (1 - alpha) * x``, then ``var = alpha * var + (1 - alpha) * (x - mean)^2``
+      with the updated mean.
+
+    A non-finite norm changes nothing in the state (it neither counts toward warm-up nor enters the
+    EMA) and is never a spike; its threshold is ``min(mean + z_thresh * std, max_norm)`` after warm-up.
+
+    Returns:
+        ``(new_state, threshold, z, spike)``: 0-dim tensors; ``z`` is 0 during warm-up.
+
+    References:
+        Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", arXiv 2504.02507.
+    """
+    buffer, count, mean, var, spikes = state
+    warmup_steps = buffer.numel()
+    norm = norm.to(device=mean.device, dtype=mean.dtype)
+    finite = torch.isfinite(norm)
+    g = torch.where(finite, norm, torch.zeros_like(norm))
+    cap = torch.full_like(norm, math.inf if max_norm is None else max_norm)
+    warm = count >= warmup_steps  # warm-up finished before this step
+
+    # warm-up: collect; on the last collected norm, initialise mean and population variance
+    pos = count.clamp(max=warmup_steps - 1).reshape(1)
+    collect = finite & ~warm
+    buffer = buffer.scatter(0, pos, torch.where(collect, g, buffer.gather(0, pos).squeeze(0)).reshape(1))
+    count = count + finite.to(torch.int64)
+    init = collect & (count == warmup_steps)
+    init_mean = buffer.mean()
+    init_var = (buffer - init_mean).square().mean()
+
+    # after warm-up: z-score, spike, clip value
+    std = var.sqrt()
+    z = (norm - mean) / (std + eps)
+    if mode == "zscore":
+        spike = z > z_thresh
+        if clip_option == "adaptive_scaling":
+            clip_val = (mean + z_thresh * std / (z / z_thresh)) * clip_factor
+        elif clip_option == "mean":
+            clip_val = mean
+        else:
+            raise ValueError(f"`clip_option` must be 'adaptive_scaling' or 'mean', got {clip_option!r}")
+    elif mode == "percentile":
+        clip_val = mean + z_thresh * std
+        spike = g > clip_val
+    else:
+        raise ValueError(f"`mode` must be 'zscore' or 'percentile', got {mode!r}")
+    spike = spike & finite & warm
+    x = torch.where(spike, clip_val, g)
+    threshold = torch.where(warm, torch.minimum(x, cap), cap)
+    threshold = torch.where(finite, threshold, torch.where(warm, torch.minimum(mean + z_thresh * std, cap), cap))
+
+    update = warm & finite
+    if skip_update_on_spike:
+        update = update & ~spike
+    new_mean = alpha * mean + (1 - alpha) * x
+    new_var = alpha * var + (1 - alpha) * (x - new_mean).square()
+    mean = torch.where(update, new_mean, torch.where(init, init_mean, mean))
+    var = torch.where(update, new_var, torch.where(init, init_var, var))
+    z = torch.where(warm, z, torch.zeros_like(z))
+    spikes = spikes + spike.to(torch.int64)
+    return ZClipState(buffer, count, mean, var, spikes), threshold, z, spike
