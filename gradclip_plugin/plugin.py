@@ -1,0 +1,158 @@
+"""The zero-code route: callbacks for every ``Trainer`` from a YAML file named by ``GRADCLIP_CONFIG``.
+
+The package registers :func:`callbacks_factory` under the entry-point group
+``pytorch_lightning.callbacks_factory``; Lightning calls every factory of that group when a
+``Trainer`` is created and appends what it returns to ``Trainer(callbacks=...)``. So::
+
+    GRADCLIP_CONFIG=gradclip.yaml python train.py
+
+adds the callbacks listed in ``gradclip.yaml`` to every Trainer of ``train.py`` without a line of
+it changed. The file holds what ``trainer.callbacks`` holds in a LightningCLI config::
+
+    - class_path: gradclip_plugin.GradientNormMonitor
+    - class_path: gradclip_plugin.ClipByGlobalNorm
+      init_args:
+        max_norm: 1.0
+
+A whole LightningCLI config (a mapping with ``trainer: callbacks: [...]``) is accepted too, so
+the files in ``examples/configs/`` work both ways. With ``GRADCLIP_CONFIG`` unset or empty nothing
+is added.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+__all__ = ["ENV_VAR", "GradclipConfigError", "callbacks_factory", "load_callbacks"]
+
+#: the environment variable naming the YAML file
+ENV_VAR = "GRADCLIP_CONFIG"
+
+#: where a class_path without a module is looked up, in order (LightningCLI accepts short names too)
+_SHORT_NAME_MODULES = ("gradclip_plugin", "pytorch_lightning.callbacks")
+
+_EXAMPLE = "- class_path: gradclip_plugin.ClipByGlobalNorm\n  init_args:\n    max_norm: 1.0"
+
+
+class GradclipConfigError(MisconfigurationException):
+    """The file named by ``GRADCLIP_CONFIG`` cannot be turned into callbacks."""
+
+
+def callbacks_factory() -> list[Callback]:
+    """Entry point of ``pytorch_lightning.callbacks_factory``: the callbacks of ``$GRADCLIP_CONFIG``, or ``[]``.
+
+    Raises:
+        GradclipConfigError: if the variable is set and the file is missing, unreadable or malformed,
+            or names a class that cannot be imported or built.
+    """
+    path = os.environ.get(ENV_VAR, "").strip()
+    if not path:
+        return []
+    return load_callbacks(path)
+
+
+def load_callbacks(path: str | os.PathLike) -> list[Callback]:
+    """Build the callbacks listed in the YAML file ``path`` (``class_path``/``init_args`` entries).
+
+    Args:
+        path: a YAML file holding a list of ``{class_path, init_args}`` entries, one such entry, or a
+            LightningCLI config with ``trainer: callbacks:``.
+
+    Returns:
+        One new callback per entry, in file order.
+
+    Raises:
+        GradclipConfigError: naming the file (and the entry) and what to fix.
+    """
+    import yaml
+
+    shown = os.fspath(path)
+    where = f"{ENV_VAR}={shown!r}"
+    file = os.path.expandvars(os.path.expanduser(shown))
+    try:
+        with open(file, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise GradclipConfigError(
+            f"{where}: no such file (looked for {os.path.abspath(file)!r}). Set {ENV_VAR} to the path of a "
+            f"YAML file of callbacks, or unset it."
+        ) from None
+    except OSError as err:
+        raise GradclipConfigError(f"{where}: cannot read the file: {err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise GradclipConfigError(f"{where}: not valid YAML: {err}") from None
+    return [_build(entry, f"{where}, entry {i}") for i, entry in enumerate(_entries(data, where))]
+
+
+def _entries(data: Any, where: str) -> list[Any]:
+    if isinstance(data, dict) and "class_path" in data:
+        return [data]
+    if isinstance(data, dict) and isinstance(data.get("trainer"), dict) and "callbacks" in data["trainer"]:
+        data = data["trainer"]["callbacks"]
+    if isinstance(data, list) and data:
+        return data
+    raise GradclipConfigError(
+        f"{where}: expected a non-empty list of `class_path`/`init_args` entries (the form of `trainer.callbacks` "
+        f"in a LightningCLI config), got {_describe(data)}. For example:\n{_EXAMPLE}"
+    )
+
+
+def _build(entry: Any, where: str) -> Callback:
+    if not isinstance(entry, dict) or not isinstance(entry.get("class_path"), str):
+        raise GradclipConfigError(f"{where}: expected a mapping with a `class_path` string, got {entry!r}")
+    unknown = sorted(set(entry) - {"class_path", "init_args"})
+    if unknown:
+        raise GradclipConfigError(
+            f"{where}: unknown key(s) {unknown} next to `class_path`; only `class_path` and `init_args` are read"
+        )
+    class_path = entry["class_path"]
+    init_args = entry.get("init_args") or {}
+    if not isinstance(init_args, dict):
+        raise GradclipConfigError(f"{where} ({class_path}): `init_args` must be a mapping, got {init_args!r}")
+    cls = _resolve(class_path, where)
+    try:
+        return cls(**init_args)
+    except (TypeError, ValueError) as err:
+        raise GradclipConfigError(f"{where} ({class_path}): {err}") from err
+
+
+def _resolve(class_path: str, where: str) -> type:
+    candidates = (
+        [tuple(class_path.rsplit(".", 1))] if "." in class_path else [(m, class_path) for m in _SHORT_NAME_MODULES]
+    )
+    for module_name, name in candidates:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            if "." in class_path:
+                raise GradclipConfigError(
+                    f"{where}: cannot import module {module_name!r} of `class_path: {class_path}`: {err}"
+                ) from err
+            continue
+        cls = getattr(module, name, None)
+        if cls is None:
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Callback)):
+            raise GradclipConfigError(f"{where}: `class_path: {class_path}` is not a Lightning Callback class")
+        return cls
+    raise GradclipConfigError(
+        f"{where}: unknown class `class_path: {class_path}`. Give the full import path, e.g. "
+        "`gradclip_plugin.ClipByGlobalNorm`."
+    )
+
+
+def _describe(data: Any) -> str:
+    if data is None:
+        return "an empty file"
+    if isinstance(data, list):
+        return "an empty list"
+    if isinstance(data, dict):
+        return f"a mapping with keys {sorted(map(str, data))}"
+    return f"{type(data).__name__} {data!r}"
