@@ -1,0 +1,903 @@
+#!/usr/bin/env python
+"""Side-by-side benchmarks of gradclip_plugin against torch, Lightning and the reference packages.
+
+One process, warm-up first, then PAIRED repetitions: each repetition times the gradclip_plugin
+variant (A) and the reference (B) back to back, alternating which goes first, and the table gives
+the median of the per-pair ratios A/B (with its 25th-75th percentiles) next to the median absolute
+times. Pairing cancels most of the drift a shared machine adds; the spread shows what is left.
+
+Sections (``--sections``, comma-separated; all by default):
+
+``ops``       the functional ops vs ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_``
+              (``foreach=True``) on GPT-2-small-shaped gradients, float32 and bfloat16, with
+              clipping firing and not firing. Target: ``clip_by_global_norm_`` <= 1.05x torch.
+``monitor``   ``GradientNormMonitor`` on a logging step vs Lightning's ``grad_norm`` utility plus
+              the dict of floats a logger needs; both timed inside a real ``Trainer`` step.
+``train``     a small transformer trained with Lightning: ``ClipByGlobalNorm`` +
+              ``GradientNormMonitor`` logging every step vs ``Trainer(gradient_clip_val=...)``
+              with no logging, and vs ``gradient_clip_val`` plus the ``grad_norm`` logging hook.
+              Target: <= 1.03x the built-in clipping with no logging.
+``adaptive``  ``ZClip`` and ``AutoClip`` (and AGC) vs the ``zclip`` and ``autoclip`` packages
+              (``pip install -r benchmarks/requirements.txt``) and the papers' reference loops.
+              Target: faster than the reference packages (ratio < 1).
+
+Run ``python benchmarks/bench.py --help`` for the sizes; ``make bench`` runs the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import logging
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+SECTIONS = ("ops", "monitor", "train", "adaptive")
+
+# --------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class Row:
+    """One A-vs-B comparison: absolute medians and the median of the per-pair ratios."""
+
+    section: str
+    what: str  # "A vs B"
+    case: str
+    a_ms: float
+    b_ms: float
+    ratio: float  # median of per-pair A/B
+    ratio_lo: float  # 25th percentile of per-pair A/B
+    ratio_hi: float  # 75th percentile
+    target: Optional[float] = None  # A/B must be <= target
+    note: str = ""
+
+    @property
+    def verdict(self) -> str:
+        if self.target is None:
+            return ""
+        return "PASS" if self.ratio <= self.target else "MISS"
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        print(f"  {row.what} [{row.case}]: {row.a_ms:.3f} ms vs {row.b_ms:.3f} ms, ratio {row.ratio:.3f}"
+              f" [{row.ratio_lo:.3f}, {row.ratio_hi:.3f}] {row.verdict}", flush=True)
+
+
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], statistics.median(xs), q[2]
+
+
+class Timer:
+    """Wall time of a call; on CUDA the device is synchronized before and after (outside the op)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def time(self, fn: Callable[[], Any], before: Optional[Callable[[], Any]] = None) -> float:
+        if before is not None:
+            before()
+        self.sync()
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - t0
+
+
+def paired(
+    timer: Timer,
+    a: Callable[[], Any],
+    b: Callable[[], Any],
+    reps: int,
+    warmup: int,
+    before: Optional[Callable[[], Any]] = None,
+) -> tuple[float, float, float, float, float]:
+    """Time ``a`` and ``b`` in ``reps`` pairs (alternating which runs first) after ``warmup`` pairs.
+
+    ``before`` runs, untimed, before every timed call (e.g. to restore the gradients).
+    Returns ``(median a ms, median b ms, median a/b, p25 a/b, p75 a/b)``.
+    """
+    for _ in range(warmup):
+        timer.time(a, before)
+        timer.time(b, before)
+    ta, tb, ratios = [], [], []
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(reps):
+            if i % 2 == 0:
+                x = timer.time(a, before)
+                y = timer.time(b, before)
+            else:
+                y = timer.time(b, before)
+                x = timer.time(a, before)
+            ta.append(x)
+            tb.append(y)
+            ratios.append(x / y)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    lo, mid, hi = quartiles(ratios)
+    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3, mid, lo, hi
+
+
+# --------------------------------------------------------------------------------------------- host reads
+
+
+class HostReads:
+    """Counts Python-level reads of tensor values to the host (``.item()``, ``bool(t)``, ...).
+
+    On CUDA each of these is a device sync. The same list as ``tests/test_no_sync.py``.
+    """
+
+    NAMES = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__complex__")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._saved: dict[str, Any] = {}
+
+    def __enter__(self) -> "HostReads":
+        for name in self.NAMES:
+            orig = getattr(torch.Tensor, name)
+            self._saved[name] = orig
+
+            def wrapper(t, *args, _orig=orig, **kwargs):
+                self.count += 1
+                return _orig(t, *args, **kwargs)
+
+            setattr(torch.Tensor, name, wrapper)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, orig in self._saved.items():
+            setattr(torch.Tensor, name, orig)
+
+
+def host_reads(fn: Callable[[], Any], device: torch.device) -> str:
+    """How many host reads ``fn`` makes: counted on CPU; on CUDA, also under sync debug mode "error"."""
+    with HostReads() as hr:
+        fn()
+    text = str(hr.count)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+            text += ", cuda sync debug: none"
+        except RuntimeError as err:
+            text += f", cuda sync debug: SYNC ({str(err).splitlines()[0]})"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return text
+
+
+# --------------------------------------------------------------------------------------------- GPT-2 shapes
+
+
+def gpt2_shapes(layers: int, vocab: int = 50257, ctx: int = 1024, d: int = 768) -> list[tuple[str, tuple[int, ...]]]:
+    """GPT-2-small parameter names and shapes (124,439,808 parameters with 12 layers; ``lm_head`` tied).
+
+    Linear weights are in torch's (out, in) order; HF's ``Conv1D`` stores them transposed (same size).
+    """
+    out: list[tuple[str, tuple[int, ...]]] = [("transformer.wte.weight", (vocab, d)), ("transformer.wpe.weight", (ctx, d))]
+    for i in range(layers):
+        h = f"transformer.h.{i}."
+        out += [
+            (h + "ln_1.weight", (d,)), (h + "ln_1.bias", (d,)),
+            (h + "attn.c_attn.weight", (3 * d, d)), (h + "attn.c_attn.bias", (3 * d,)),
+            (h + "attn.c_proj.weight", (d, d)), (h + "attn.c_proj.bias", (d,)),
+            (h + "ln_2.weight", (d,)), (h + "ln_2.bias", (d,)),
+            (h + "mlp.c_fc.weight", (4 * d, d)), (h + "mlp.c_fc.bias", (4 * d,)),
+            (h + "mlp.c_proj.weight", (d, 4 * d)), (h + "mlp.c_proj.bias", (d,)),
+        ]  # fmt: skip
+    out += [("transformer.ln_f.weight", (d,)), ("transformer.ln_f.bias", (d,))]
+    return out
+
+
+def gpt2_gradients(layers: int, vocab: int, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
+    """Gradient-like tensors (normal, std 0.02) with the GPT-2-small shapes."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    return [torch.randn(s, generator=g).mul_(0.02).to(device=device, dtype=dtype) for _, s in gpt2_shapes(layers, vocab)]
+
+
+# --------------------------------------------------------------------------------------------- section: ops
+
+
+def section_ops(args: argparse.Namespace, report: Report, timer: Timer, device: torch.device) -> None:
+    from gradclip_plugin.functional import clip_by_global_norm_, clip_by_norm_, clip_by_value_, global_norm
+
+    clip_grad_norm_ = torch.nn.utils.clip_grad_norm_
+    clip_grad_value_ = torch.nn.utils.clip_grad_value_
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        grads = gpt2_gradients(args.layers, args.vocab, dtype, device)
+        saved = [g.clone() for g in grads]
+        # clip_grad_*_ read `p.grad`: zero-stride "parameters" carry the gradients at no memory cost.
+        params = [torch.zeros(1, dtype=dtype, device=device).expand(g.shape) for g in grads]
+        for p, g in zip(params, grads):
+            p.grad = g
+        n = sum(g.numel() for g in grads)
+        nbytes = n * grads[0].element_size()
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])))
+        print(f"[ops] {dtype_name}: {len(grads)} tensors, {n / 1e6:.1f}M elements, {nbytes / 2**20:.0f} MiB, "
+              f"global norm {norm:.1f}", flush=True)
+
+        def restore() -> None:
+            torch._foreach_copy_(grads, saved)
+
+        copy_ms = paired(timer, restore, restore, args.reps, args.warmup)[0]
+        copy_gbs = 2 * nbytes / (copy_ms / 1e3) / 1e9
+        report.notes.append(f"ops/{dtype_name}: device copy of all gradients {copy_ms:.2f} ms "
+                            f"({copy_gbs:.1f} GB/s counting read+write)")
+
+        cases = {"fires": (norm / 4, 0.02), "no clip": (norm * 4, 1e3)}  # (max_norm, clip_value)
+        for case, (max_norm, clip_value) in cases.items():
+            a_ms, b_ms, r, lo, hi = paired(
+                timer,
+                lambda: clip_by_global_norm_(grads, max_norm),
+                lambda: clip_grad_norm_(params, max_norm, foreach=True),
+                args.reps, args.warmup, before=restore,
+            )
+            gbs = 3 * nbytes / (a_ms / 1e3) / 1e9  # read for the norm, read + write for the scaling
+            report.add(Row("ops", "clip_by_global_norm_ vs torch clip_grad_norm_(foreach=True)", f"{dtype_name}, {case}",
+                           a_ms, b_ms, r, lo, hi, target=args.target_ops,
+                           note=f"{gbs:.1f} GB/s (3 passes) = {gbs / copy_gbs:.0%} of copy"))
+            a_ms, b_ms, r, lo, hi = paired(
+                timer,
+                lambda: clip_by_value_(grads, clip_value),
+                lambda: clip_grad_value_(params, clip_value, foreach=True),
+                args.reps, args.warmup, before=restore,
+            )
+            report.add(Row("ops", "clip_by_value_ vs torch clip_grad_value_(foreach=True)", f"{dtype_name}, {case}",
+                           a_ms, b_ms, r, lo, hi))
+            per_tensor = max_norm / math.sqrt(len(grads))
+            a_ms, b_ms, r, lo, hi = paired(
+                timer,
+                lambda: clip_by_norm_(grads, per_tensor),
+                lambda: [clip_grad_norm_([p], per_tensor, foreach=True) for p in params],
+                args.reps, args.warmup, before=restore,
+            )
+            report.add(Row("ops", "clip_by_norm_ vs a loop of torch clip_grad_norm_ per tensor", f"{dtype_name}, {case}",
+                           a_ms, b_ms, r, lo, hi))
+        if get_total_norm is not None:
+            a_ms, b_ms, r, lo, hi = paired(
+                timer, lambda: global_norm(grads), lambda: get_total_norm(grads, foreach=True), args.reps, args.warmup
+            )
+            report.add(Row("ops", "global_norm vs torch get_total_norm(foreach=True)", dtype_name, a_ms, b_ms, r, lo, hi))
+        reads = host_reads(lambda: clip_by_global_norm_(grads, norm / 4), device)
+        report.notes.append(f"ops/{dtype_name}: host reads in one clip_by_global_norm_ call: {reads}")
+        del grads, saved, params
+        gc.collect()
+
+
+# --------------------------------------------------------------------------------------------- Lightning helpers
+
+
+def quiet_lightning() -> None:
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", ".*is an invalid version and will not be supported.*")
+    warnings.filterwarnings("ignore", ".*Checkpoint directory.*")
+    warnings.filterwarnings("ignore", ".*litlogger.*")
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _set_param(root: nn.Module, dotted: str, param: nn.Parameter) -> None:
+    *path, leaf = dotted.split(".")
+    mod = root
+    for part in path:
+        child = getattr(mod, part, None) if part in mod._modules else None
+        if child is None:
+            child = nn.Module()
+            mod.add_module(part, child)
+        mod = child
+    mod.register_parameter(leaf, param)
+
+
+def make_gpt2_gradient_module(layers: int, vocab: int):
+    """A LightningModule with GPT-2-small's parameter names and shapes whose gradient is the weight itself."""
+    import pytorch_lightning as pl
+
+    class GPT2Gradients(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            g = torch.Generator().manual_seed(0)
+            for name, shape in gpt2_shapes(layers, vocab):
+                _set_param(self, name, nn.Parameter(torch.randn(shape, generator=g).mul_(0.02)))
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            return 0.5 * sum((p * p).sum() for p in self.parameters())  # d/dp = p: big, GPT-2-like gradients
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 1)), batch_size=1)
+
+    return GPT2Gradients()
+
+
+def null_logger():
+    """A logger that accepts everything and writes nothing: timings show the callback, not the file I/O."""
+    from pytorch_lightning.loggers.logger import Logger
+
+    class NullLogger(Logger):
+        name = "null"
+        version = 0
+
+        @property
+        def experiment(self) -> None:
+            return None
+
+        def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+            pass
+
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    return NullLogger()
+
+
+def run_in_step(args: argparse.Namespace, device: torch.device, body: Callable, callbacks: list, logger: Any) -> None:
+    """Run one real Trainer optimizer step on the GPT-2-shaped module and call ``body`` inside it.
+
+    ``body(trainer, pl_module, optimizer)`` runs in ``on_before_optimizer_step`` (after the
+    callbacks listed before it), where the gradients are those the clipping callbacks see.
+    """
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import Callback
+
+    class Driver(Callback):
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+            body(trainer, pl_module, optimizer)
+
+    model = make_gpt2_gradient_module(args.step_layers, args.vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = pl.Trainer(
+            default_root_dir=tmp, accelerator=device.type, devices=1, max_steps=1, logger=logger,
+            log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[*callbacks, Driver()],
+        )  # fmt: skip
+        trainer.fit(model)
+
+
+def per_step_hooks(cb: Any) -> Callable:
+    """Call every per-step gradient hook that ``cb`` overrides, as Lightning would before the optimizer step."""
+    from pytorch_lightning.callbacks import Callback
+
+    names = [h for h in ("on_after_backward", "on_before_optimizer_step") if getattr(type(cb), h) is not getattr(Callback, h)]
+
+    def call(trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        for h in names:
+            if h == "on_after_backward":
+                cb.on_after_backward(trainer, pl_module)
+            else:
+                cb.on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    return call
+
+
+def prepare(cb: Any, trainer: Any, pl_module: Any) -> None:
+    """Run the set-up hooks of a callback that Lightning does not know about (not in ``trainer.callbacks``)."""
+    cb.setup(trainer, pl_module, "fit")
+    cb.on_fit_start(trainer, pl_module)
+    cb.on_train_start(trainer, pl_module)
+
+
+# --------------------------------------------------------------------------------------------- section: monitor
+
+
+def section_monitor(args: argparse.Namespace, report: Report, timer: Timer, device: torch.device) -> None:
+    try:
+        from gradclip_plugin.callbacks.monitor import GradientNormMonitor
+    except ImportError as err:
+        print(f"[monitor] GradientNormMonitor skipped: not available ({err})")
+        report.skipped.append("monitor: GradientNormMonitor not available")
+        GradientNormMonitor = None  # noqa: N806
+    from pytorch_lightning.utilities import grad_norm
+
+    from gradclip_plugin import ClipByGlobalNorm
+
+    print(f"[monitor] GPT-2-shaped module, {args.step_layers} layers, vocab {args.vocab}", flush=True)
+
+    def body(trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+
+        def lightning_grad_norm() -> None:
+            # What `self.log_dict(grad_norm(self, norm_type=2))` costs at least: the norms and the
+            # floats a logger is given (Lightning's own ResultCollection adds more on top).
+            norms = grad_norm(pl_module, norm_type=2)
+            metrics = {k: v.item() for k, v in norms.items()}
+            for lg in trainer.loggers:
+                lg.log_metrics(metrics, step=step)
+
+        if GradientNormMonitor is not None:
+            monitor = GradientNormMonitor()
+            prepare(monitor, trainer, pl_module)
+            hook = per_step_hooks(monitor)
+            a_ms, b_ms, r, lo, hi = paired(timer, lambda: hook(trainer, pl_module, optimizer), lightning_grad_norm,
+                                           args.reps, args.warmup)
+            report.add(Row("monitor", "GradientNormMonitor vs Lightning grad_norm + floats for the logger",
+                           "logging step", a_ms, b_ms, r, lo, hi, target=1.0))
+            reads = host_reads(lambda: hook(trainer, pl_module, optimizer), device)
+            report.notes.append(f"monitor: host reads in one GradientNormMonitor logging step: {reads}; "
+                                f"Lightning grad_norm: one per parameter ({sum(1 for _ in pl_module.parameters())}) "
+                                "plus one more per parameter to build the floats")
+            saved_every = trainer.log_every_n_steps
+            trainer.log_every_n_steps = 10**9  # now this step is not a logging step
+            try:
+                a_ms, b_ms, r, lo, hi = paired(timer, lambda: hook(trainer, pl_module, optimizer), lightning_grad_norm,
+                                               args.reps, args.warmup)
+                report.add(Row("monitor", "GradientNormMonitor vs Lightning grad_norm + floats for the logger",
+                               "monitor on a NON-logging step", a_ms, b_ms, r, lo, hi))
+                reads = host_reads(lambda: hook(trainer, pl_module, optimizer), device)
+                report.notes.append(f"monitor: host reads in one GradientNormMonitor non-logging step: {reads}")
+            finally:
+                trainer.log_every_n_steps = saved_every
+
+        # The clipping callback's own per-step cost (default nonfinite="skip") vs what
+        # Trainer(gradient_clip_val=...) runs: torch's clip_grad_norm_ on the parameters.
+        grads = [p.grad for p in pl_module.parameters()]
+        saved = [g.clone() for g in grads]
+        clip = ClipByGlobalNorm(1.0)
+        prepare(clip, trainer, pl_module)
+        saved_every = trainer.log_every_n_steps
+        trainer.log_every_n_steps = 10**9
+        try:
+            a_ms, b_ms, r, lo, hi = paired(
+                timer,
+                lambda: clip.on_before_optimizer_step(trainer, pl_module, optimizer),
+                lambda: torch.nn.utils.clip_grad_norm_(pl_module.parameters(), 1.0),
+                args.reps, args.warmup, before=lambda: torch._foreach_copy_(grads, saved),
+            )
+            report.add(Row("monitor", "ClipByGlobalNorm hook vs torch clip_grad_norm_(module.parameters())",
+                           "non-logging step, fires", a_ms, b_ms, r, lo, hi))
+        finally:
+            trainer.log_every_n_steps = saved_every
+            torch._foreach_copy_(grads, saved)
+
+    run_in_step(args, device, body, callbacks=[], logger=null_logger())
+
+
+# --------------------------------------------------------------------------------------------- section: train
+
+
+def make_tiny_lm(args: argparse.Namespace, log_grad_norm: bool):
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities import grad_norm
+
+    V, D, L, H, T = args.lm_vocab, args.lm_dim, args.lm_layers, args.lm_heads, args.lm_seq
+
+    class TinyLM(pl.LightningModule):
+        """A pre-LN causal transformer language model (GPT-style) on random tokens."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok = nn.Embedding(V, D)
+            self.pos = nn.Parameter(torch.randn(T, D) * 0.02)
+            layer = nn.TransformerEncoderLayer(D, H, 4 * D, dropout=0.0, batch_first=True, norm_first=True)
+            self.blocks = nn.TransformerEncoder(layer, L, enable_nested_tensor=False)
+            self.ln_f = nn.LayerNorm(D)
+            self.head = nn.Linear(D, V)
+            self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(T), persistent=False)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            x = batch[0]
+            inp, tgt = x[:, :-1], x[:, 1:]
+            h = self.tok(inp) + self.pos[: inp.shape[1]]
+            h = self.blocks(h, mask=self.mask[: inp.shape[1], : inp.shape[1]], is_causal=True)
+            logits = self.head(self.ln_f(h))
+            return nn.functional.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    class TinyLMWithGradNorm(TinyLM):
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            # Lightning's recommended gradient-norm logging since `track_grad_norm` was removed.
+            self.log_dict(grad_norm(self, norm_type=2))
+
+    return TinyLMWithGradNorm() if log_grad_norm else TinyLM()
+
+
+def section_train(args: argparse.Namespace, report: Report, timer: Timer, device: torch.device) -> None:
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import Callback
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    from gradclip_plugin import ClipByGlobalNorm
+
+    try:
+        from gradclip_plugin.callbacks.monitor import GradientNormMonitor
+    except ImportError as err:
+        print(f"[train] GradientNormMonitor skipped: not available ({err}); gradclip variant clips and logs only")
+        report.skipped.append("train: GradientNormMonitor not available, gradclip variant without it")
+        GradientNormMonitor = None  # noqa: N806
+
+    steps = args.train_warmup_steps + args.train_steps
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(args.lm_vocab, (steps * args.lm_batch, args.lm_seq + 1), generator=g)
+
+    class StepTimes(Callback):
+        def __init__(self) -> None:
+            self.starts: list[float] = []
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            timer.sync()
+            self.starts.append(time.perf_counter())
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            timer.sync()
+            self.starts.append(time.perf_counter())
+
+    def run(variant: str) -> float:
+        """Median wall time of one optimizer step (between successive batch starts), after warm-up steps."""
+        torch.manual_seed(0)
+        times = StepTimes()
+        callbacks: list = [times]
+        kwargs: dict[str, Any] = {"logger": False}
+        log_grad_norm = False
+        tmp = tempfile.mkdtemp(prefix="gradclip-bench-")
+        logger_cls = TensorBoardLogger if args.logger == "tensorboard" else CSVLogger
+        if variant == "builtin":
+            kwargs.update(gradient_clip_val=args.max_norm)
+        elif variant == "builtin+grad_norm":
+            kwargs.update(gradient_clip_val=args.max_norm, logger=logger_cls(tmp, name="bench"))
+            log_grad_norm = True
+        elif variant == "gradclip":
+            monitor = [GradientNormMonitor()] if GradientNormMonitor is not None else []
+            callbacks += [*monitor, ClipByGlobalNorm(args.max_norm)]
+            kwargs.update(logger=logger_cls(tmp, name="bench"))
+        elif variant == "gradclip, no logging":
+            callbacks += [ClipByGlobalNorm(args.max_norm)]
+        model = make_tiny_lm(args, log_grad_norm)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=args.lm_batch)
+        trainer = pl.Trainer(
+            default_root_dir=tmp, accelerator=device.type, devices=1, max_steps=steps, log_every_n_steps=1,
+            precision=args.precision, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=callbacks, **kwargs,
+        )  # fmt: skip
+        trainer.fit(model, loader)
+        durations = [b - a for a, b in zip(times.starts, times.starts[1:])][args.train_warmup_steps:]
+        return statistics.median(durations) * 1e3
+
+    variants = ["builtin", "gradclip", "builtin+grad_norm", "gradclip, no logging"]
+    print(f"[train] TinyLM: vocab {args.lm_vocab}, dim {args.lm_dim}, {args.lm_layers} layers, seq {args.lm_seq}, "
+          f"batch {args.lm_batch}, {args.precision}; {args.train_rounds} rounds x {len(variants)} runs of "
+          f"{args.train_warmup_steps}+{args.train_steps} steps; logger {args.logger}", flush=True)
+    run("builtin")  # warm-up run: imports, allocator, thread pools
+    per: dict[str, list[float]] = {v: [] for v in variants}
+    gc.collect()
+    for r in range(args.train_rounds):
+        order = variants[r % len(variants):] + variants[: r % len(variants)]
+        for v in order:
+            per[v].append(run(v))
+        print(f"  round {r + 1}: " + ", ".join(f"{v} {per[v][-1]:.2f} ms" for v in variants), flush=True)
+
+    def row(a: str, b: str, what: str, target: Optional[float] = None) -> None:
+        ratios = [x / y for x, y in zip(per[a], per[b])]
+        lo, mid, hi = quartiles(ratios)
+        report.add(Row("train", what, f"ms per step, {args.precision}", statistics.median(per[a]),
+                       statistics.median(per[b]), mid, lo, hi, target=target))
+
+    mon = "GradientNormMonitor + " if GradientNormMonitor is not None else ""
+    row("gradclip", "builtin", f"{mon}ClipByGlobalNorm, logging every step vs Trainer(gradient_clip_val), no logging",
+        target=args.target_train)
+    row("gradclip", "builtin+grad_norm",
+        f"{mon}ClipByGlobalNorm, logging every step vs gradient_clip_val + grad_norm logging hook")
+    row("builtin+grad_norm", "builtin", "gradient_clip_val + grad_norm logging hook vs gradient_clip_val, no logging")
+    row("gradclip, no logging", "builtin", "ClipByGlobalNorm, no logger vs gradient_clip_val, no logging")
+
+
+# --------------------------------------------------------------------------------------------- section: adaptive
+
+
+class ReferenceAutoClip:
+    """The AutoClip paper's published loop (Seetharaman et al. 2020, github.com/pseeth/autoclip):
+    one ``.item()`` per parameter, ``np.percentile`` over a Python list, then ``clip_grad_norm_``."""
+
+    def __init__(self, percentile: float) -> None:
+        self.percentile = percentile
+        self.history: list[float] = []
+
+    def __call__(self, model: nn.Module) -> None:
+        import numpy as np
+
+        total = 0.0
+        for p in model.parameters():
+            if p.grad is not None:
+                total += p.grad.data.norm(2).item() ** 2
+        self.history.append(total**0.5)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float(np.percentile(self.history, self.percentile)))
+
+
+def reference_agc(parameters: list[nn.Parameter], clip_factor: float = 0.01, eps: float = 1e-3) -> None:
+    """timm's ``timm.utils.agc.adaptive_clip_grad`` (Brock et al. 2021), as published: a loop over parameters."""
+
+    def unitwise_norm(x: Tensor) -> Tensor:
+        return x.norm(2.0) if x.ndim <= 1 else x.norm(2.0, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+    for p in parameters:
+        if p.grad is None:
+            continue
+        p_data, g_data = p.detach(), p.grad.detach()
+        max_norm = unitwise_norm(p_data).clamp_(min=eps).mul_(clip_factor)
+        grad_norm = unitwise_norm(g_data)
+        clipped_grad = g_data * (max_norm / grad_norm.clamp(min=1e-6))
+        p.grad.detach().copy_(torch.where(grad_norm < max_norm, g_data, clipped_grad))
+
+
+class ReferenceZClip:
+    """Used only when the ``zclip`` package is not installed: its ``ZClip.step`` loop (zscore mode,
+    adaptive scaling), with its host reads: ``.item()`` of the norm, then Python-float statistics."""
+
+    def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, max_grad_norm: float = 1.0, eps: float = 1e-6,
+                 warmup_steps: int = 25) -> None:
+        self.alpha, self.z_thresh, self.max_grad_norm, self.eps, self.warmup = alpha, z_thresh, max_grad_norm, eps, warmup_steps
+        self.buffer: list[float] = []
+        self.mean: Optional[float] = None
+        self.var = 0.0
+
+    def step(self, model: nn.Module) -> float:
+        norms = [p.grad.norm(2) for p in model.parameters() if p.grad is not None]
+        total = torch.stack(norms).pow(2).sum().sqrt().item()
+        if self.mean is None:
+            self.buffer.append(total)
+            if len(self.buffer) >= self.warmup:
+                self.mean = sum(self.buffer) / len(self.buffer)
+                self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+            return total
+        std = self.var**0.5
+        z = (total - self.mean) / (std + self.eps)
+        clip = self.mean + self.z_thresh * std / (z / self.z_thresh) if z > self.z_thresh else None
+        effective = min(clip if clip is not None else total, self.max_grad_norm)
+        if total > effective:
+            coef = effective / (total + 1e-6)
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.data.mul_(coef)
+        x = clip if clip is not None else total
+        self.mean = self.alpha * self.mean + (1 - self.alpha) * x
+        self.var = self.alpha * self.var + (1 - self.alpha) * (x - self.mean) ** 2
+        return total
+
+
+def section_adaptive(args: argparse.Namespace, report: Report, timer: Timer, device: torch.device) -> None:
+    try:
+        from gradclip_plugin.callbacks import adaptive
+    except ImportError as err:
+        print(f"[adaptive] skipped: not available ({err})")
+        report.skipped.append("adaptive: gradclip_plugin.callbacks.adaptive not available")
+        return
+
+    zclip_src = "zclip package (ZClipLightningCallback's hook body: `self.zclip.step(pl_module)`)"
+    try:
+        from zclip import ZClip as PackageZClip
+    except ImportError:
+        PackageZClip = ReferenceZClip  # noqa: N806
+        zclip_src = "re-implemented zclip ZClip.step (package not installed)"
+    try:
+        from autoclip.torch import QuantileClip
+    except ImportError:
+        QuantileClip = None  # noqa: N806
+    print(f"[adaptive] GPT-2-shaped module, {args.step_layers} layers; ZClip vs {zclip_src}", flush=True)
+    report.notes.append(f"adaptive: ZClip reference = {zclip_src}")
+
+    def body(trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        params = list(pl_module.parameters())
+        grads = [p.grad for p in params]
+        saved = [g.clone() for g in grads]
+
+        def restore() -> None:
+            torch._foreach_copy_(grads, saved)
+
+        def ours(cls_name: str, **kwargs: Any) -> Optional[Callable[[], None]]:
+            cls = getattr(adaptive, cls_name, None)
+            if cls is None:
+                print(f"  {cls_name} skipped: not available")
+                report.skipped.append(f"adaptive: {cls_name} not available")
+                return None
+            cb = cls(**kwargs)
+            prepare(cb, trainer, pl_module)
+            return lambda: cb.on_before_optimizer_step(trainer, pl_module, optimizer)
+
+        def compare(a: Optional[Callable], b: Callable, what: str, case: str, prime: int = 0,
+                    target: Optional[float] = None) -> None:
+            if a is None:
+                return
+            for _ in range(prime):  # e.g. ZClip's warm-up: measure the steady state after it
+                restore()
+                a()
+                restore()
+                b()
+            r = paired(timer, a, b, args.reps, args.warmup, before=restore)
+            report.add(Row("adaptive", what, case, *r, target=target))
+
+        zkw = dict(alpha=0.97, z_thresh=2.5, eps=1e-6, warmup_steps=25)
+        ref_z = PackageZClip(max_grad_norm=1.0, **zkw)
+        compare(ours("ZClip", max_norm=1.0, **zkw), lambda: ref_z.step(pl_module),
+                "ZClip vs zclip.ZClip.step", "after warm-up, per step", prime=zkw["warmup_steps"] + 1, target=1.0)
+
+        if QuantileClip is not None:
+            qc = QuantileClip(params, quantile=0.1, history_length=10**9, global_threshold=True)
+            compare(ours("AutoClip", percentile=10.0), qc.step,
+                    "AutoClip vs autoclip QuantileClip(global_threshold=True).step", "per step", target=1.0)
+        else:
+            report.skipped.append("adaptive: autoclip package not installed")
+        ref_a = ReferenceAutoClip(10.0)
+        compare(ours("AutoClip", percentile=10.0), lambda: ref_a(pl_module),
+                "AutoClip vs the paper's reference loop (re-implemented)", "per step")
+        compare(ours("AdaptiveGradientClipping", clip_factor=0.01, eps=1e-3), lambda: reference_agc(params),
+                "AdaptiveGradientClipping vs timm adaptive_clip_grad loop (re-implemented)", "per step")
+        restore()
+
+    run_in_step(args, device, body, callbacks=[], logger=False)
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def machine_description(device: torch.device) -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            cpu = names[0]
+    import pytorch_lightning as pl
+
+    text = (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"pytorch_lightning {pl.__version__}, Python {platform.python_version()}")
+    if device.type == "cuda":
+        text += f"; GPU {torch.cuda.get_device_name(device)}"
+    return text
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--layers", type=int, default=None,
+                   help="GPT-2-small blocks in the `ops` gradients (12 = 124M parameters); default 12 on CUDA, 2 on CPU")
+    p.add_argument("--step-layers", type=int, default=None,
+                   help="GPT-2-small blocks in the module of the `monitor`/`adaptive` sections; default: --layers")
+    p.add_argument("--vocab", type=int, default=50257, help="rows of the token embedding (GPT-2: 50257)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="gradient dtypes of the `ops` section")
+    p.add_argument("--reps", type=int, default=21, help="timed pairs per comparison")
+    p.add_argument("--warmup", type=int, default=3, help="untimed pairs before them")
+    p.add_argument("--target-ops", type=float, default=1.05, help="clip_by_global_norm_ / torch target")
+    p.add_argument("--target-train", type=float, default=1.03, help="end-to-end target")
+    p.add_argument("--max-norm", type=float, default=1.0, help="clipping threshold in the `train` section")
+    p.add_argument("--train-rounds", type=int, default=7, help="paired rounds (one run of each variant per round)")
+    p.add_argument("--train-steps", type=int, default=40, help="timed optimizer steps per run")
+    p.add_argument("--train-warmup-steps", type=int, default=5, help="untimed steps at the start of each run")
+    p.add_argument("--precision", default=None, help="Trainer precision in `train`; default 32-true on CPU, 16-mixed on CUDA")
+    p.add_argument("--logger", default="tensorboard", choices=["tensorboard", "csv"], help="logger of the logging variants")
+    p.add_argument("--lm-vocab", type=int, default=512)
+    p.add_argument("--lm-dim", type=int, default=128)
+    p.add_argument("--lm-layers", type=int, default=2)
+    p.add_argument("--lm-heads", type=int, default=4)
+    p.add_argument("--lm-seq", type=int, default=64)
+    p.add_argument("--lm-batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions: checks that it runs, not a measurement")
+    args = p.parse_args(argv)
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown:
+        p.error(f"`--sections` got unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for d in args.dtypes:
+        if not isinstance(getattr(torch, d, None), torch.dtype):
+            p.error(f"`--dtypes` got {d!r}, which is not a torch dtype (e.g. float32, bfloat16, float16)")
+    if args.device == "cuda" and not cuda:
+        p.error("`--device cuda` was given but torch.cuda.is_available() is False")
+    if args.quick:
+        args.layers = 1 if args.layers is None else args.layers
+        args.vocab, args.reps, args.warmup = 4096, 3, 1
+        args.train_rounds, args.train_steps, args.train_warmup_steps = 2, 5, 2
+    if args.layers is None:
+        args.layers = 12 if args.device == "cuda" else 2
+    if args.step_layers is None:
+        args.step_layers = args.layers
+    if args.precision is None:
+        args.precision = "16-mixed" if args.device == "cuda" else "32-true"
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quiet_lightning()
+    device = torch.device(args.device)
+    timer = Timer(device)
+    report = Report()
+    load0 = os.getloadavg()
+    started = time.time()
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+    print(f"# gradclip_plugin benchmark, {datetime.date.today().isoformat()}")
+    print(f"machine: {machine_description(device)}")
+    print(f"command: {command}", flush=True)
+    sections = {"ops": section_ops, "monitor": section_monitor, "train": section_train, "adaptive": section_adaptive}
+    for name in SECTIONS:
+        if name in args.sections:
+            sections[name](args, report, timer, device)
+    load1 = os.getloadavg()
+    elapsed = time.time() - started
+
+    print()
+    print(f"## Results ({datetime.date.today().isoformat()}, {args.device})")
+    print()
+    print(f"Machine: {machine_description(device)}  ")
+    print(f"Command: `{command}`  ")
+    resolved = (f"layers={args.layers} (step-layers={args.step_layers}), vocab={args.vocab}, dtypes={','.join(args.dtypes)}, "
+                f"reps={args.reps} pairs after {args.warmup} warm-up pairs, train: {args.train_rounds} rounds x "
+                f"{args.train_steps} steps, precision={args.precision}, logger={args.logger}")
+    print(f"Settings: {resolved}  ")
+    print(f"Load average (1 min) at start {load0[0]:.2f}, at end {load1[0]:.2f} on {os.cpu_count()} cores; "
+          f"wall time {elapsed:.0f} s")
+    print()
+    print("Ratio = median over paired repetitions of (gradclip_plugin time / reference time), with its 25th-75th "
+          "percentiles; below 1 means gradclip_plugin is faster.")
+    print()
+    print("| section | gradclip_plugin vs reference | case | gradclip ms | reference ms | ratio [p25, p75] | target | |")
+    print("|---|---|---|---:|---:|---|---|---|")
+    for r in report.rows:
+        target = f"<= {r.target:g}" if r.target is not None else ""
+        print(f"| {r.section} | {r.what} | {r.case} | {r.a_ms:.3f} | {r.b_ms:.3f} | "
+              f"{r.ratio:.3f} [{r.ratio_lo:.3f}, {r.ratio_hi:.3f}] | {target} | {r.verdict} |")
+        if r.note:
+            report.notes.append(f"{r.section}/{r.case}: {r.what}: {r.note}")
+    if report.notes:
+        print()
+        for n in report.notes:
+            print(f"- {n}")
+    if report.skipped:
+        print()
+        for s in report.skipped:
+            print(f"- skipped: {s}")
+    targeted = [r for r in report.rows if r.target is not None]
+    missed = [r for r in targeted if r.verdict == "MISS"]
+    print()
+    print(f"Targets: {len(targeted) - len(missed)} of {len(targeted)} met" + (
+        "; missed: " + "; ".join(f"{r.what} [{r.case}] {r.ratio:.3f} > {r.target:g}" for r in missed) if missed else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
