@@ -3,15 +3,22 @@
 Norms are accumulated in float32 (float64 for float64 tensors) whatever the tensor dtype, with
 tensors grouped by (device, dtype) so that each group is one ``torch._foreach_norm`` call, as in
 torch's ``torch.nn.utils.get_total_norm``. Nothing here reads a value back to the host.
+
+Sharded tensors (``DTensor``, as FSDP2 and tensor parallelism store gradients) are measured as the
+full tensors they are shards of: see :mod:`gradclip_plugin.functional.distributed`. Everything built
+on :func:`tensor_norms` (global, per-group and per-tensor norms, the clipping coefficients) then holds
+the full tensors' values, the same on every rank.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
+
+from gradclip_plugin.functional.distributed import local_tensor, reduce_shard_norms, shard_groups
 
 Tensors = Union[Tensor, Iterable[Optional[Tensor]]]
 
@@ -51,31 +58,53 @@ def _has_foreach(device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def tensor_norms(tensors: Tensors, norm_type: float = 2.0) -> Tensor:
+def tensor_norms(tensors: Tensors, norm_type: float = 2.0, *, shard_group: Optional[Any] = None) -> Tensor:
     """The ``norm_type``-norm of each tensor, as a 1-D float32 tensor on the first tensor's device.
 
     Args:
         tensors: a tensor or an iterable of tensors; ``None`` entries are skipped.
         norm_type: order of the norm, any positive float or ``inf``.
+        shard_group: a ``torch.distributed`` process group over which the plain (non-``DTensor``)
+            tensors are split, each rank holding a disjoint piece (FSDP1 flat shards): their norms
+            are then reduced over it like a DTensor's. ``None``: plain tensors are whole.
 
     Returns:
         A 1-D tensor with one norm per (non-``None``) tensor, in input order; empty for no tensors.
+        For a ``DTensor`` sharded over a device mesh, the norm of the full tensor, reduced across
+        the ranks that hold its shards (one collective for all such tensors) and the same on
+        every rank; the result is a plain tensor on the local device.
+
+    Raises:
+        ValueError: for a ``DTensor`` with a ``Partial`` placement (see :func:`shard_groups`).
     """
     tensors = as_tensor_list(tensors)
     norm_type = check_norm_type(norm_type)
     if not tensors:
         return torch.zeros(0)
+    plain_key = () if shard_group is None else (shard_group,)
+    keys = [shard_groups(t, plain_key) for t in tensors]
+    tensors = [local_tensor(t) for t in tensors]
     first_device = tensors[0].device
     out: list[Optional[Tensor]] = [None] * len(tensors)
     for (device, dtype), idx in group_by_device_and_dtype(tensors).items():
-        group = [tensors[i] for i in idx]
         acc = accumulation_dtype(dtype)
+        # An empty tensor (often a rank's share of a small sharded one) has norm 0 for every
+        # order; the inf-norm kernels refuse it ("no identity"), so it is left out of the call.
+        for i in idx:
+            if tensors[i].numel() == 0:
+                out[i] = torch.zeros((), dtype=acc, device=device)
+        idx = [i for i in idx if out[i] is None]
+        group = [tensors[i] for i in idx]
+        if not group:
+            continue
         if _has_foreach(device):
             norms = torch._foreach_norm(group, norm_type, dtype=acc)
         else:
             norms = [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in group]
         for i, n in zip(idx, norms):
             out[i] = n
+    if any(keys):
+        out = reduce_shard_norms(out, keys, norm_type)  # type: ignore[arg-type]
     result = torch.stack([n.to(first_device) for n in out])  # type: ignore[union-attr]
     return result if result.dtype == torch.float64 else result.float()
 
@@ -89,17 +118,18 @@ def combine_norms(norms: Tensor, norm_type: float = 2.0) -> Tensor:
 
 
 @torch.no_grad()
-def global_norm(tensors: Tensors, norm_type: float = 2.0) -> Tensor:
+def global_norm(tensors: Tensors, norm_type: float = 2.0, *, shard_group: Optional[Any] = None) -> Tensor:
     """The norm of all tensors viewed as one vector, as ``tf.linalg.global_norm`` (and any ``norm_type``).
 
     Args:
         tensors: a tensor or an iterable of tensors; ``None`` entries are skipped.
         norm_type: order of the norm, any positive float or ``inf``.
+        shard_group: process group the plain tensors are sharded over (see :func:`tensor_norms`).
 
     Returns:
         A 0-dim float32 tensor (float64 for float64 inputs); 0 for an empty list.
     """
-    return combine_norms(tensor_norms(tensors, norm_type), norm_type)
+    return combine_norms(tensor_norms(tensors, norm_type, shard_group=shard_group), norm_type)
 
 
 @torch.no_grad()
