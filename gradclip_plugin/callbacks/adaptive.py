@@ -1,0 +1,437 @@
+"""Adaptive clipping callbacks: AGC (unit-wise, relative to the weights), AutoClip and ZClip (thresholds
+that follow the history of the gradient norm).
+
+The arithmetic lives in :mod:`gradclip_plugin.functional.adaptive`; these classes hold the per-optimizer
+state, save it in checkpoints and log it. Nothing here reads a value back to the host on a step
+that does not log, except ZClip's optional ``skip_step_z_thresh`` (one boolean per step, only when set).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from gradclip_plugin.callbacks.base import (
+    ClipStats,
+    GradientClipCallback,
+    NonFinitePolicy,
+    check_norm_type,
+    check_positive,
+    optimizer_index,
+)
+from gradclip_plugin.functional import combine_norms, scale_, tensor_norms
+from gradclip_plugin.functional.adaptive import (
+    AutoClipState,
+    ZClipMode,
+    ZClipOption,
+    ZClipState,
+    agc_coefficients,
+    autoclip_init,
+    autoclip_update,
+    scale_units_,
+    threshold_coefficient,
+    unitwise_norms,
+    zclip_init,
+    zclip_update,
+)
+
+__all__ = ["AdaptiveGradientClipping", "AutoClip", "ZClip"]
+
+
+class AdaptiveGradientClipping(GradientClipCallback):
+    """Unit-wise adaptive gradient clipping (AGC): each unit's gradient is kept within ``clip_factor`` of its weight.
+
+    For each parameter ``W`` and its gradient ``G``, a unit is a slice along the first (output)
+    dimension (a row of a ``Linear`` weight, an output channel of a ``ConvNd`` kernel); tensors of
+    one dimension or less are one unit. Where ``||G_u|| > clip_factor * max(||W_u||, eps)``, ``G_u`` is
+    scaled to that limit. A zero-initialised bias therefore gets limit ``clip_factor * eps``, not 0.
+
+    The paper does not clip the final classifier layer: exclude it, e.g. ``exclude=["head.*"]``.
+
+    Logged: ``norm`` and ``norm_clipped`` are the global norms of the gradients before and after;
+    ``threshold`` is the global norm of the unit limits (the largest gradient AGC lets through
+    unchanged); ``clip_rate`` counts the steps at which any unit was rescaled.
+
+    Args:
+        clip_factor: the allowed ratio ``||G_u|| / ||W_u||`` (the paper's lambda; 0.01 for batch
+            size 4096 in the paper, larger for smaller batches).
+        eps: floor on the weight norm, a positive number.
+        norm_type: order of the unit-wise norms (the paper uses 2).
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``log_prefix`` (see :class:`GradientClipCallback`).
+
+    Example YAML::
+
+        trainer:
+          callbacks:
+            - class_path: gradclip_plugin.AdaptiveGradientClipping
+              init_args:
+                clip_factor: 0.01
+                eps: 0.001
+                exclude: ["head.*"]
+
+    References:
+        Brock et al. 2021, "High-Performance Large-Scale Image Recognition Without Normalization"
+        (NFNets), arXiv 2102.06171; timm ``timm/utils/agc.py``.
+    """
+
+    def __init__(
+        self,
+        clip_factor: float = 0.01,
+        eps: float = 1e-3,
+        norm_type: float = 2.0,
+        *,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        nonfinite: NonFinitePolicy = "skip",
+        log_prefix: str = "grad_clip",
+    ) -> None:
+        check_positive("clip_factor", clip_factor)
+        check_positive("eps", eps)
+        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, log_prefix=log_prefix)
+        self.clip_factor = float(clip_factor)
+        self.eps = float(eps)
+        self.norm_type = check_norm_type(norm_type)
+
+    def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
+        unit_norms = unitwise_norms(grads, self.norm_type)
+        return combine_norms(unit_norms, self.norm_type), unit_norms
+
+    def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
+        norm, grad_norms = measured
+        coefs, limits = agc_coefficients(grad_norms, unitwise_norms(params, self.norm_type), self.clip_factor, self.eps)
+        scale_units_(grads, coefs)
+        return ClipStats(
+            norm,
+            combine_norms(grad_norms * coefs, self.norm_type),
+            combine_norms(limits, self.norm_type),
+            (coefs < 1).any(),
+        )
+
+
+class _StatefulClipCallback(GradientClipCallback):
+    """Per-optimizer adaptive state: created on first use on the gradients' device, saved in checkpoints.
+
+    The state of optimizer ``i`` is a ``NamedTuple`` (``_state_type``) of tensors and host integers;
+    ``state_dict`` saves it with tensors on the CPU, ``load_state_dict`` restores it, and it moves back
+    to the gradients' device on first use. The checkpoint entry is keyed by ``state_key`` (class name
+    and init arguments), so two instances in one Trainer keep separate state.
+    """
+
+    _state_type: type[NamedTuple]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._states: dict[int, Any] = {}
+        self._idx = 0
+        self._optimizer: Optional[torch.optim.Optimizer] = None
+        self._first_finite: Optional[Tensor] = None  # was the step's first measured norm finite?
+
+    def _init_state(self, norm: Tensor) -> Any:
+        raise NotImplementedError
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # `clip_` and `extra_metrics` need to know which optimizer's state they work on
+        self._idx, self._optimizer = optimizer_index(trainer, optimizer), optimizer
+        self._first_finite = None
+        try:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        finally:
+            self._optimizer = self._first_finite = None
+
+    def _global_norm(self, grads: list[Tensor]) -> Tensor:
+        """The global L2 norm; the first one measured in a step is remembered (see :meth:`_stat_norm`)."""
+        norm = combine_norms(tensor_norms(grads, 2.0), 2.0)
+        if self._first_finite is None:
+            self._first_finite = torch.isfinite(norm)
+        return norm
+
+    def _stat_norm(self, norm: Tensor) -> Tensor:
+        """The norm the statistics may see: NaN (so left out) if the step's gradients were non-finite.
+
+        Under ``nonfinite="zero"`` the base class zeroes the bad entries and measures again; that
+        finite norm is clipped against, but it is not the gradient's true size and stays out of the
+        history, as the non-finite norm itself would.
+        """
+        if self._first_finite is None:
+            return norm
+        return torch.where(self._first_finite, norm, torch.full_like(norm, float("nan")))
+
+    def _state(self, norm: Tensor) -> Any:
+        state = self._states.get(self._idx)
+        if state is None:
+            state = self._states[self._idx] = self._init_state(norm)
+        elif state[0].device != norm.device:  # restored from a checkpoint (CPU): move once
+            state = self._states[self._idx] = type(state)(
+                *(f.to(norm.device) if isinstance(f, Tensor) else f for f in state)
+            )
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        out["state"] = {
+            i: {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in s._asdict().items()}
+            for i, s in self._states.items()
+        }
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        fields = set(self._state_type._fields)
+        for i, saved in state_dict.get("state", {}).items():
+            if set(saved) != fields:
+                raise ValueError(
+                    f"{type(self).__name__}: the checkpoint's state for optimizer {i} has fields {sorted(saved)}, "
+                    f"expected {sorted(fields)}; it was not written by this version of {type(self).__name__}"
+                )
+            self._check_loaded(self._state_type(**saved))
+            self._states[int(i)] = self._state_type(**saved)
+
+    def _check_loaded(self, state: Any) -> None:
+        """Raise ``ValueError`` if a restored state does not fit this instance's arguments."""
+
+
+class AutoClip(_StatefulClipCallback):
+    """AutoClip: clip the global norm to a percentile of the norms seen so far.
+
+    Each step the pre-clip global L2 norm is appended to the history, then all gradients are
+    scaled so that their global norm is at most the ``percentile``-th percentile (linear
+    interpolation) of the history, this step included. ``history_size`` keeps only the most recent
+    norms; ``None`` keeps all of them (the paper's choice).
+
+    Non-finite norms never enter the history: the step is handled by ``nonfinite``, and under
+    ``"ignore"`` or a loss scaler the history simply skips it. The history is saved in checkpoints:
+    a resumed run clips exactly as the uninterrupted run would.
+
+    Args:
+        percentile: in [0, 100]; the paper finds 10 works across tasks.
+        history_size: number of most recent norms kept, or ``None`` for all.
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``log_prefix`` (see :class:`GradientClipCallback`).
+
+    Example YAML::
+
+        trainer:
+          callbacks:
+            - class_path: gradclip_plugin.AutoClip
+              init_args:
+                percentile: 10.0
+                history_size: null
+
+    References:
+        Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for Source Separation
+        Networks", IEEE MLSP; github.com/pseeth/autoclip.
+    """
+
+    _state_type = AutoClipState
+
+    def __init__(
+        self,
+        percentile: float = 10.0,
+        history_size: Optional[int] = None,
+        *,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        nonfinite: NonFinitePolicy = "skip",
+        log_prefix: str = "grad_clip",
+    ) -> None:
+        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile <= 100:
+            raise ValueError(f"`percentile` must be a number in [0, 100] (10 in the paper), got {percentile!r}")
+        if history_size is not None and (
+            isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1
+        ):
+            raise ValueError(f"`history_size` must be a positive integer or None (keep every norm), got {history_size!r}")
+        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, log_prefix=log_prefix)
+        self.percentile = float(percentile)
+        self.history_size = history_size
+
+    def _init_state(self, norm: Tensor) -> AutoClipState:
+        return autoclip_init(self.history_size, device=norm.device, dtype=norm.dtype)
+
+    def _check_loaded(self, state: AutoClipState) -> None:
+        if self.history_size is not None and state.history.numel() != self.history_size:
+            raise ValueError(
+                f"AutoClip: the checkpoint holds a history of {state.history.numel()} norms but "
+                f"`history_size={self.history_size}`; resume with the `history_size` the run was started with"
+            )
+
+    def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
+        return self._global_norm(grads), None
+
+    def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
+        norm = measured[0]
+        state, threshold = autoclip_update(self._state(norm), self._stat_norm(norm), self.percentile, self.history_size)
+        self._states[self._idx] = state
+        coef = threshold_coefficient(threshold, norm)
+        scale_(grads, coef)
+        return ClipStats(norm, norm * coef, threshold, coef < 1)
+
+
+class ZClip(_StatefulClipCallback):
+    """ZClip: detect gradient-norm spikes by their z-score against an EMA and clip them adaptively.
+
+    The reference algorithm (``bluorion-com/ZClip``) exactly: the first ``warmup_steps`` steps
+    only collect their norms (clipped to ``max_norm`` if not ``None``); then the mean and
+    population variance of those norms start an exponential moving average. Each later step has
+    ``z = (g - mean) / (std + eps)``; in ``"zscore"`` mode a norm with ``z > z_thresh`` is clipped
+    to ``(mean + z_thresh * std / (z / z_thresh)) * clip_factor`` (``clip_option="adaptive_scaling"``)
+    or to ``mean`` (``"mean"``); in ``"percentile"`` mode any norm above ``mean + z_thresh * std``
+    is clipped to it. The threshold in force is never above ``max_norm``. The EMA is updated with
+    the clipped value on a spike (skipped if ``skip_update_on_spike``) and with ``g`` otherwise.
+
+    Beyond the reference: non-finite norms never enter the statistics; the state lives on the
+    gradients' device (no host read per step) and is saved in checkpoints; and
+    ``skip_step_z_thresh`` skips the optimizer step entirely when ``z`` exceeds it (the gradients
+    are dropped as by ``nonfinite="skip"``). That option reads one boolean per step to the host, so
+    it is off by default.
+
+    Logged besides the base metrics: ``z`` (this step's z-score, 0 during warm-up), ``spikes``
+    (spikes so far) and, with ``skip_step_z_thresh``, ``skipped_steps``.
+
+    Args:
+        alpha: EMA smoothing factor, in (0, 1).
+        z_thresh: z-score above which a norm is a spike (``"zscore"``), or the multiple of the std
+            above the mean that bounds the norm (``"percentile"``).
+        max_norm: an upper bound on the threshold at every step (warm-up included), or ``None``.
+        eps: added to the std in the z-score.
+        warmup_steps: finite norms collected before the EMA starts.
+        mode: ``"zscore"`` or ``"percentile"``.
+        clip_option: ``"adaptive_scaling"`` or ``"mean"`` (``"zscore"`` mode only).
+        clip_factor: multiplies the adaptive threshold (``"adaptive_scaling"`` only); 0.5-0.9 clips harder.
+        skip_update_on_spike: keep spikes out of the EMA.
+        skip_step_z_thresh: skip the optimizer step when ``z`` exceeds this (at least ``z_thresh``);
+            ``None`` (default) never skips.
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``log_prefix`` (see :class:`GradientClipCallback`).
+
+    Example YAML::
+
+        trainer:
+          callbacks:
+            - class_path: gradclip_plugin.ZClip
+              init_args:
+                alpha: 0.97
+                z_thresh: 2.5
+                max_norm: 1.0
+                warmup_steps: 25
+                mode: zscore
+                clip_option: adaptive_scaling
+
+    References:
+        Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", arXiv 2504.02507;
+        github.com/bluorion-com/ZClip.
+    """
+
+    _state_type = ZClipState
+    metric_names = GradientClipCallback.metric_names + ("z", "spikes", "skipped_steps")
+
+    def __init__(
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        max_norm: Optional[float] = 1.0,
+        eps: float = 1e-6,
+        warmup_steps: int = 25,
+        mode: ZClipMode = "zscore",
+        clip_option: ZClipOption = "adaptive_scaling",
+        clip_factor: float = 1.0,
+        skip_update_on_spike: bool = False,
+        skip_step_z_thresh: Optional[float] = None,
+        *,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        nonfinite: NonFinitePolicy = "skip",
+        log_prefix: str = "grad_clip",
+    ) -> None:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+            raise ValueError(f"`alpha` must be a number in (0, 1) (0.97 in the paper), got {alpha!r}")
+        check_positive("z_thresh", z_thresh)
+        check_positive("max_norm", max_norm, allow_none=True)
+        check_positive("eps", eps)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise ValueError(f"`warmup_steps` must be a positive integer, got {warmup_steps!r}")
+        if mode not in ("zscore", "percentile"):
+            raise ValueError(f"`mode` must be 'zscore' or 'percentile', got {mode!r}")
+        if clip_option not in ("adaptive_scaling", "mean"):
+            raise ValueError(f"`clip_option` must be 'adaptive_scaling' or 'mean', got {clip_option!r}")
+        check_positive("clip_factor", clip_factor)
+        if not isinstance(skip_update_on_spike, bool):
+            raise ValueError(f"`skip_update_on_spike` must be True or False, got {skip_update_on_spike!r}")
+        check_positive("skip_step_z_thresh", skip_step_z_thresh, allow_none=True)
+        if skip_step_z_thresh is not None and skip_step_z_thresh < z_thresh:
+            raise ValueError(
+                f"`skip_step_z_thresh` must be at least `z_thresh` ({z_thresh}): it marks the severe spikes "
+                f"among those clipped, got {skip_step_z_thresh!r}"
+            )
+        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, log_prefix=log_prefix)
+        self.alpha = float(alpha)
+        self.z_thresh = float(z_thresh)
+        self.max_norm = None if max_norm is None else float(max_norm)
+        self.eps = float(eps)
+        self.warmup_steps = warmup_steps
+        self.mode = mode
+        self.clip_option = clip_option
+        self.clip_factor = float(clip_factor)
+        self.skip_update_on_spike = skip_update_on_spike
+        self.skip_step_z_thresh = None if skip_step_z_thresh is None else float(skip_step_z_thresh)
+        self._z: dict[int, Tensor] = {}
+        self._skipped: dict[int, int] = {}
+
+    def _init_state(self, norm: Tensor) -> ZClipState:
+        return zclip_init(self.warmup_steps, device=norm.device, dtype=norm.dtype)
+
+    def _check_loaded(self, state: ZClipState) -> None:
+        if state.buffer.numel() != self.warmup_steps:
+            raise ValueError(
+                f"ZClip: the checkpoint holds a warm-up buffer of {state.buffer.numel()} norms but "
+                f"`warmup_steps={self.warmup_steps}`; resume with the `warmup_steps` the run was started with"
+            )
+
+    def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
+        return self._global_norm(grads), None
+
+    def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
+        norm = measured[0]
+        state, threshold, z, spike = zclip_update(
+            self._state(norm),
+            self._stat_norm(norm),
+            alpha=self.alpha,
+            z_thresh=self.z_thresh,
+            max_norm=self.max_norm,
+            eps=self.eps,
+            mode=self.mode,
+            clip_option=self.clip_option,
+            clip_factor=self.clip_factor,
+            skip_update_on_spike=self.skip_update_on_spike,
+        )
+        self._states[self._idx] = state
+        self._z[self._idx] = z
+        coef = threshold_coefficient(threshold, norm)
+        scale_(grads, coef)
+        if self.skip_step_z_thresh is not None and self._optimizer is not None:
+            if bool(spike & (z > self.skip_step_z_thresh)):  # one host read per step, only with this option
+                self._skipped[self._idx] = self._skipped.get(self._idx, 0) + 1
+                for group in self._optimizer.param_groups:
+                    for p in group["params"]:
+                        p.grad = None
+        return ClipStats(norm, norm * coef, threshold, coef < 1)
+
+    def extra_metrics(self) -> dict[str, Tensor]:
+        state = self._states.get(self._idx)
+        if state is None:
+            return {}
+        out = {"z": self._z.get(self._idx, torch.zeros_like(state.mean)), "spikes": state.spikes}
+        if self.skip_step_z_thresh is not None:
+            out["skipped_steps"] = torch.tensor(float(self._skipped.get(self._idx, 0)))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        out["skipped_steps"] = dict(self._skipped)
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._skipped = {int(i): int(n) for i, n in state_dict.get("skipped_steps", {}).items()}
