@@ -1,0 +1,485 @@
+"""What GradientClipCallback gives every clipping callback, checked in a real Trainer.
+
+The non-finite policies, the metrics written through a CSVLogger (values, logging steps, clip rate,
+keys), argument and setup checks, and the checkpoint state. Reference values come from the probed
+gradients, with the formulas in ``test_clip``.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import re
+
+import pytest
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from gradclip_plugin import ClipByGlobalNorm, ClipByNorm, ClipByValue, GradientClipCallback
+from gradclip_plugin.callbacks import ClipStats
+from helpers import GradProbe, TinyModel, TwoOptimizerModel, make_loader, make_trainer
+
+from .test_clip import PARAM_NAMES, assert_close_float32, expected, fit, read_metrics, vec_norm
+
+INF = float("inf")
+NAN = float("nan")
+METRIC_NAMES = ("norm", "norm_clipped", "threshold", "clip_rate", "nonfinite_steps")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------------- models
+class LoggingModel(TinyModel):
+    """TinyModel that `self.log`s its training loss, to see at which steps Lightning logs."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss, on_step=True, on_epoch=False)
+        return loss
+
+
+def poison(model: TinyModel, loss: Tensor, mode: str) -> Tensor:
+    """Make some gradients non-finite:
+
+    * ``"loss-inf"``: the loss times inf (every gradient entry inf or NaN);
+    * ``"entry-inf"``: plus ``inf * encoder.weight[0, 0]`` (that one entry's gradient is inf);
+    * ``"bias-nan"``: plus ``nan * sum(head.bias)`` (head.bias's gradient is NaN, the rest finite).
+    """
+    if mode == "loss-inf":
+        return loss * INF
+    if mode == "entry-inf":
+        return loss + model.encoder.weight[0, 0] * INF
+    assert mode == "bias-nan"
+    return loss + model.head.bias.sum() * NAN
+
+
+class NonFiniteModel(TinyModel):
+    """TinyModel whose gradients are made non-finite (see ``poison``) at the given global steps."""
+
+    def __init__(self, mode: str, bad_steps=(1,), **kwargs):
+        super().__init__(**kwargs)
+        self.mode, self.bad_steps = mode, tuple(bad_steps)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return poison(self, loss, self.mode) if self.global_step in self.bad_steps else loss
+
+
+class NonFiniteHeadTwoOptimizerModel(TwoOptimizerModel):
+    """Two optimizers; at the first batch the head's (second optimizer's) bias gradient is NaN."""
+
+    def training_step(self, batch, batch_idx):
+        opt_enc, opt_head = self.optimizers()
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        if batch_idx == 0:
+            loss = poison(self, loss, "bias-nan")
+        opt_enc.zero_grad()
+        opt_head.zero_grad()
+        self.manual_backward(loss)
+        opt_enc.step()
+        opt_head.step()
+
+
+class StateProbe(Callback):
+    """Snapshots of the weights and the optimizer state at the start and end of every batch."""
+
+    def __init__(self) -> None:
+        self.start: list = []
+        self.end: list = []
+
+    @staticmethod
+    def _snapshot(trainer, pl_module):
+        params = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        return params, copy.deepcopy(trainer.optimizers[0].state_dict()["state"])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.start.append(self._snapshot(trainer, pl_module))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.end.append(self._snapshot(trainer, pl_module))
+
+
+def assert_same_snapshot(a, b) -> None:
+    params_a, state_a = a
+    params_b, state_b = b
+    for name in PARAM_NAMES:
+        assert torch.equal(params_a[name], params_b[name]), name
+    assert state_a.keys() == state_b.keys()
+    for i in state_a:
+        assert state_a[i].keys() == state_b[i].keys()
+        for k in state_a[i]:
+            assert torch.equal(state_a[i][k], state_b[i][k]), (i, k)
+
+
+def nonfinite_warnings(record) -> list:
+    return [w for w in record if "non-finite gradients found" in str(w.message)]
+
+
+# ---------------------------------------------------------------------- non-finite policies
+def test_skip_leaves_weights_and_adam_state_bit_for_bit_and_training_goes_on(tmp_path):
+    cb = ClipByGlobalNorm(5.0)  # nonfinite="skip" is the default
+    states = StateProbe()
+    model = NonFiniteModel("loss-inf", bad_steps=(1, 2), optimizer="adam", lr=0.01)
+    logger = CSVLogger(tmp_path)
+    trainer = make_trainer(tmp_path, [states, cb], logger=logger, max_steps=4)
+    with pytest.warns(UserWarning, match="non-finite gradients found") as record:
+        trainer.fit(model, make_loader())
+    assert len(nonfinite_warnings(record)) == 1, "the warning is shown once"
+    assert "skipping the optimizer step" in str(nonfinite_warnings(record)[0].message)
+    assert trainer.global_step == 4 and len(states.end) == 4
+    for k in (1, 2):  # the poisoned steps change nothing
+        assert_same_snapshot(states.start[k], states.end[k])
+    for k in (0, 3):  # the others train
+        assert not torch.equal(states.start[k][0]["encoder.weight"], states.end[k][0]["encoder.weight"])
+    adam_steps = [int(s["step"]) for s in states.end[3][1].values()]
+    assert adam_steps == [2, 2, 2, 2], "Adam stepped at steps 0 and 3 only"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    metrics = read_metrics(logger)
+    assert metrics["grad_clip/nonfinite_steps"] == {0: 0.0, 1: 1.0, 2: 2.0, 3: 2.0}
+    assert cb.state_dict() == {"nonfinite_steps": {0: 2.0}}
+
+
+def test_skip_with_two_optimizers_skips_only_the_one_with_nonfinite_gradients(tmp_path):
+    cb = ClipByGlobalNorm(5.0)
+    states = StateProbe()
+    model = NonFiniteHeadTwoOptimizerModel()
+    logger = CSVLogger(tmp_path)
+    trainer = make_trainer(tmp_path, [states, cb], logger=logger, max_steps=2)
+    with pytest.warns(UserWarning, match="non-finite gradients found"):
+        trainer.fit(model, make_loader())
+    (start, _), (end, _) = states.start[0], states.end[0]
+    assert torch.equal(start["head.weight"], end["head.weight"]) and torch.equal(start["head.bias"], end["head.bias"])
+    assert not torch.equal(start["encoder.weight"], end["encoder.weight"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    metrics = read_metrics(logger)
+    assert metrics["grad_clip/opt0/nonfinite_steps"] == {0: 0.0}
+    assert metrics["grad_clip/opt1/nonfinite_steps"] == {0: 1.0}
+
+
+@pytest.mark.parametrize(
+    "mode, names",
+    [
+        ("bias-nan", ["head.bias"]),
+        ("entry-inf", ["encoder.weight"]),
+        ("loss-inf", ["encoder.weight", "encoder.bias", "head.weight", "head.bias"]),
+    ],
+)
+def test_error_raises_naming_the_parameters_with_nonfinite_gradients(tmp_path, mode, names):
+    cb = ClipByNorm(5.0, nonfinite="error")
+    trainer = make_trainer(tmp_path, [cb], max_steps=3)
+    message = f"ClipByNorm: non-finite gradients at global step 1 in {names}"
+    with pytest.raises(RuntimeError, match=re.escape(message)) as excinfo:
+        trainer.fit(NonFiniteModel(mode, bad_steps=(1,)), make_loader())
+    assert "nonfinite='skip'" in str(excinfo.value)
+
+
+def test_excluded_nonfinite_gradients_are_not_checked(tmp_path):
+    cb = ClipByGlobalNorm(5.0, nonfinite="error", exclude=["head.bias"])
+    before, after, metrics = fit(tmp_path, cb, model=NonFiniteModel("bias-nan", bad_steps=(1,)), max_steps=2)
+    assert torch.isnan(after.steps[1]["head.bias"]).all()
+    assert metrics["grad_clip/nonfinite_steps"] == {0: 0.0, 1: 0.0}
+    ref = expected(cb, {n: before.steps[1][n] for n in PARAM_NAMES[:3]})
+    for name in PARAM_NAMES[:3]:
+        torch.testing.assert_close(after.steps[1][name], ref[name])
+
+
+@pytest.mark.parametrize(
+    "make_cb",
+    [lambda: ClipByValue(1.0, nonfinite="zero"), lambda: ClipByNorm(5.0, nonfinite="zero"),
+     lambda: ClipByGlobalNorm(5.0, nonfinite="zero")],
+    ids=["value", "norm", "global"],
+)
+def test_zero_replaces_nonfinite_entries_with_zero_then_clips(tmp_path, make_cb):
+    cb = make_cb()
+    with pytest.warns(UserWarning, match="zeroing the non-finite entries") as record:
+        before, after, metrics = fit(tmp_path, cb, model=NonFiniteModel("entry-inf", bad_steps=(1,)), max_steps=3)
+    assert len(nonfinite_warnings(record)) == 1
+    b, a = before.steps[1], after.steps[1]
+    assert torch.isposinf(b["encoder.weight"][0, 0]) and torch.isfinite(b["encoder.weight"].flatten()[1:]).all()
+    zeroed = {n: torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for n, g in b.items()}
+    ref = expected(cb, zeroed)
+    for name in PARAM_NAMES:
+        torch.testing.assert_close(a[name], ref[name])
+    assert a["encoder.weight"][0, 0] == 0
+    p = INF if isinstance(cb, ClipByValue) else 2.0
+    assert_close_float32(metrics["grad_clip/norm"][1], vec_norm(zeroed.values(), p))
+    assert metrics["grad_clip/nonfinite_steps"] == {0: 0.0, 1: 1.0, 2: 1.0}
+
+
+@pytest.mark.parametrize(
+    "make_cb, torch_clip",
+    [
+        (lambda: ClipByGlobalNorm(5.0, nonfinite="ignore"), lambda ps: torch.nn.utils.clip_grad_norm_(ps, 5.0)),
+        (lambda: ClipByValue(1.0, nonfinite="ignore"), lambda ps: torch.nn.utils.clip_grad_value_(ps, 1.0)),
+    ],
+    ids=["global", "value"],
+)
+@pytest.mark.parametrize("mode", ["bias-nan", "entry-inf"])
+def test_ignore_does_what_torch_does(tmp_path, make_cb, torch_clip, mode):
+    cb = make_cb()
+    model = NonFiniteModel(mode, bad_steps=(1,))
+    before, after, _ = fit(tmp_path, cb, model=model, max_steps=2)
+    b, a = before.steps[1], after.steps[1]
+    # torch's own clipping on the same gradients
+    ps = [nn.Parameter(torch.zeros_like(b[n])) for n in PARAM_NAMES]
+    for p, n in zip(ps, PARAM_NAMES):
+        p.grad = b[n].clone()
+    torch_clip(ps)
+    for p, n in zip(ps, PARAM_NAMES):
+        torch.testing.assert_close(a[n], p.grad, equal_nan=True)
+    if mode == "bias-nan":  # the NaN reaches the weights, as without the callback
+        assert torch.isnan(model.head.bias).all()
+
+
+# ---------------------------------------------------------------------- metrics
+def scaled_loader(scales, batch_size: int = 4, in_features: int = 8) -> DataLoader:
+    """One batch per entry of ``scales``; the targets of batch k are scaled by ``scales[k]``."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(len(scales) * batch_size, in_features, generator=g)
+    y = torch.randn(len(scales) * batch_size, 1, generator=g)
+    y = y * torch.tensor(scales).repeat_interleave(batch_size)[:, None]
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def test_metrics_follow_log_every_n_steps_with_the_clip_rate_of_each_window(tmp_path):
+    # lr=0: the weights never move, so each step's gradient depends on its batch alone, and the
+    # targets' scale decides which steps exceed the threshold: windows of two steps clip 1/2, 2/2, 0/2.
+    scales = [1.0, 100.0, 100.0, 100.0, 1.0, 1.0, 1.0, 1.0]
+    expected_rate = {1: 0.5, 3: 1.0, 5: 0.0}
+    model = LoggingModel(lr=0.0)
+    loader = scaled_loader(scales)
+    reference = copy.deepcopy(model)
+    norms = []
+    for x, y in loader:
+        reference.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(reference(x), y).backward()
+        norms.append(vec_norm([p.grad for p in reference.parameters()], 2.0))
+    small = max(n for n, s in zip(norms, scales) if s == 1.0)
+    big = min(n for n, s in zip(norms, scales) if s == 100.0)
+    assert 10 * small < big
+    threshold = (small * big) ** 0.5
+
+    cb = ClipByGlobalNorm(threshold)
+    before, after, metrics = fit(tmp_path, cb, model=model, loader=loader, max_steps=6, log_every_n_steps=2)
+    assert len(before.steps) == 6
+    # logged exactly where Lightning logs the module's own metrics
+    loss_steps = set(metrics["train_loss"])
+    assert loss_steps == {1, 3, 5}
+    for name in METRIC_NAMES:
+        assert set(metrics[f"grad_clip/{name}"]) == loss_steps, name
+    for step in loss_steps:
+        b, a = before.steps[step], after.steps[step]
+        assert_close_float32(metrics["grad_clip/norm"][step], vec_norm(b.values(), 2.0))
+        assert_close_float32(metrics["grad_clip/norm_clipped"][step], vec_norm(a.values(), 2.0))
+        assert metrics["grad_clip/threshold"][step] == torch.tensor(threshold, dtype=torch.float32).item()
+        assert metrics["grad_clip/nonfinite_steps"][step] == 0
+    # the rate: fraction of the window's steps at which clipping changed the gradients
+    changed = [any(not torch.equal(a[n], b[n]) for n in PARAM_NAMES) for b, a in zip(before.steps, after.steps)]
+    assert {s: (changed[s - 1] + changed[s]) / 2 for s in loss_steps} == expected_rate
+    assert metrics["grad_clip/clip_rate"] == expected_rate
+
+
+@pytest.mark.parametrize(
+    "make_cbs, keys",
+    [
+        (lambda: [ClipByValue(5.0), ClipByGlobalNorm(5.0)], ["grad_clip/ClipByValue", "grad_clip/ClipByGlobalNorm"]),
+        (
+            lambda: [ClipByNorm(5.0, include=["encoder.*"]), ClipByNorm(5.0, include=["head.*"])],
+            ["grad_clip/ClipByNorm0", "grad_clip/ClipByNorm1"],
+        ),
+        (lambda: [ClipByNorm(5.0, log_prefix="a"), ClipByNorm(5.0, log_prefix="b")], ["a", "b"]),
+    ],
+    ids=["two-types", "same-type", "two-prefixes"],
+)
+def test_two_clipping_callbacks_log_distinct_keys(tmp_path, make_cbs, keys):
+    first, second = make_cbs()
+    probes = [GradProbe(), GradProbe(), GradProbe()]
+    logger = CSVLogger(tmp_path)
+    trainer = make_trainer(tmp_path, [probes[0], first, probes[1], second, probes[2]], logger=logger, max_steps=2)
+    trainer.fit(TinyModel(), make_loader())
+    metrics = read_metrics(logger)
+    logged = {k for k in metrics if k not in ("epoch",)}
+    assert logged == {f"{key}/{name}" for key in keys for name in METRIC_NAMES}
+    # each callback logs its own numbers: the second one sees what the first one left
+    for cb, key, probe in zip((first, second), keys, probes):
+        for step, grads in enumerate(probe.steps):
+            selected = [
+                g for n, g in grads.items() if not cb.include or any(fnmatch.fnmatchcase(n, pat) for pat in cb.include)
+            ]
+            p = INF if isinstance(cb, ClipByValue) else cb.norm_type
+            assert_close_float32(metrics[f"{key}/norm"][step], vec_norm(selected, p))
+
+
+def test_two_callbacks_and_two_optimizers_log_distinct_keys(tmp_path):
+    logger = CSVLogger(tmp_path)
+    cbs = [ClipByValue(5.0), ClipByGlobalNorm(5.0)]
+    trainer = make_trainer(tmp_path, cbs, logger=logger, max_steps=2)
+    trainer.fit(TwoOptimizerModel(), make_loader())
+    keys = {k for k in read_metrics(logger) if k != "epoch"}
+    assert keys == {
+        f"grad_clip/{cls}/opt{i}/{name}"
+        for cls in ("ClipByValue", "ClipByGlobalNorm")
+        for i in (0, 1)
+        for name in METRIC_NAMES
+    }
+
+
+class HalvingClip(GradientClipCallback):
+    """A minimal subclass: halves every selected gradient and reports made-up stats."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.measure_calls = 0
+        self.clip_calls: list[bool] = []
+
+    def measure(self, grads):
+        self.measure_calls += 1
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])), "aux"
+
+    def clip_(self, grads, params, measured):
+        norm, aux = measured
+        assert aux == "aux"
+        self.clip_calls.append(all(g is p.grad for g, p in zip(grads, params)))
+        for g in grads:
+            g.mul_(0.5)
+        return ClipStats(norm, norm * 0.5, torch.tensor(7.0), torch.tensor(True))
+
+    def extra_metrics(self):
+        return {"extra": torch.tensor(3.0)}
+
+
+def test_base_class_measures_once_clips_in_place_and_logs_the_returned_stats(tmp_path):
+    cb = HalvingClip(exclude=["head.bias"])
+    before, after, metrics = fit(tmp_path, cb, max_steps=3)
+    assert cb.measure_calls == 3, "measured once per optimizer step, no second pass"
+    assert cb.clip_calls == [True, True, True], "clip_ gets the parameters' own .grad tensors"
+    for step, (b, a) in enumerate(zip(before.steps, after.steps)):
+        for name in PARAM_NAMES[:3]:
+            assert torch.equal(a[name], b[name] * 0.5)
+        assert torch.equal(a["head.bias"], b["head.bias"])
+        assert_close_float32(metrics["grad_clip/norm"][step], vec_norm([b[n] for n in PARAM_NAMES[:3]], 2.0))
+        assert metrics["grad_clip/norm_clipped"][step] == metrics["grad_clip/norm"][step] * 0.5
+        assert metrics["grad_clip/threshold"][step] == 7.0
+        assert metrics["grad_clip/extra"][step] == 3.0
+        assert metrics["grad_clip/clip_rate"][step] == 1.0
+
+
+def test_base_class_alone_has_no_rule():
+    with pytest.raises(NotImplementedError):
+        GradientClipCallback().measure([torch.ones(2)])
+
+
+# ---------------------------------------------------------------------- argument and setup checks
+@pytest.mark.parametrize("bad", ["drop", "Skip", "", None, 0], ids=repr)
+def test_unknown_nonfinite_policy_is_rejected(bad):
+    message = f"`nonfinite` must be one of ['skip', 'error', 'zero', 'ignore'], got {bad!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ClipByGlobalNorm(1.0, nonfinite=bad)
+
+
+@pytest.mark.parametrize("policy", ["skip", "error", "zero", "ignore"])
+def test_known_nonfinite_policies_are_accepted(policy):
+    assert ClipByValue(1.0, nonfinite=policy).nonfinite == policy
+
+
+@pytest.mark.parametrize("bad", ["encoder.*", ["encoder.*", 1], [None], 5, b"encoder.*"], ids=repr)
+@pytest.mark.parametrize("arg", ["include", "exclude"])
+def test_patterns_must_be_a_list_of_strings(arg, bad):
+    message = f"`{arg}` must be a list of fnmatch patterns such as ['encoder.*'], got {bad!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ClipByNorm(1.0, **{arg: bad})
+
+
+@pytest.mark.parametrize("bad", ["", None, 3], ids=repr)
+def test_log_prefix_must_be_a_nonempty_string(bad):
+    with pytest.raises(ValueError, match=re.escape(f"`log_prefix` must be a non-empty string, got {bad!r}")):
+        ClipByValue(1.0, log_prefix=bad)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_setup_refuses_trainer_gradient_clip_val(tmp_path, algorithm):
+    trainer = make_trainer(tmp_path, [ClipByGlobalNorm(1.0)], gradient_clip_val=0.5, gradient_clip_algorithm=algorithm)
+    message = "ClipByGlobalNorm clips the gradients itself, but `Trainer(gradient_clip_val=0.5)` is also set"
+    with pytest.raises(MisconfigurationException, match=re.escape(message)):
+        trainer.fit(TinyModel(), make_loader())
+
+
+@pytest.mark.parametrize("include, bad", [(["decoder.*"], "decoder.*"), (["encoder.*", "haed.*"], "haed.*")])
+def test_setup_refuses_an_include_pattern_that_matches_nothing(tmp_path, include, bad):
+    trainer = make_trainer(tmp_path, [ClipByNorm(1.0, include=include)])
+    message = f"ClipByNorm: the `include` pattern {bad!r} matches no parameter of TinyModel"
+    with pytest.raises(MisconfigurationException, match=re.escape(message)):
+        trainer.fit(TinyModel(), make_loader())
+
+
+# ---------------------------------------------------------------------- checkpoint state
+def test_state_dict_round_trip_of_nonfinite_steps(tmp_path):
+    cb = ClipByGlobalNorm(5.0)
+    trainer = make_trainer(tmp_path, [cb], max_steps=4)
+    with pytest.warns(UserWarning, match="non-finite"):
+        trainer.fit(NonFiniteModel("loss-inf", bad_steps=(1, 2)), make_loader())
+    state = cb.state_dict()
+    assert state == {"nonfinite_steps": {0: 2.0}}
+    fresh = ClipByGlobalNorm(5.0)
+    fresh.load_state_dict(copy.deepcopy(state))
+    assert fresh.state_dict() == state
+
+    # through a checkpoint: the resumed callback goes on counting from 2
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = ClipByGlobalNorm(5.0)
+    logger = CSVLogger(tmp_path, version="resumed")
+    trainer = make_trainer(tmp_path, [resumed], logger=logger, max_steps=6)
+    with pytest.warns(UserWarning, match="non-finite"):
+        trainer.fit(NonFiniteModel("loss-inf", bad_steps=(4,)), make_loader(), ckpt_path=path)
+    assert read_metrics(logger)["grad_clip/nonfinite_steps"] == {4: 3.0, 5: 3.0}
+    assert resumed.state_dict() == {"nonfinite_steps": {0: 3.0}}
+
+
+def test_two_callbacks_of_one_type_keep_their_own_state_in_a_checkpoint(tmp_path):
+    enc, head = ClipByNorm(5.0, include=["encoder.*"]), ClipByNorm(5.0, include=["head.*"])
+    trainer = make_trainer(tmp_path, [enc, head], max_steps=2)
+    with pytest.warns(UserWarning, match="non-finite"):
+        trainer.fit(NonFiniteModel("bias-nan", bad_steps=(1,)), make_loader())  # only head.bias
+    assert enc.state_dict() == {"nonfinite_steps": {0: 0.0}}
+    assert head.state_dict() == {"nonfinite_steps": {0: 1.0}}
+    assert enc.state_key != head.state_key, "two instances in one Trainer need distinct checkpoint keys"
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    enc2, head2 = ClipByNorm(5.0, include=["encoder.*"]), ClipByNorm(5.0, include=["head.*"])
+    trainer = make_trainer(tmp_path, [enc2, head2], max_steps=3)
+    trainer.fit(NonFiniteModel("bias-nan", bad_steps=()), make_loader(), ckpt_path=path)
+    assert enc2.state_dict() == {"nonfinite_steps": {0: 0.0}}
+    assert head2.state_dict() == {"nonfinite_steps": {0: 1.0}}
+
+
+def test_state_key_depends_on_the_configuration_only(tmp_path):
+    # A checkpoint must restore into an identically configured callback whatever the module is:
+    # the key may not pick up what Lightning attaches to callbacks (`log`, `log_dict`, bound to the module).
+    cb = ClipByGlobalNorm(5.0, include=["encoder.*"])
+    key_before_fit = cb.state_key
+    make_trainer(tmp_path, [cb], max_steps=1).fit(TinyModel(), make_loader())
+    assert cb.state_key == key_before_fit == ClipByGlobalNorm(5.0, include=["encoder.*"]).state_key
+    assert "TinyModel" not in cb.state_key
+    assert cb.state_key != ClipByGlobalNorm(5.0, include=["head.*"]).state_key
+    assert cb.state_key != ClipByNorm(5.0, include=["encoder.*"]).state_key
+
+
+def test_checkpoint_restores_into_another_module_class(tmp_path):
+    cb = ClipByGlobalNorm(5.0)
+    trainer = make_trainer(tmp_path, [cb], max_steps=2)
+    with pytest.warns(UserWarning, match="non-finite"):
+        trainer.fit(NonFiniteModel("loss-inf", bad_steps=(1,)), make_loader())
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = ClipByGlobalNorm(5.0)
+    make_trainer(tmp_path, [resumed], max_steps=3).fit(TinyModel(), make_loader(), ckpt_path=path)
+    assert resumed.state_dict() == {"nonfinite_steps": {0: 1.0}}
