@@ -15,6 +15,7 @@ optimizer step (whether the norm is finite), since the step's fate is a host dec
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import math
 from typing import Any, Literal, NamedTuple, Optional
 
@@ -61,7 +62,7 @@ def check_norm_type(norm_type: Any) -> float:
 def _check_patterns(name: str, patterns: Any) -> list[str]:
     if patterns is None:
         return []
-    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
         raise ValueError(f"`{name}` must be a list of fnmatch patterns such as ['encoder.*'], got {patterns!r}")
     return list(patterns)
 
@@ -144,9 +145,14 @@ class GradientClipCallback(Callback):
     # ------------------------------------------------------------------ Lightning hooks
     @property
     def state_key(self) -> str:
-        """Class name plus the init arguments (public attributes): two differently configured
-        instances keep separate entries in a checkpoint."""
-        return self._generate_state_key(**{k: v for k, v in sorted(vars(self).items()) if not k.startswith("_")})
+        """Class name, init arguments and metric prefix: two instances keep separate checkpoint entries.
+
+        Built from the ``__init__`` signature (not ``vars(self)``: Lightning attaches ``log`` bound to
+        the model), so the key does not depend on the model.
+        """
+        names = sorted(inspect.signature(type(self).__init__).parameters.keys() - {"self", "args", "kwargs"})
+        key = {k: getattr(self, k) for k in names if hasattr(self, k)}
+        return self._generate_state_key(key_prefix=self._key_prefix, **key)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.gradient_clip_val:
@@ -208,6 +214,7 @@ class GradientClipCallback(Callback):
             for g in grads:
                 torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
             measured = self.measure(grads)
+            finite = torch.isfinite(measured[0])
         else:
             # sync-free: under a scaler the scaler skips the step; count it on the device.
             counter.update(~finite)
