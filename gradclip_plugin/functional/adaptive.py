@@ -209,13 +209,15 @@ def threshold_coefficient(threshold: Tensor, norm: Tensor) -> Tensor:
 class AutoClipState(NamedTuple):
     """AutoClip's history of pre-clip gradient norms.
 
-    ``history`` is a ring buffer (``history_size`` given) or a prefix-filled buffer that doubles when
-    full (``history_size=None``); unused slots hold ``+inf``, so sorting puts the recorded norms
-    first. ``steps`` counts update calls, finite or not: a host integer, known without a read, that
-    bounds ``count`` and decides when the buffer must grow.
+    With ``history_size`` given, ``history`` is a ring buffer in arrival order (sorted at each
+    step to take the percentile, ``history_size`` entries). With ``history_size=None`` it is kept
+    sorted, each norm inserted at its rank (no sort: a few element-wise passes), and doubles when
+    full. Unused slots hold ``+inf``, so the recorded norms always rank first. ``steps`` counts
+    update calls, finite or not: a host integer, known without a read, that bounds ``count`` and
+    decides when the buffer must grow.
     """
 
-    history: Tensor  #: 1-D, recorded norms, ``+inf`` in unused slots
+    history: Tensor  #: 1-D, recorded norms (ring, or sorted if unbounded), ``+inf`` in unused slots
     count: Tensor  #: 0-dim int64, finite norms recorded so far (all time)
     steps: int  #: update calls so far (host integer)
 
@@ -286,12 +288,19 @@ def autoclip_update(
     capacity = history.numel()
     norm = norm.to(device=history.device, dtype=history.dtype)
     finite = torch.isfinite(norm)
-    pos = (state.count % capacity).reshape(1)
-    value = torch.where(finite, norm, history.gather(0, pos).squeeze(0))
-    history = history.scatter(0, pos, value.reshape(1))
+    if history_size is None:  # sorted: insert at the norm's rank (count < capacity, the last slot is free)
+        value = torch.where(finite, norm, torch.full_like(norm, math.inf))
+        rank_of_value = torch.searchsorted(history, value.reshape(1))
+        slot = torch.arange(capacity, device=history.device)
+        history = torch.where(slot < rank_of_value, history, torch.where(slot == rank_of_value, value, history.roll(1)))
+        ranked = history
+    else:  # ring buffer in arrival order: overwrite the oldest
+        pos = (state.count % capacity).reshape(1)
+        value = torch.where(finite, norm, history.gather(0, pos).squeeze(0))
+        history = history.scatter(0, pos, value.reshape(1))
+        ranked = torch.sort(history).values
     count = state.count + finite.to(torch.int64)
     n = count.clamp(max=capacity)
-    ranked = torch.sort(history).values
     # linear interpolation at position (n - 1) * q, as numpy.percentile(method="linear")
     rank = (n - 1).clamp(min=0).to(history.dtype) * (percentile / 100.0)
     lo = rank.floor()

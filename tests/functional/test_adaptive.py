@@ -212,6 +212,9 @@ def test_autoclip_matches_numpy_percentile(percentile, history_size):
         assert thr.item() == pytest.approx(torch.quantile(torch.tensor(hist, dtype=torch.float64), percentile / 100).item(), rel=1e-12)
     assert state.steps == 150 and state.count.item() == 150
     assert state.history.numel() == (256 if history_size is None else history_size)
+    if history_size is None:  # kept sorted, +inf padding last
+        assert torch.equal(state.history, torch.sort(state.history).values)
+        assert sorted(state.history[:150].tolist()) == sorted(norms)
 
 
 @pytest.mark.parametrize("history_size", [None, 3])
