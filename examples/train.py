@@ -87,7 +87,7 @@ class IRNNRegressor(pl.LightningModule):
         num_layers: int = 1,
         recurrent_gain: float = 1.0,
         lr: float = 0.01,
-        momentum: float = 0.9,
+        momentum: float = 0.5,
     ) -> None:
         super().__init__()
         if not lr > 0:
