@@ -243,7 +243,9 @@ class AutoClip(_StatefulClipCallback):
         if history_size is not None and (
             isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1
         ):
-            raise ValueError(f"`history_size` must be a positive integer or None (keep every norm), got {history_size!r}")
+            raise ValueError(
+                f"`history_size` must be a positive integer or None (keep every norm), got {history_size!r}"
+            )
         super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, log_prefix=log_prefix)
         self.percentile = float(percentile)
         self.history_size = history_size

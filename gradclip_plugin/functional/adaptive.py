@@ -223,7 +223,8 @@ class AutoClipState(NamedTuple):
 
 
 def _check_history_size(history_size: Optional[int]) -> None:
-    if history_size is not None and (isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1):
+    bad = isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1
+    if history_size is not None and bad:
         raise ValueError(f"`history_size` must be a positive integer or None (keep every norm), got {history_size!r}")
 
 
