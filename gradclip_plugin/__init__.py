@@ -1,7 +1,25 @@
 """gradclip_plugin: TensorFlow-style gradient clipping and gradient-norm monitoring for PyTorch Lightning."""
 
-from gradclip_plugin.callbacks import ClipByGlobalNorm, ClipByNorm, ClipByValue, GradientClipCallback
+from gradclip_plugin.callbacks import (
+    AdaptiveGradientClipping,
+    AutoClip,
+    ClipByGlobalNorm,
+    ClipByNorm,
+    ClipByValue,
+    GradientClipCallback,
+    GradientNormMonitor,
+    ZClip,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["ClipByGlobalNorm", "ClipByNorm", "ClipByValue", "GradientClipCallback"]
+__all__ = [
+    "AdaptiveGradientClipping",
+    "AutoClip",
+    "ClipByGlobalNorm",
+    "ClipByNorm",
+    "ClipByValue",
+    "GradientClipCallback",
+    "GradientNormMonitor",
+    "ZClip",
+]

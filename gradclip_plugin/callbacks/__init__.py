@@ -1,6 +1,18 @@
 """Lightning callbacks: thin layers over :mod:`gradclip_plugin.functional`."""
 
+from gradclip_plugin.callbacks.adaptive import AdaptiveGradientClipping, AutoClip, ZClip
 from gradclip_plugin.callbacks.base import ClipStats, GradientClipCallback
 from gradclip_plugin.callbacks.clip import ClipByGlobalNorm, ClipByNorm, ClipByValue
+from gradclip_plugin.callbacks.monitor import GradientNormMonitor
 
-__all__ = ["ClipByGlobalNorm", "ClipByNorm", "ClipByValue", "ClipStats", "GradientClipCallback"]
+__all__ = [
+    "AdaptiveGradientClipping",
+    "AutoClip",
+    "ClipByGlobalNorm",
+    "ClipByNorm",
+    "ClipByValue",
+    "ClipStats",
+    "GradientClipCallback",
+    "GradientNormMonitor",
+    "ZClip",
+]

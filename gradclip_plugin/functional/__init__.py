@@ -1,5 +1,20 @@
 """Pure tensor functions (torch only): norms, TensorFlow-named clipping ops, the gradient pipeline."""
 
+from gradclip_plugin.functional.adaptive import (
+    AutoClipState,
+    ZClipState,
+    adaptive_clip_grad_,
+    agc_coefficients,
+    autoclip_init,
+    autoclip_update,
+    scale_units_,
+    threshold_coefficient,
+    unit_counts,
+    unitwise_norm,
+    unitwise_norms,
+    zclip_init,
+    zclip_update,
+)
 from gradclip_plugin.functional.clip import (
     clip_by_global_norm,
     clip_by_global_norm_,
@@ -14,6 +29,19 @@ from gradclip_plugin.functional.gradients import apply_gradients, compute_gradie
 from gradclip_plugin.functional.norms import combine_norms, global_norm, segment_norms, tensor_norms
 
 __all__ = [
+    "AutoClipState",
+    "ZClipState",
+    "adaptive_clip_grad_",
+    "agc_coefficients",
+    "autoclip_init",
+    "autoclip_update",
+    "scale_units_",
+    "threshold_coefficient",
+    "unit_counts",
+    "unitwise_norm",
+    "unitwise_norms",
+    "zclip_init",
+    "zclip_update",
     "apply_gradients",
     "clip_by_global_norm",
     "clip_by_global_norm_",
