@@ -264,6 +264,8 @@ def scenario_dtensor(out_dir: Path) -> None:
     except ValueError as err:
         res["partial_error"] = str(err)
 
+    res["fsdp2"] = fsdp2_part()
+    res["fsdp1"] = fsdp1_part()
     torch.save(res, out_dir / f"dtensor_rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -274,15 +276,13 @@ def _small_net() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
 
 
-def scenario_fsdp2(out_dir: Path) -> None:
+def fsdp2_part() -> dict:
     """``fully_shard`` by hand on a CPU mesh; the reference is the same network, unsharded."""
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from gradclip_plugin import ClipByGlobalNorm
 
-    rank = _init_pair()
     mesh = init_device_mesh("cpu", (2,))
     ref, net = _small_net(), _small_net()
     for layer in (net[0], net[2]):
@@ -302,9 +302,36 @@ def scenario_fsdp2(out_dir: Path) -> None:
         "after": [g.full_tensor() for g in grads],
         "norm": stats.norm,
     }
-    torch.save(res, out_dir / f"fsdp2_rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    return res
+
+
+def fsdp1_part() -> dict:
+    """FSDP1 ``use_orig_params=True`` on CPU: each rank holds flat pieces of the parameters.
+
+    A rank holding no piece of a parameter has ``grad=None`` there (and an empty parameter); the
+    pieces, an empty one for each ``None``, are passed in parameter order on every rank.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from gradclip_plugin.functional import clip_coefficient, global_norm, scale_, tensor_norms
+
+    ref, net = _small_net(), _small_net()
+    model = FSDP(net, device_id=torch.device("cpu"), use_orig_params=True)
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(1)) * 10
+    ref(x).square().sum().backward()
+    model(x).square().sum().backward()
+    params = list(model.parameters())
+    pieces = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    res = {
+        "none_grads": sum(p.grad is None for p in params),
+        "ref_grads": [p.grad for p in ref.parameters()],
+        "tensor_norms": tensor_norms(pieces, 2.0, shard_group=model.process_group),
+        "pieces_before": [g.clone() for g in pieces],
+    }
+    res["norm"] = norm = global_norm(pieces, 2.0, shard_group=model.process_group)
+    scale_(pieces, clip_coefficient(MAX_NORM, norm))
+    res["pieces_after"] = [g.clone() for g in pieces]
+    return res
 
 
 def _lightning_run(out_dir: Path, scenario: str, strategy, model, max_steps: int, **trainer_kwargs) -> None:
@@ -342,7 +369,7 @@ def _lightning_run(out_dir: Path, scenario: str, strategy, model, max_steps: int
 
         def measure(self, grads):
             measured = super().measure(grads)
-            self.norms.append(measured[0].clone())
+            self.norms.append(measured[0].detach().cpu().clone())
             return measured
 
     pl.seed_everything(0)
@@ -380,7 +407,7 @@ def _full(t):
         return None
     from gradclip_plugin.functional.distributed import is_dtensor
 
-    return (t.full_tensor() if is_dtensor(t) else t).detach().clone()
+    return (t.full_tensor() if is_dtensor(t) else t).detach().cpu().clone()
 
 
 BAD_STEP = 1  # the step at which rank 1 (only) produces a non-finite loss
@@ -440,12 +467,30 @@ def scenario_fsdp_cuda(out_dir: Path) -> None:
     _lightning_run(out_dir, "fsdp_cuda", FSDPStrategy(), model, DDP_STEPS, accelerator="cuda")
 
 
+def scenario_fsdp_cpu(out_dir: Path) -> None:
+    """Lightning's ``FSDPStrategy`` (FSDP1, ``use_orig_params=True``) on CPU.
+
+    Lightning refuses FSDP without a GPU, testing ``type(strategy) is FSDPStrategy``, and its
+    wrapper passes ``device_id=None`` (which FSDP1 refuses on CPU); this subclass gets past both
+    and is otherwise Lightning's strategy: its process group, training loop and optimizer setup.
+    """
+    from pytorch_lightning.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    class CPUFSDPStrategy(FSDPStrategy):
+        def _setup_model(self, model):
+            return FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+
+    model = _injecting_model_cls()(lr=0.01, optimizer="adam")
+    _lightning_run(out_dir, "fsdp_cpu", CPUFSDPStrategy(), model, DDP_STEPS, accelerator="cpu")
+
+
 SCENARIOS = {
     "dtensor": scenario_dtensor,
-    "fsdp2": scenario_fsdp2,
     "ddp": scenario_ddp,
     "model_parallel": scenario_model_parallel,
     "fsdp_cuda": scenario_fsdp_cuda,
+    "fsdp_cpu": scenario_fsdp_cpu,
 }
 
 
@@ -493,7 +538,7 @@ def test_dtensor_norms_are_those_of_the_full_tensors(dtensor_results, p):
         seg = res[("segment_norms", p)]
         _close(seg[0], ref_norm([full[i] for i in (0, 2, 5)], p))
         _close(seg[1], ref_norm([full[i] for i in (1, 3, 4)], p))
-    r0, r1 = ({k: v for k, v in res.items() if k != "local_shapes"} for res in dtensor_results)
+    r0, r1 = ({k: v for k, v in res.items() if k not in ("local_shapes", "fsdp1")} for res in dtensor_results)
     _equal_on_both_ranks(r0, r1)
 
 
@@ -588,8 +633,8 @@ def test_dtensor_partial_placement_is_refused(dtensor_results):
         assert "redistribute" in res["partial_error"]
 
 
-def test_fsdp2_fully_shard_clips_by_the_full_norm(tmp_path):
-    r0, r1 = run_pair("fsdp2", tmp_path)
+def test_fsdp2_fully_shard_clips_by_the_full_norm(dtensor_results):
+    r0, r1 = (res["fsdp2"] for res in dtensor_results)
     _equal_on_both_ranks(r0, r1)
     for res in (r0, r1):
         assert res["placements"] == [("Shard(dim=0)",)] * 4  # the gradients really are sharded
@@ -601,6 +646,23 @@ def test_fsdp2_fully_shard_clips_by_the_full_norm(tmp_path):
         assert coef < 1
         for got, ref in zip(res["after"], res["ref_grads"]):
             _close(got, ref * coef)
+
+
+def test_fsdp1_flat_shards_give_the_full_norm(dtensor_results):
+    r0, r1 = (res["fsdp1"] for res in dtensor_results)
+    assert r0["none_grads"] + r1["none_grads"] > 0  # the case where a rank holds nothing of a parameter
+    ref = r0["ref_grads"]
+    for res in (r0, r1):
+        _close(res["tensor_norms"], ref_tensor_norms(ref, 2.0))
+        _close(res["norm"], ref_norm(ref, 2.0))
+    # the pieces of both ranks, put together, are the full gradients, clipped by the full norm
+    coef = MAX_NORM / ref_norm(ref, 2.0).item()
+    assert coef < 1
+    for before0, before1, after0, after1, g in zip(
+        r0["pieces_before"], r1["pieces_before"], r0["pieces_after"], r1["pieces_after"], ref
+    ):
+        _close(torch.cat([before0, before1]), g.flatten())
+        _close(torch.cat([after0, after1]), g.flatten() * coef)
 
 
 def _check_lightning_run(r0: dict, r1: dict) -> None:
@@ -636,11 +698,49 @@ def test_model_parallel_fsdp2_clips_by_the_full_norm(tmp_path):
     _check_lightning_run(r0, r1)
 
 
+def _check_flat_shard_run(r0: dict, r1: dict) -> None:
+    """FSDP1: each rank records its flat pieces (``None`` where it holds none); put together, they
+    are the full gradients, clipped by their norm; both ranks measure that norm and decide alike."""
+    for key in ("norms", "nonfinite_steps", "global_step"):
+        _equal_on_both_ranks(r0[key], r1[key])
+
+    def whole(d0: dict, d1: dict) -> dict:
+        empty = torch.zeros(0)
+        return {n: torch.cat([empty if d0[n] is None else d0[n], empty if d1[n] is None else d1[n]]) for n in d0}
+
+    assert any(g is None for g in r0["before"][0].values()) or any(g is None for g in r1["before"][0].values())
+    for step, norm in enumerate(r0["norms"]):
+        before = whole(r0["before"][step], r1["before"][step])
+        after = [r0["after"][step], r1["after"][step]]
+        if step == BAD_STEP:
+            assert not torch.isfinite(norm)
+            assert not torch.isfinite(torch.cat(list(before.values()))).all()
+            assert all(g is None for a in after for g in a.values())  # skipped on both ranks
+            for res in (r0, r1):
+                assert all(torch.equal(res["weights"][step + 1][n], res["weights"][step][n]) for n in before)
+            continue
+        ref = ref_norm(list(before.values()), 2.0)
+        _close(norm, ref)
+        coef = min(1.0, 0.1 / ref.item())
+        assert coef < 1
+        after = whole(*after)
+        for n, g in before.items():
+            _close(after[n], g * coef)
+    for res in (r0, r1):
+        assert res["nonfinite_steps"] == {0: 1.0}
+        assert all(int(s) == DDP_STEPS - 1 for s in res["adam_steps"])
+
+
+def test_fsdp_strategy_on_cpu_clips_by_the_full_norm(tmp_path):
+    r0, r1 = run_lightning("fsdp_cpu", tmp_path)
+    _check_flat_shard_run(r0, r1)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="Lightning's FSDP strategy needs 2 CUDA devices")
 def test_fsdp_strategy_clips_by_the_full_norm(tmp_path):
     r0, r1 = run_lightning("fsdp_cuda", tmp_path)
-    _check_lightning_run(r0, r1)
+    _check_flat_shard_run(r0, r1)
 
 
 if __name__ == "__main__":

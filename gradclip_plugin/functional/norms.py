@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from gradclip_plugin.functional.distributed import local_tensor, reduce_shard_norms, shard_groups
+from gradclip_plugin.functional.distributed import ambient_shard_group, local_tensor, reduce_shard_norms, shard_groups
 
 Tensors = Union[Tensor, Iterable[Optional[Tensor]]]
 
@@ -66,7 +66,10 @@ def tensor_norms(tensors: Tensors, norm_type: float = 2.0, *, shard_group: Optio
         norm_type: order of the norm, any positive float or ``inf``.
         shard_group: a ``torch.distributed`` process group over which the plain (non-``DTensor``)
             tensors are split, each rank holding a disjoint piece (FSDP1 flat shards): their norms
-            are then reduced over it like a DTensor's. ``None``: plain tensors are whole.
+            are then reduced over it like a DTensor's. Every rank must pass the same number of
+            tensors in the same order, an empty tensor for a piece it does not hold. ``None``:
+            the group of an enclosing :func:`~gradclip_plugin.functional.distributed.sharded_over`
+            block if any, else plain tensors are whole.
 
     Returns:
         A 1-D tensor with one norm per (non-``None``) tensor, in input order; empty for no tensors.
@@ -81,6 +84,8 @@ def tensor_norms(tensors: Tensors, norm_type: float = 2.0, *, shard_group: Optio
     norm_type = check_norm_type(norm_type)
     if not tensors:
         return torch.zeros(0)
+    if shard_group is None:
+        shard_group = ambient_shard_group()
     plain_key = () if shard_group is None else (shard_group,)
     keys = [shard_groups(t, plain_key) for t in tensors]
     tensors = [local_tensor(t) for t in tensors]

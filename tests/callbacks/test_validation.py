@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from argparse import ArgumentError
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
@@ -115,13 +117,14 @@ def run_cli(tmp_path, class_path: str, init_args: str):
         + "".join(f"        {line}\n" for line in init_args.splitlines())
     )
     yaml.safe_load(config.read_text())  # the test's own YAML is well formed
-    return LightningCLI(
-        TinyModel,
-        run=False,
-        args=["--config", str(config)],
-        parser_kwargs={"exit_on_error": False},
-        save_config_callback=None,
-    )
+    with mock.patch.object(sys, "argv", ["train.py"]):  # pytest's own arguments are not the CLI's
+        return LightningCLI(
+            TinyModel,
+            run=False,
+            args=["--config", str(config)],
+            parser_kwargs={"exit_on_error": False},
+            save_config_callback=None,
+        )
 
 
 CLI_BAD = [
