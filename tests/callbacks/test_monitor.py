@@ -109,17 +109,17 @@ def test_log_every_n_steps_matches_lightning_self_log(tmp_path):
 
 
 class HostReadCounter:
-    """Counts reads of tensor values to the host made from a given source file."""
+    """Counts reads of tensor values to the host made from the given source files."""
 
     METHODS = ("tolist", "item", "__bool__", "__float__", "__int__", "cpu", "numpy")
 
-    def __init__(self, monkeypatch, filename: str):
+    def __init__(self, monkeypatch, *filenames: str):
         self.calls: list[str] = []
         for name in self.METHODS:
             original = getattr(torch.Tensor, name)
 
             def wrapper(t, *args, __name=name, __original=original, **kwargs):
-                if sys._getframe(1).f_code.co_filename == filename:
+                if sys._getframe(1).f_code.co_filename in filenames:
                     self.calls.append(__name)
                 return __original(t, *args, **kwargs)
 
@@ -132,7 +132,9 @@ def test_one_host_copy_per_logging_step_and_nothing_on_other_steps(tmp_path, mon
     passes = []
     original = monitor_module.tensor_norms
     monkeypatch.setattr(monitor_module, "tensor_norms", lambda *a, **k: passes.append(1) or original(*a, **k))
-    reads = HostReadCounter(monkeypatch, monitor_module.__file__)
+    import gradclip_plugin.functional.norms as norms_module
+
+    reads = HostReadCounter(monkeypatch, monitor_module.__file__, norms_module.__file__)
     logger = CSVLogger(tmp_path, name="run", version=0)
     trainer = make_trainer(tmp_path, [GradientNormMonitor()], logger=logger, max_steps=10, log_every_n_steps=5)
     trainer.fit(TinyModel(), make_loader(n=64))
