@@ -627,6 +627,17 @@ def test_flat_shards_over_a_group_give_full_norms(dtensor_results, p):
         assert res[("flat_shards_collectives", p)] == 1
 
 
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_empty_tensor_has_norm_zero_in_one_process(p):
+    # a rank's share of a small sharded tensor is often empty; the inf-norm kernel refuses empty input
+    from gradclip_plugin.functional import global_norm, tensor_norms
+
+    t = torch.randn(3, 4)
+    norms = tensor_norms([torch.zeros(0, 4), t, torch.zeros(0, dtype=torch.float16)], p)
+    assert torch.equal(norms, torch.stack([torch.tensor(0.0), torch.linalg.vector_norm(t, p), torch.tensor(0.0)]))
+    assert torch.equal(global_norm([torch.zeros(0)], p), torch.tensor(0.0))
+
+
 def test_dtensor_partial_placement_is_refused(dtensor_results):
     for res in dtensor_results:
         assert res["partial_error"] is not None and "Partial" in res["partial_error"]
