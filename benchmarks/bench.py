@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import gc
 import logging
 import math
@@ -93,10 +94,16 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
 
 
 class Timer:
-    """Wall time of a call; on CUDA the device is synchronized before and after (outside the op)."""
+    """Time of a call; on CUDA the device is synchronized before and after (outside the op).
 
-    def __init__(self, device: torch.device):
+    ``clock="wall"`` is ``time.perf_counter``. ``clock="process"`` is the CPU time of this process
+    (all its threads), which time spent by other jobs on a shared machine does not inflate: for CPU
+    runs only, best with ``--threads 1``.
+    """
+
+    def __init__(self, device: torch.device, clock: str = "wall"):
         self.cuda = device.type == "cuda"
+        self.now = time.process_time if clock == "process" else time.perf_counter
 
     def sync(self) -> None:
         if self.cuda:
@@ -106,10 +113,10 @@ class Timer:
         if before is not None:
             before()
         self.sync()
-        t0 = time.perf_counter()
+        t0 = self.now()
         fn()
         self.sync()
-        return time.perf_counter() - t0
+        return self.now() - t0
 
 
 def paired(
@@ -305,6 +312,9 @@ def section_ops(args: argparse.Namespace, report: Report, timer: Timer, device: 
 
 
 def quiet_lightning() -> None:
+    import pytorch_lightning  # noqa: F401  (it sets its loggers' level on import: set ours after)
+
+    warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")
     warnings.filterwarnings("ignore", ".*is an invalid version and will not be supported.*")
@@ -343,9 +353,6 @@ def make_gpt2_gradient_module(layers: int, vocab: int):
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
-        def train_dataloader(self):
-            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 1)), batch_size=1)
-
     return GPT2Gradients()
 
 
@@ -370,11 +377,36 @@ def null_logger():
     return NullLogger()
 
 
-def run_in_step(args: argparse.Namespace, device: torch.device, body: Callable, callbacks: list, logger: Any) -> None:
-    """Run one real Trainer optimizer step on the GPT-2-shaped module and call ``body`` inside it.
+def step_models(args: argparse.Namespace) -> list[tuple[str, Callable[[], Any], Callable[[], Any]]]:
+    """The modules whose gradients the `monitor` and `adaptive` sections use: (label, model, loader).
 
-    ``body(trainer, pl_module, optimizer)`` runs in ``on_before_optimizer_step`` (after the
-    callbacks listed before it), where the gradients are those the clipping callbacks see.
+    GPT-2-small shapes: few large tensors, where every method is bound by memory traffic.
+    TinyLM (the `train` section's model): many small tensors, where Python and per-tensor
+    overheads (and on a GPU, syncs) decide.
+    """
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(args.lm_vocab, (4 * args.lm_batch, args.lm_seq + 1), generator=g)
+
+    def lm_loader() -> Any:
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=args.lm_batch)
+
+    def gpt2_loader() -> Any:
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 1)), batch_size=1)
+
+    models = {
+        "gpt2": (f"GPT-2-small shapes, {args.step_layers} layers",
+                 lambda: make_gpt2_gradient_module(args.step_layers, args.vocab), gpt2_loader),
+        "tinylm": ("TinyLM", lambda: make_tiny_lm(args, False), lm_loader),
+    }
+    return [models[m] for m in args.step_models]
+
+
+def run_in_step(args: argparse.Namespace, device: torch.device, body: Callable, logger: Any,
+                model: Any, loader: Any) -> None:
+    """Run one real Trainer optimizer step of ``model`` and call ``body`` inside it.
+
+    ``body(trainer, pl_module, optimizer)`` runs in ``on_before_optimizer_step``, where the
+    gradients are those the clipping callbacks see.
     """
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import Callback
@@ -383,14 +415,13 @@ def run_in_step(args: argparse.Namespace, device: torch.device, body: Callable, 
         def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
             body(trainer, pl_module, optimizer)
 
-    model = make_gpt2_gradient_module(args.step_layers, args.vocab)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
             default_root_dir=tmp, accelerator=device.type, devices=1, max_steps=1, logger=logger,
             log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, callbacks=[*callbacks, Driver()],
+            enable_model_summary=False, callbacks=[Driver()],
         )  # fmt: skip
-        trainer.fit(model)
+        trainer.fit(model, loader)
 
 
 def per_step_hooks(cb: Any) -> Callable:
@@ -430,65 +461,73 @@ def section_monitor(args: argparse.Namespace, report: Report, timer: Timer, devi
 
     from gradclip_plugin import ClipByGlobalNorm
 
-    print(f"[monitor] GPT-2-shaped module, {args.step_layers} layers, vocab {args.vocab}", flush=True)
+    for label, make_model, make_loader in step_models(args):
+        print(f"[monitor] {label}", flush=True)
+        run_in_step(args, device, functools.partial(_monitor_body, args, report, timer, device, label,
+                                                    GradientNormMonitor, grad_norm, ClipByGlobalNorm),
+                    logger=null_logger(), model=make_model(), loader=make_loader())
 
-    def body(trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
 
-        def lightning_grad_norm() -> None:
-            # What `self.log_dict(grad_norm(self, norm_type=2))` costs at least: the norms and the
-            # floats a logger is given (Lightning's own ResultCollection adds more on top).
-            norms = grad_norm(pl_module, norm_type=2)
-            metrics = {k: v.item() for k, v in norms.items()}
-            for lg in trainer.loggers:
-                lg.log_metrics(metrics, step=step)
+def _monitor_body(args: argparse.Namespace, report: Report, timer: Timer, device: torch.device, label: str,
+                  GradientNormMonitor: Any, grad_norm: Callable, ClipByGlobalNorm: Any,  # noqa: N803
+                  trainer: Any, pl_module: Any, optimizer: Any) -> None:
+    step = trainer.fit_loop.epoch_loop._batches_that_stepped
 
-        if GradientNormMonitor is not None:
-            monitor = GradientNormMonitor()
-            prepare(monitor, trainer, pl_module)
-            hook = per_step_hooks(monitor)
+    def lightning_grad_norm() -> None:
+        # What `self.log_dict(grad_norm(self, norm_type=2))` costs at least: the norms and the
+        # floats a logger is given (Lightning's own ResultCollection adds more on top).
+        norms = grad_norm(pl_module, norm_type=2)
+        metrics = {k: v.item() for k, v in norms.items()}
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=step)
+
+    if GradientNormMonitor is not None:
+        monitor = GradientNormMonitor()
+        prepare(monitor, trainer, pl_module)
+        hook = per_step_hooks(monitor)
+        a_ms, b_ms, r, lo, hi = paired(timer, lambda: hook(trainer, pl_module, optimizer), lightning_grad_norm,
+                                       args.reps, args.warmup)
+        report.add(Row("monitor", "GradientNormMonitor vs Lightning grad_norm + floats for the logger",
+                       f"{label}, logging step", a_ms, b_ms, r, lo, hi))
+        reads = host_reads(lambda: hook(trainer, pl_module, optimizer), device)
+        report.notes.append(f"monitor/{label}: host reads in one GradientNormMonitor logging step: {reads}; "
+                            f"Lightning grad_norm: one per parameter ({sum(1 for _ in pl_module.parameters())}) "
+                            "plus one more per parameter to build the floats")
+        saved_every = trainer.log_every_n_steps
+        trainer.log_every_n_steps = 10**9  # now this step is not a logging step
+        try:
             a_ms, b_ms, r, lo, hi = paired(timer, lambda: hook(trainer, pl_module, optimizer), lightning_grad_norm,
                                            args.reps, args.warmup)
             report.add(Row("monitor", "GradientNormMonitor vs Lightning grad_norm + floats for the logger",
-                           "logging step", a_ms, b_ms, r, lo, hi, target=1.0))
+                           f"{label}, monitor on a NON-logging step", a_ms, b_ms, r, lo, hi))
             reads = host_reads(lambda: hook(trainer, pl_module, optimizer), device)
-            report.notes.append(f"monitor: host reads in one GradientNormMonitor logging step: {reads}; "
-                                f"Lightning grad_norm: one per parameter ({sum(1 for _ in pl_module.parameters())}) "
-                                "plus one more per parameter to build the floats")
-            saved_every = trainer.log_every_n_steps
-            trainer.log_every_n_steps = 10**9  # now this step is not a logging step
-            try:
-                a_ms, b_ms, r, lo, hi = paired(timer, lambda: hook(trainer, pl_module, optimizer), lightning_grad_norm,
-                                               args.reps, args.warmup)
-                report.add(Row("monitor", "GradientNormMonitor vs Lightning grad_norm + floats for the logger",
-                               "monitor on a NON-logging step", a_ms, b_ms, r, lo, hi))
-                reads = host_reads(lambda: hook(trainer, pl_module, optimizer), device)
-                report.notes.append(f"monitor: host reads in one GradientNormMonitor non-logging step: {reads}")
-            finally:
-                trainer.log_every_n_steps = saved_every
-
-        # The clipping callback's own per-step cost (default nonfinite="skip") vs what
-        # Trainer(gradient_clip_val=...) runs: torch's clip_grad_norm_ on the parameters.
-        grads = [p.grad for p in pl_module.parameters()]
-        saved = [g.clone() for g in grads]
-        clip = ClipByGlobalNorm(1.0)
-        prepare(clip, trainer, pl_module)
-        saved_every = trainer.log_every_n_steps
-        trainer.log_every_n_steps = 10**9
-        try:
-            a_ms, b_ms, r, lo, hi = paired(
-                timer,
-                lambda: clip.on_before_optimizer_step(trainer, pl_module, optimizer),
-                lambda: torch.nn.utils.clip_grad_norm_(pl_module.parameters(), 1.0),
-                args.reps, args.warmup, before=lambda: torch._foreach_copy_(grads, saved),
-            )
-            report.add(Row("monitor", "ClipByGlobalNorm hook vs torch clip_grad_norm_(module.parameters())",
-                           "non-logging step, fires", a_ms, b_ms, r, lo, hi))
+            report.notes.append(f"monitor/{label}: host reads in one GradientNormMonitor non-logging step: {reads}")
         finally:
             trainer.log_every_n_steps = saved_every
-            torch._foreach_copy_(grads, saved)
 
-    run_in_step(args, device, body, callbacks=[], logger=null_logger())
+    # The clipping callback's own per-step cost (default nonfinite="skip") vs what
+    # Trainer(gradient_clip_val=...) runs: torch's clip_grad_norm_ on the parameters.
+    grads = [p.grad for p in pl_module.parameters()]
+    saved = [g.clone() for g in grads]
+    clip = ClipByGlobalNorm(1.0)
+    prepare(clip, trainer, pl_module)
+    saved_every = trainer.log_every_n_steps
+    trainer.log_every_n_steps = 10**9
+    try:
+        a_ms, b_ms, r, lo, hi = paired(
+            timer,
+            lambda: clip.on_before_optimizer_step(trainer, pl_module, optimizer),
+            lambda: torch.nn.utils.clip_grad_norm_(pl_module.parameters(), 1.0),
+            args.reps, args.warmup, before=lambda: torch._foreach_copy_(grads, saved),
+        )
+        report.add(Row("monitor", "ClipByGlobalNorm hook vs torch clip_grad_norm_(module.parameters())",
+                       f"{label}, non-logging step, fires", a_ms, b_ms, r, lo, hi))
+        reads = host_reads(lambda: clip.on_before_optimizer_step(trainer, pl_module, optimizer), device)
+        report.notes.append(f"monitor/{label}: host reads in one ClipByGlobalNorm non-logging step (nonfinite='skip'): {reads} "
+                            "(the one `bool` that decides whether the step is skipped)")
+    finally:
+        trainer.log_every_n_steps = saved_every
+        torch._foreach_copy_(grads, saved)
 
 
 # --------------------------------------------------------------------------------------------- section: train
@@ -546,6 +585,7 @@ def section_train(args: argparse.Namespace, report: Report, timer: Timer, device
         report.skipped.append("train: GradientNormMonitor not available, gradclip variant without it")
         GradientNormMonitor = None  # noqa: N806
 
+    logger_cls = TensorBoardLogger if args.logger == "tensorboard" else CSVLogger
     steps = args.train_warmup_steps + args.train_steps
     g = torch.Generator().manual_seed(0)
     data = torch.randint(args.lm_vocab, (steps * args.lm_batch, args.lm_seq + 1), generator=g)
@@ -556,11 +596,11 @@ def section_train(args: argparse.Namespace, report: Report, timer: Timer, device
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
             timer.sync()
-            self.starts.append(time.perf_counter())
+            self.starts.append(timer.now())
 
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
             timer.sync()
-            self.starts.append(time.perf_counter())
+            self.starts.append(timer.now())
 
     def run(variant: str) -> float:
         """Median wall time of one optimizer step (between successive batch starts), after warm-up steps."""
@@ -570,7 +610,6 @@ def section_train(args: argparse.Namespace, report: Report, timer: Timer, device
         kwargs: dict[str, Any] = {"logger": False}
         log_grad_norm = False
         tmp = tempfile.mkdtemp(prefix="gradclip-bench-")
-        logger_cls = TensorBoardLogger if args.logger == "tensorboard" else CSVLogger
         if variant == "builtin":
             kwargs.update(gradient_clip_val=args.max_norm)
         elif variant == "builtin+grad_norm":
@@ -606,6 +645,8 @@ def section_train(args: argparse.Namespace, report: Report, timer: Timer, device
             per[v].append(run(v))
         print(f"  round {r + 1}: " + ", ".join(f"{v} {per[v][-1]:.2f} ms" for v in variants), flush=True)
 
+    inter = interleaved(args, timer, device, data, GradientNormMonitor, ClipByGlobalNorm, logger_cls)
+
     def row(a: str, b: str, what: str, target: Optional[float] = None) -> None:
         ratios = [x / y for x, y in zip(per[a], per[b])]
         lo, mid, hi = quartiles(ratios)
@@ -619,6 +660,86 @@ def section_train(args: argparse.Namespace, report: Report, timer: Timer, device
         f"{mon}ClipByGlobalNorm, logging every step vs gradient_clip_val + grad_norm logging hook")
     row("builtin+grad_norm", "builtin", "gradient_clip_val + grad_norm logging hook vs gradient_clip_val, no logging")
     row("gradclip, no logging", "builtin", "ClipByGlobalNorm, no logger vs gradient_clip_val, no logging")
+    lo, mid, hi = quartiles(inter["ratios"])
+    report.add(Row("train", f"{mon}ClipByGlobalNorm, logging every step vs Lightning's gradient clipping, no logging",
+                   f"steps alternating in one run, {args.precision}", statistics.median(inter["a"]),
+                   statistics.median(inter["b"]), mid, lo, hi))
+
+
+def interleaved(args: argparse.Namespace, timer: Timer, device: torch.device, data: Tensor, monitor_cls: Any,
+                clip_cls: Any, logger_cls: Any) -> dict[str, list[float]]:
+    """One training run whose optimizer steps alternate between the two ways of clipping.
+
+    Steps 2k and 2k+1 form a pair (their order alternates): one runs the gradclip callbacks'
+    hooks (monitor + ClipByGlobalNorm, logging to the logger), the other what
+    ``Trainer(gradient_clip_val=...)`` runs: ``LightningModule.clip_gradients(optimizer, max_norm,
+    "norm")``, and logs nothing. Pairing neighbouring steps removes most of the run-to-run noise of
+    separate runs; the per-step figure is the time between successive batch starts.
+    """
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import Callback
+
+    class Alternate(Callback):
+        """Runs, at step n, the gradclip hooks ("a") or Lightning's clipping ("b"): a b b a a b b a ..."""
+
+        def __init__(self) -> None:
+            self.cbs = ([monitor_cls()] if monitor_cls is not None else []) + [clip_cls(args.max_norm)]
+            self.kinds: list[str] = []
+            self.starts: list[float] = []
+
+        def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            for cb in self.cbs:
+                cb.setup(trainer, pl_module, stage)
+
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            for cb in self.cbs:
+                cb.on_fit_start(trainer, pl_module)
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            for cb in self.cbs:
+                cb.on_train_start(trainer, pl_module)
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            timer.sync()
+            self.starts.append(timer.now())
+            pair, second = divmod(batch_idx, 2)
+            self.kinds.append("ab"[(pair + second) % 2])
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            timer.sync()
+            self.starts.append(timer.now())
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            if self.kinds[-1] == "a":
+                for cb in self.cbs:
+                    cb.on_before_optimizer_step(trainer, pl_module, optimizer)
+            else:  # what Trainer(gradient_clip_val=...) runs, via LightningModule.configure_gradient_clipping
+                pl_module.clip_gradients(optimizer, gradient_clip_val=args.max_norm, gradient_clip_algorithm="norm")
+
+    steps = data.shape[0] // args.lm_batch
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=args.lm_batch)
+    a: list[float] = []
+    b: list[float] = []
+    ratios: list[float] = []
+    for _ in range(max(1, args.train_rounds // 2)):
+        alt = Alternate()
+        torch.manual_seed(0)
+        tmp = tempfile.mkdtemp(prefix="gradclip-bench-")
+        trainer = pl.Trainer(
+            default_root_dir=tmp, accelerator=device.type, devices=1, max_steps=steps, log_every_n_steps=1,
+            precision=args.precision, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[alt], logger=logger_cls(tmp, name="bench"),
+        )  # fmt: skip
+        trainer.fit(make_tiny_lm(args, False), loader)
+        durations = [y - x for x, y in zip(alt.starts, alt.starts[1:])]
+        first = args.train_warmup_steps + args.train_warmup_steps % 2  # whole pairs after the warm-up
+        for n in range(first, len(durations) - 1, 2):
+            (k1, t1), (k2, t2) = (alt.kinds[n], durations[n]), (alt.kinds[n + 1], durations[n + 1])
+            ta, tb = (t1, t2) if k1 == "a" else (t2, t1)
+            a.append(ta * 1e3)
+            b.append(tb * 1e3)
+            ratios.append(ta / tb)
+    return {"a": a, "b": b, "ratios": ratios}
 
 
 # --------------------------------------------------------------------------------------------- section: adaptive
@@ -713,58 +834,63 @@ def section_adaptive(args: argparse.Namespace, report: Report, timer: Timer, dev
         from autoclip.torch import QuantileClip
     except ImportError:
         QuantileClip = None  # noqa: N806
-    print(f"[adaptive] GPT-2-shaped module, {args.step_layers} layers; ZClip vs {zclip_src}", flush=True)
     report.notes.append(f"adaptive: ZClip reference = {zclip_src}")
+    for label, make_model, make_loader in step_models(args):
+        print(f"[adaptive] {label}; ZClip vs {zclip_src}", flush=True)
+        run_in_step(args, device, functools.partial(_adaptive_body, args, report, timer, label, adaptive,
+                                                    PackageZClip, QuantileClip),
+                    logger=False, model=make_model(), loader=make_loader())
 
-    def body(trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        params = list(pl_module.parameters())
-        grads = [p.grad for p in params]
-        saved = [g.clone() for g in grads]
 
-        def restore() -> None:
-            torch._foreach_copy_(grads, saved)
+def _adaptive_body(args: argparse.Namespace, report: Report, timer: Timer, label: str, adaptive: Any,
+                   PackageZClip: Any, QuantileClip: Any,  # noqa: N803
+                   trainer: Any, pl_module: Any, optimizer: Any) -> None:
+    params = list(pl_module.parameters())
+    grads = [p.grad for p in params]
+    saved = [g.clone() for g in grads]
 
-        def ours(cls_name: str, **kwargs: Any) -> Optional[Callable[[], None]]:
-            cls = getattr(adaptive, cls_name, None)
-            if cls is None:
-                print(f"  {cls_name} skipped: not available")
-                report.skipped.append(f"adaptive: {cls_name} not available")
-                return None
-            cb = cls(**kwargs)
-            prepare(cb, trainer, pl_module)
-            return lambda: cb.on_before_optimizer_step(trainer, pl_module, optimizer)
+    def restore() -> None:
+        torch._foreach_copy_(grads, saved)
 
-        def compare(a: Optional[Callable], b: Callable, what: str, case: str, prime: int = 0,
-                    target: Optional[float] = None) -> None:
-            if a is None:
-                return
-            for _ in range(prime):  # e.g. ZClip's warm-up: measure the steady state after it
-                restore()
-                a()
-                restore()
-                b()
-            r = paired(timer, a, b, args.reps, args.warmup, before=restore)
-            report.add(Row("adaptive", what, case, *r, target=target))
+    def ours(cls_name: str, **kwargs: Any) -> Optional[Callable[[], None]]:
+        cls = getattr(adaptive, cls_name, None)
+        if cls is None:
+            print(f"  {cls_name} skipped: not available")
+            report.skipped.append(f"adaptive: {cls_name} not available")
+            return None
+        cb = cls(**kwargs)
+        prepare(cb, trainer, pl_module)
+        return lambda: cb.on_before_optimizer_step(trainer, pl_module, optimizer)
 
-        zkw = dict(alpha=0.97, z_thresh=2.5, eps=1e-6, warmup_steps=25)
-        ref_z = PackageZClip(max_grad_norm=1.0, **zkw)
-        compare(ours("ZClip", max_norm=1.0, **zkw), lambda: ref_z.step(pl_module),
-                "ZClip vs zclip.ZClip.step", "after warm-up, per step", prime=zkw["warmup_steps"] + 1, target=1.0)
+    def compare(a: Optional[Callable], b: Callable, what: str, case: str, prime: int = 0,
+                target: Optional[float] = None) -> None:
+        if a is None:
+            return
+        for _ in range(prime):  # e.g. ZClip's warm-up: measure the steady state after it
+            restore()
+            a()
+            restore()
+            b()
+        r = paired(timer, a, b, args.reps, args.warmup, before=restore)
+        report.add(Row("adaptive", what, case, *r, target=target))
 
-        if QuantileClip is not None:
-            qc = QuantileClip(params, quantile=0.1, history_length=10**9, global_threshold=True)
-            compare(ours("AutoClip", percentile=10.0), qc.step,
-                    "AutoClip vs autoclip QuantileClip(global_threshold=True).step", "per step", target=1.0)
-        else:
-            report.skipped.append("adaptive: autoclip package not installed")
-        ref_a = ReferenceAutoClip(10.0)
-        compare(ours("AutoClip", percentile=10.0), lambda: ref_a(pl_module),
-                "AutoClip vs the paper's reference loop (re-implemented)", "per step")
-        compare(ours("AdaptiveGradientClipping", clip_factor=0.01, eps=1e-3), lambda: reference_agc(params),
-                "AdaptiveGradientClipping vs timm adaptive_clip_grad loop (re-implemented)", "per step")
-        restore()
+    zkw = dict(alpha=0.97, z_thresh=2.5, eps=1e-6, warmup_steps=25)
+    ref_z = PackageZClip(max_grad_norm=1.0, **zkw)
+    compare(ours("ZClip", max_norm=1.0, **zkw), lambda: ref_z.step(pl_module),
+            "ZClip vs zclip.ZClip.step", f"{label}, after warm-up", prime=zkw["warmup_steps"] + 1, target=1.0)
 
-    run_in_step(args, device, body, callbacks=[], logger=False)
+    if QuantileClip is not None:
+        qc = QuantileClip(params, quantile=0.1, history_length=10**9, global_threshold=True)
+        compare(ours("AutoClip", percentile=10.0), qc.step,
+                "AutoClip vs autoclip QuantileClip(global_threshold=True).step", label, target=1.0)
+    else:
+        report.skipped.append("adaptive: autoclip package not installed")
+    ref_a = ReferenceAutoClip(10.0)
+    compare(ours("AutoClip", percentile=10.0), lambda: ref_a(pl_module),
+            "AutoClip vs the paper's reference loop (re-implemented)", label)
+    compare(ours("AdaptiveGradientClipping", clip_factor=0.01, eps=1e-3), lambda: reference_agc(params),
+            "AdaptiveGradientClipping vs timm adaptive_clip_grad loop (re-implemented)", label)
+    restore()
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -796,6 +922,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--step-layers", type=int, default=None,
                    help="GPT-2-small blocks in the module of the `monitor`/`adaptive` sections; default: --layers")
     p.add_argument("--vocab", type=int, default=50257, help="rows of the token embedding (GPT-2: 50257)")
+    p.add_argument("--step-models", default="gpt2,tinylm",
+                   help="modules of the `monitor`/`adaptive` sections: gpt2 (GPT-2-small shapes: few large tensors), "
+                        "tinylm (the `train` model: 30 small tensors)")
     p.add_argument("--dtypes", default="float32,bfloat16", help="gradient dtypes of the `ops` section")
     p.add_argument("--reps", type=int, default=21, help="timed pairs per comparison")
     p.add_argument("--warmup", type=int, default=3, help="untimed pairs before them")
@@ -814,16 +943,23 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--lm-seq", type=int, default=64)
     p.add_argument("--lm-batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--clock", default="wall", choices=["wall", "process"],
+                   help="wall: elapsed time; process: this process's CPU time (CPU only; steadier on a shared machine)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions: checks that it runs, not a measurement")
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
         p.error(f"`--sections` got unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    args.step_models = [m.strip() for m in args.step_models.split(",") if m.strip()]
+    if not args.step_models or set(args.step_models) - {"gpt2", "tinylm"}:
+        p.error(f"`--step-models` must name gpt2 and/or tinylm, got {','.join(args.step_models)!r}")
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in args.dtypes:
         if not isinstance(getattr(torch, d, None), torch.dtype):
             p.error(f"`--dtypes` got {d!r}, which is not a torch dtype (e.g. float32, bfloat16, float16)")
+    if args.clock == "process" and args.device == "cuda":
+        p.error("`--clock process` counts CPU time, which misses GPU work: use `--clock wall` with `--device cuda`")
     if args.device == "cuda" and not cuda:
         p.error("`--device cuda` was given but torch.cuda.is_available() is False")
     if args.quick:
@@ -845,7 +981,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     quiet_lightning()
     device = torch.device(args.device)
-    timer = Timer(device)
+    timer = Timer(device, args.clock)
     report = Report()
     load0 = os.getloadavg()
     started = time.time()
@@ -867,7 +1003,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"Command: `{command}`  ")
     resolved = (f"layers={args.layers} (step-layers={args.step_layers}), vocab={args.vocab}, dtypes={','.join(args.dtypes)}, "
                 f"reps={args.reps} pairs after {args.warmup} warm-up pairs, train: {args.train_rounds} rounds x "
-                f"{args.train_steps} steps, precision={args.precision}, logger={args.logger}")
+                f"{args.train_steps} steps, precision={args.precision}, logger={args.logger}, clock={args.clock}, "
+                f"threads={torch.get_num_threads()}")
     print(f"Settings: {resolved}  ")
     print(f"Load average (1 min) at start {load0[0]:.2f}, at end {load1[0]:.2f} on {os.cpu_count()} cores; "
           f"wall time {elapsed:.0f} s")
