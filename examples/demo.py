@@ -35,7 +35,9 @@ RUNS = {  # run name -> (label, CLI arguments)
 
 
 def quiet() -> None:
-    """Keep the demo's output to its own lines: Lightning's banners and tips go to the logs only."""
+    """Keep the demo's output to its own lines: no Lightning banners, tips or warnings."""
+    import pytorch_lightning  # noqa: F401  (first: importing it sets its loggers back to INFO)
+
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
