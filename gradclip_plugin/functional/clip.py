@@ -126,6 +126,8 @@ def clip_by_global_norm(
     Returns:
         ``(clipped, global_norm)``. If the global norm is not finite, every returned tensor is NaN
         (TensorFlow's signal), and ``global_norm`` is returned as computed (inf or NaN).
+        float16/bfloat16 tensors are multiplied in float32 and rounded once (TensorFlow casts the
+        scale to the tensor's dtype first, which can overshoot for tiny coefficients).
 
     References:
         TensorFlow, ``tf.clip_by_global_norm``; Pascanu et al. 2013, "On the difficulty of
@@ -139,14 +141,27 @@ def clip_by_global_norm(
     clip = torch.as_tensor(clip_norm, dtype=norm.dtype, device=norm.device)
     # `norm - norm` is 0 for a finite norm and NaN otherwise: TensorFlow's non-finite signal.
     scale = clip / torch.maximum(norm, clip) + (norm - norm)
-    clipped = [None if t is None else t * scale.to(device=t.device, dtype=t.dtype) for t in t_list]
-    return clipped, norm
+    return [None if t is None else _scaled(t, scale) for t in t_list], norm
+
+
+def _scaled(t: Tensor, scale: Tensor) -> Tensor:
+    """``t * scale`` rounded once to ``t``'s dtype; half tensors are multiplied in float32, since a
+    coefficient cast to float16 first can round to a subnormal and overshoot the threshold."""
+    scale = scale.to(t.device)
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return (t.float() * scale.float()).to(t.dtype)
+    return t * scale.to(t.dtype)
 
 
 @torch.no_grad()
 def clip_coefficient(max_norm: Union[Number, Tensor], norm: Tensor) -> Tensor:
-    """``min(1, max_norm / norm)``, with no epsilon: exactly 1.0 when ``norm <= max_norm`` (and for 0)."""
-    return torch.clamp(max_norm / norm, max=1.0)
+    """``min(1, max_norm / norm)``, with no epsilon: exactly 1.0 when ``norm <= max_norm`` (and for 0).
+
+    ``max_norm`` is made a tensor first: ``float / tensor`` dispatches to ``Tensor.__rtruediv__``,
+    which computes ``reciprocal(norm) * max_norm`` and can give ``1 - ulp`` for ``norm == max_norm``.
+    """
+    max_norm = torch.as_tensor(max_norm, dtype=norm.dtype, device=norm.device)
+    return torch.clamp(torch.div(max_norm, norm), max=1.0)
 
 
 @torch.no_grad()
