@@ -100,3 +100,11 @@ def test_nothing_without_tensorboard_or_gradclip_callbacks(tmp_path, monkeypatch
     trainer, logger = fit(tmp_path / "plain", [])
     assert layout(trainer) == {}
     assert read_layout(logger.log_dir) == {}
+
+
+def test_clipping_callback_alone_writes_the_layout(tmp_path):
+    trainer, logger = fit(tmp_path, [ClipByGlobalNorm(1.0)])
+    assert read_layout(logger.log_dir)[CATEGORY]["grad_clip: norm, norm_clipped, threshold"] == [
+        "Multiline",
+        ["^grad_clip/norm$", "^grad_clip/norm_clipped$", "^grad_clip/threshold$"],
+    ]

@@ -175,6 +175,11 @@ class GradientClipCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_include(pl_module)  # again: `configure_model` may have created the parameters
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from gradclip_plugin.tensorboard import write_layout
+
+        write_layout(trainer)  # one chart layout for all gradclip callbacks; no-op without TensorBoard
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
