@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
@@ -20,9 +19,8 @@ from gradclip_plugin.callbacks.base import (
     NonFinitePolicy,
     check_norm_type,
     check_positive,
-    optimizer_index,
 )
-from gradclip_plugin.functional import combine_norms, scale_, tensor_norms
+from gradclip_plugin.functional import combine_norms, global_norm, scale_
 from gradclip_plugin.functional.adaptive import (
     AutoClipState,
     ZClipMode,
@@ -125,30 +123,6 @@ class _StatefulClipCallback(GradientClipCallback):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._states: dict[int, Any] = {}
-        self._idx = 0
-        self._optimizer: Optional[torch.optim.Optimizer] = None
-        self._first_finite: Optional[Tensor] = None  # was the step's first measured norm finite?
-
-    def _init_state(self, norm: Tensor) -> Any:
-        raise NotImplementedError
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        # `clip_` and `extra_metrics` need to know which optimizer's state they work on
-        self._idx, self._optimizer = optimizer_index(trainer, optimizer), optimizer
-        self._first_finite = None
-        try:
-            super().on_before_optimizer_step(trainer, pl_module, optimizer)
-        finally:
-            self._optimizer = self._first_finite = None
-
-    def _global_norm(self, grads: list[Tensor]) -> Tensor:
-        """The global L2 norm; the first one measured in a step is remembered (see :meth:`_stat_norm`)."""
-        norm = combine_norms(tensor_norms(grads, 2.0), 2.0)
-        if self._first_finite is None:
-            self._first_finite = torch.isfinite(norm)
-        return norm
 
     def _stat_norm(self, norm: Tensor) -> Tensor:
         """The norm the statistics may see: NaN (so left out) if the step's gradients were non-finite.
@@ -157,16 +131,14 @@ class _StatefulClipCallback(GradientClipCallback):
         finite norm is clipped against, but it is not the gradient's true size and stays out of the
         history, as the non-finite norm itself would.
         """
-        if self._first_finite is None:
-            return norm
-        return torch.where(self._first_finite, norm, torch.full_like(norm, float("nan")))
+        return torch.where(self.step.finite, norm, torch.full_like(norm, float("nan")))
 
     def _state(self, norm: Tensor) -> Any:
-        state = self._states.get(self._idx)
+        state = self._states.get(self.step.idx)
         if state is None:
-            state = self._states[self._idx] = self._init_state(norm)
+            state = self._states[self.step.idx] = self._init_state(norm)
         elif state[0].device != norm.device:  # restored from a checkpoint (CPU): move once
-            state = self._states[self._idx] = type(state)(
+            state = self._states[self.step.idx] = type(state)(
                 *(f.to(norm.device) if isinstance(f, Tensor) else f for f in state)
             )
         return state
@@ -261,12 +233,12 @@ class AutoClip(_StatefulClipCallback):
             )
 
     def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
-        return self._global_norm(grads), None
+        return global_norm(grads), None
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
         norm = measured[0]
         state, threshold = autoclip_update(self._state(norm), self._stat_norm(norm), self.percentile, self.history_size)
-        self._states[self._idx] = state
+        self._states[self.step.idx] = state
         coef = threshold_coefficient(threshold, norm)
         scale_(grads, coef)
         return ClipStats(norm, norm * coef, threshold, coef < 1)
@@ -392,7 +364,7 @@ class ZClip(_StatefulClipCallback):
             )
 
     def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
-        return self._global_norm(grads), None
+        return global_norm(grads), None
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
         norm = measured[0]
@@ -408,25 +380,23 @@ class ZClip(_StatefulClipCallback):
             clip_factor=self.clip_factor,
             skip_update_on_spike=self.skip_update_on_spike,
         )
-        self._states[self._idx] = state
-        self._z[self._idx] = z
+        self._states[self.step.idx] = state
+        self._z[self.step.idx] = z
         coef = threshold_coefficient(threshold, norm)
         scale_(grads, coef)
-        if self.skip_step_z_thresh is not None and self._optimizer is not None:
+        if self.skip_step_z_thresh is not None:
             if bool(spike & (z > self.skip_step_z_thresh)):  # one host read per step, only with this option
-                self._skipped[self._idx] = self._skipped.get(self._idx, 0) + 1
-                for group in self._optimizer.param_groups:
-                    for p in group["params"]:
-                        p.grad = None
+                self._skipped[self.step.idx] = self._skipped.get(self.step.idx, 0) + 1
+                self.skip_step(self.step.optimizer)
         return ClipStats(norm, norm * coef, threshold, coef < 1)
 
     def extra_metrics(self) -> dict[str, Tensor]:
-        state = self._states.get(self._idx)
+        state = self._states.get(self.step.idx)
         if state is None:
             return {}
-        out = {"z": self._z.get(self._idx, torch.zeros_like(state.mean)), "spikes": state.spikes}
+        out = {"z": self._z.get(self.step.idx, torch.zeros_like(state.mean)), "spikes": state.spikes}
         if self.skip_step_z_thresh is not None:
-            out["skipped_steps"] = torch.tensor(float(self._skipped.get(self._idx, 0)))
+            out["skipped_steps"] = torch.tensor(float(self._skipped.get(self.step.idx, 0)))
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -40,6 +40,14 @@ class ClipStats(NamedTuple):
     clipped: Tensor  #: bool, whether clipping changed the gradients
 
 
+class StepInfo(NamedTuple):
+    """The optimizer step being clipped, set by the base class before ``clip_`` runs."""
+
+    idx: int  #: index of the optimizer in ``trainer.optimizers`` (keys per-optimizer state)
+    optimizer: Any  #: the optimizer about to step
+    finite: Tensor  #: bool 0-dim: whether the first measured norm was finite (before ``zero``)
+
+
 def check_positive(name: str, value: Any, allow_none: bool = False) -> None:
     """Raise ``ValueError`` unless ``value`` is a positive finite number (or ``None`` if allowed)."""
     if value is None and allow_none:
@@ -132,6 +140,7 @@ class GradientClipCallback(Callback):
         self._clip_rate: dict[int, MeanMetric] = {}
         self._nonfinite_steps: dict[int, SumMetric] = {}
         self._warned_nonfinite = False
+        self.step: Optional[StepInfo] = None  # the step in progress, for ``clip_``/``extra_metrics``
 
     # ------------------------------------------------------------------ to implement
     def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
@@ -198,6 +207,7 @@ class GradientClipCallback(Callback):
             )
         measured = self.measure(grads)
         finite = torch.isfinite(measured[0])
+        self.step = StepInfo(idx, optimizer, finite)
         counter = self._metric(self._nonfinite_steps, idx, grads[0].device, SumMetric)
         if scaler is None and self.nonfinite != "ignore" and not bool(finite):  # one host read per step
             counter.update(torch.ones((), device=grads[0].device))
@@ -209,9 +219,7 @@ class GradientClipCallback(Callback):
                 )
             if self.nonfinite == "skip":
                 self._warn_nonfinite("skipping the optimizer step")
-                for group in optimizer.param_groups:
-                    for p in group["params"]:
-                        p.grad = None
+                self.skip_step(optimizer)
                 if should_log(trainer):
                     self._log(trainer, idx, None)
                 return
@@ -244,6 +252,14 @@ class GradientClipCallback(Callback):
         if len(trainer.optimizers) > 1:
             return f"{self._key_prefix}/opt{idx}/{name}"
         return f"{self._key_prefix}/{name}"
+
+    @staticmethod
+    def skip_step(optimizer: torch.optim.Optimizer) -> None:
+        """Make the coming ``optimizer.step()`` a no-op: with no gradient, torch optimizers pass
+        over a parameter, so weights and optimizer state (Adam's step count) stay untouched."""
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
 
     def extra_metrics(self) -> dict[str, Tensor]:
         """More 0-dim tensors to log for this step (adaptive callbacks); read with the rest."""
