@@ -34,7 +34,8 @@ if str(HERE) not in sys.path:
 TIMEOUT_S = 240
 NORM_TYPES = (1.0, 2.0, 3.0, math.inf)
 MAX_NORM = 1.0  # global threshold: under every global norm of the test tensors
-MAX_NORM_PER_TENSOR = 1.5  # per-tensor threshold: above some of their norms, under others
+MAX_NORM_PER_TENSOR = 2.0  # per-tensor threshold: above some of their norms, under others
+N_DTENSORS = 5  # full_tensors() "a".."e" are sharded or replicated, "f" stays a plain tensor
 CLIP_VALUE = 0.5
 
 
@@ -198,9 +199,11 @@ def scenario_dtensor(out_dir: Path) -> None:
     full = full_tensors()
     names = list(full)
 
-    def sharded() -> list[torch.Tensor]:
+    def sharded(mixed: bool = True) -> list[torch.Tensor]:
+        """Fresh copies: the DTensors, then (if ``mixed``) the plain tensor "f"."""
         pl = placements_1d()
-        return [distribute_tensor(full[n].clone(), mesh, pl[n]) if n in pl else full[n].clone() for n in names]
+        ts = [distribute_tensor(full[n].clone(), mesh, pl[n]) if n in pl else full[n].clone() for n in names]
+        return ts if mixed else ts[:N_DTENSORS]
 
     def gathered(ts) -> list[torch.Tensor]:
         return [t.full_tensor() if isinstance(t, DTensor) else t for t in ts]
@@ -215,21 +218,36 @@ def scenario_dtensor(out_dir: Path) -> None:
         res[("collectives", p)] = count.calls
         res[("global_norm", p)] = global_norm(ts, p)
         res[("segment_norms", p)] = segment_norms(norms, torch.tensor([0, 1, 0, 1, 1, 0]), 2, p)
-        ts = sharded()
+        ts = sharded(mixed=False)
         res[("clip_by_global_norm_", p)] = (clip_by_global_norm_(ts, MAX_NORM, p), gathered(ts))
-        ts = sharded()
+        ts = sharded(mixed=False)
         res[("clip_by_norm_", p)] = (clip_by_norm_(ts, MAX_NORM_PER_TENSOR, p), gathered(ts))
         # the callbacks' own measure/clip, unchanged, on sharded gradients
         for cb in (ClipByGlobalNorm(MAX_NORM, p), ClipByNorm(MAX_NORM_PER_TENSOR, p)):
-            ts = sharded()
+            ts = sharded(mixed=False)
             stats = cb.clip_(ts, ts, cb.measure(ts))
             res[(type(cb).__name__, p)] = (stats, gathered(ts))
-    ts = sharded()
+    ts = sharded(mixed=False)
     clip_by_value_(ts, CLIP_VALUE)
     res["clip_by_value_"] = gathered(ts)
     cb = ClipByValue(CLIP_VALUE)
-    ts = sharded()
+    ts = sharded(mixed=False)
     res["ClipByValue"] = (cb.clip_(ts, ts, cb.measure(ts)), gathered(ts))
+
+    # DTensors and a plain tensor in one list (parameters left out of sharding): the in-place ops
+    # must not hand DTensor's foreach kernels a mixed list, which they refuse
+    mixed_ops = {
+        "clip_by_global_norm_": lambda ts: clip_by_global_norm_(ts, MAX_NORM),
+        "clip_by_norm_": lambda ts: clip_by_norm_(ts, MAX_NORM_PER_TENSOR),
+        "clip_by_value_": lambda ts: clip_by_value_(ts, CLIP_VALUE),
+    }
+    for op, call in mixed_ops.items():
+        ts = sharded()
+        try:
+            call(ts)
+            res[("mixed", op)] = gathered(ts)
+        except RuntimeError as err:  # recorded, so that the other checks still run
+            res[("mixed", op)] = f"{type(err).__name__}: {err}"
 
     # a non-finite entry in rank 1's shard only (full row 3 of "a", rank 1's local row 0)
     for bad in (math.inf, math.nan):
@@ -550,7 +568,7 @@ def test_dtensor_norms_take_one_all_reduce(dtensor_results, p):
 
 @pytest.mark.parametrize("p", NORM_TYPES)
 def test_dtensor_clip_by_global_norm_matches_full_tensors(dtensor_results, p):
-    full = list(full_tensors().values())
+    full = list(full_tensors().values())[:N_DTENSORS]
     norm = ref_norm(full, p)
     coef = min(1.0, MAX_NORM / norm.item())
     assert coef < 1  # the case exercises clipping
@@ -568,7 +586,7 @@ def test_dtensor_clip_by_global_norm_matches_full_tensors(dtensor_results, p):
 
 @pytest.mark.parametrize("p", NORM_TYPES)
 def test_dtensor_clip_by_norm_matches_full_tensors(dtensor_results, p):
-    full = list(full_tensors().values())
+    full = list(full_tensors().values())[:N_DTENSORS]
     ref = ref_tensor_norms(full, p)
     coefs = torch.clamp(MAX_NORM_PER_TENSOR / ref, max=1.0)
     assert (coefs < 1).any() and (coefs == 1).any()  # both cases present
@@ -583,13 +601,30 @@ def test_dtensor_clip_by_norm_matches_full_tensors(dtensor_results, p):
 
 
 def test_dtensor_clip_by_value_matches_full_tensors(dtensor_results):
-    full = list(full_tensors().values())
+    full = list(full_tensors().values())[:N_DTENSORS]
     for res in dtensor_results:
         for got, t in zip(res["clip_by_value_"], full):
             assert torch.equal(got, t.clamp(-CLIP_VALUE, CLIP_VALUE))
         stats, clipped = res["ClipByValue"]
         _close(stats.norm, ref_norm(full, math.inf))
         assert bool(stats.clipped)
+
+
+def test_dtensors_and_plain_tensors_clip_together(dtensor_results):
+    full = list(full_tensors().values())
+    norm = ref_norm(full, 2.0)
+    coefs = torch.clamp(MAX_NORM_PER_TENSOR / ref_tensor_norms(full, 2.0), max=1.0)
+    expected = {
+        "clip_by_global_norm_": [t * (MAX_NORM / norm) for t in full],
+        "clip_by_norm_": [t * c for t, c in zip(full, coefs)],
+        "clip_by_value_": [t.clamp(-CLIP_VALUE, CLIP_VALUE) for t in full],
+    }
+    for res in dtensor_results:
+        for op, ref in expected.items():
+            got = res[("mixed", op)]
+            assert not isinstance(got, str), f"{op} on DTensors plus a plain tensor: {got}"
+            for g, t in zip(got, ref):
+                _close(g, t)
 
 
 @pytest.mark.parametrize("bad", [math.inf, "nan"])
