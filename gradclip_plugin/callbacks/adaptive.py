@@ -17,6 +17,7 @@ from gradclip_plugin.callbacks.base import (
     ClipStats,
     GradientClipCallback,
     NonFinitePolicy,
+    NormType,
     check_norm_type,
     check_positive,
 )
@@ -79,7 +80,7 @@ class AdaptiveGradientClipping(GradientClipCallback):
         self,
         clip_factor: float = 0.01,
         eps: float = 1e-3,
-        norm_type: float = 2.0,
+        norm_type: NormType = 2.0,
         *,
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,

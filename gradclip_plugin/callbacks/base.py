@@ -17,7 +17,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import math
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple, Optional, Union
 
 import pytorch_lightning as pl
 import torch
@@ -27,7 +27,11 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
+from gradclip_plugin.functional.distributed import sharded_over
+
 NonFinitePolicy = Literal["skip", "error", "zero", "ignore"]
+#: a norm order: any positive number, or ``inf`` (``"inf"`` in YAML, which LightningCLI passes as a string)
+NormType = Union[float, Literal["inf"]]
 _POLICIES = ("skip", "error", "zero", "ignore")
 
 
@@ -95,6 +99,24 @@ def loss_scaler(trainer: pl.Trainer) -> Optional[torch.amp.GradScaler]:
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
+def flat_shard_group(trainer: pl.Trainer) -> Optional[Any]:
+    """The process group FSDP1 (``FSDPStrategy``) shards flat parameters over, or ``None``.
+
+    Under FSDP1 a gradient is this rank's piece of a flat parameter, a plain tensor: the norms
+    must be reduced over this group. FSDP2 gradients are DTensors and need no help.
+    """
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    model = trainer.strategy.model
+    if not isinstance(model, FullyShardedDataParallel) or model.sharding_strategy == ShardingStrategy.NO_SHARD:
+        return None
+    return model.process_group
+
+
 def optimizer_index(trainer: pl.Trainer, optimizer: Any) -> int:
     for i, opt in enumerate(trainer.optimizers):
         if opt is optimizer:
@@ -140,6 +162,7 @@ class GradientClipCallback(Callback):
         self._clip_rate: dict[int, MeanMetric] = {}
         self._nonfinite_steps: dict[int, SumMetric] = {}
         self._warned_nonfinite = False
+        self._shard_group: Optional[Any] = None  # FSDP1's, set in on_fit_start
         self.step: Optional[StepInfo] = None  # the step in progress, for ``clip_``/``extra_metrics``
 
     # ------------------------------------------------------------------ to implement
@@ -183,6 +206,7 @@ class GradientClipCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_include(pl_module)  # again: `configure_model` may have created the parameters
+        self._shard_group = flat_shard_group(trainer)  # the strategy has wrapped the model by now
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from gradclip_plugin.tensorboard import write_layout
@@ -192,8 +216,25 @@ class GradientClipCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        # Under FSDP1 every norm below is reduced over the shard group, so all ranks see the
+        # norms of the full gradients and take the same decisions.
+        with sharded_over(self._shard_group):
+            self._clip_step(trainer, pl_module, optimizer)
+
+    def _clip_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         params = self._selected_params(pl_module, optimizer)
-        pairs = [(p, p.grad) for p in params if p.grad is not None]
+        if self._shard_group is None:
+            pairs = [(p, p.grad) for p in params if p.grad is not None]
+        else:
+            # FSDP1: a rank holding no piece of a parameter has an empty parameter and no gradient;
+            # an empty gradient keeps the tensor lists, hence the collectives, aligned across ranks.
+            pairs = [
+                (p, p.grad if p.grad is not None else torch.zeros_like(p))
+                for p in params
+                if p.grad is not None or p.numel() == 0
+            ]
         if not pairs:
             return
         params, grads = [p for p, _ in pairs], [g for _, g in pairs]

@@ -7,7 +7,14 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from gradclip_plugin.callbacks.base import ClipStats, GradientClipCallback, NonFinitePolicy, check_norm_type, check_positive
+from gradclip_plugin.callbacks.base import (
+    ClipStats,
+    GradientClipCallback,
+    NonFinitePolicy,
+    NormType,
+    check_norm_type,
+    check_positive,
+)
 from gradclip_plugin.functional import clip_by_value_, clip_coefficient, combine_norms, scale_, tensor_norms
 
 __all__ = ["ClipByGlobalNorm", "ClipByNorm", "ClipByValue"]
@@ -88,7 +95,7 @@ class ClipByNorm(GradientClipCallback):
     def __init__(
         self,
         max_norm: float,
-        norm_type: float = 2.0,
+        norm_type: NormType = 2.0,
         *,
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
@@ -140,7 +147,7 @@ class ClipByGlobalNorm(GradientClipCallback):
     def __init__(
         self,
         max_norm: float,
-        norm_type: float = 2.0,
+        norm_type: NormType = 2.0,
         *,
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,

@@ -13,6 +13,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from gradclip_plugin.callbacks.base import (
+    NormType,
     _check_patterns,
     check_norm_type,
     log_step,
@@ -105,7 +106,7 @@ class GradientNormMonitor(Callback):
 
     def __init__(
         self,
-        norm_type: float = 2.0,
+        norm_type: NormType = 2.0,
         group_depth: GroupDepth = "auto",
         histogram_every_n_steps: Optional[int] = None,
         *,

@@ -18,6 +18,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from gradclip_plugin.functional.distributed import local_tensor
 from gradclip_plugin.functional.norms import (
     Tensors,
     as_tensor_list,
@@ -168,9 +169,10 @@ def clip_coefficient(max_norm: Union[Number, Tensor], norm: Tensor) -> Tensor:
 def scale_(tensors: Tensors, coef: Tensor) -> None:
     """Multiply tensors in place by ``coef``: a 0-dim tensor for all, or a 1-D tensor, one per tensor.
 
-    Uses the foreach kernels per (device, dtype) group; reads nothing back to the host.
+    Uses the foreach kernels per (device, dtype) group; reads nothing back to the host. A DTensor
+    is scaled through its local shard (DTensor's foreach ops refuse lists mixing it with plain tensors).
     """
-    tensors = as_tensor_list(tensors)
+    tensors = [local_tensor(t) for t in as_tensor_list(tensors)]
     if not tensors:
         return
     per_tensor = coef.dim() == 1
@@ -191,7 +193,7 @@ def clip_by_value_(tensors: Tensors, clip_value: Number) -> None:
         Mikolov 2012 (thesis), Pascanu et al. 2013: element-wise gradient clipping.
     """
     _check_threshold("clip_value", clip_value)
-    tensors = as_tensor_list(tensors)
+    tensors = [local_tensor(t) for t in as_tensor_list(tensors)]
     for _, idx in group_by_device_and_dtype(tensors).items():
         group = [tensors[i] for i in idx]
         torch._foreach_clamp_min_(group, -clip_value)
