@@ -103,10 +103,9 @@ def clip_by_norm(t: Tensor, clip_norm: Union[Number, Tensor], axes: Optional[Seq
     """
     _check_threshold("clip_norm", clip_norm)
     x = t if t.dtype in (torch.float32, torch.float64) else t.float()
-    dims = tuple(range(x.dim())) if axes is None else tuple(axes)
-    l2sum = (x * x).sum(dim=dims, keepdim=True) if x.dim() else x * x
-    pred = l2sum > 0
-    l2norm = torch.where(pred, torch.sqrt(torch.where(pred, l2sum, torch.ones_like(l2sum))), l2sum)
+    # torch's reduction computes TF's sqrt(sum(t * t)) with a correctly rounded root (the CPU's
+    # vectorised sqrt of a tensor can be an ulp off); a zero slice has norm 0 and is left unchanged.
+    l2norm = torch.linalg.vector_norm(x, 2, dim=None if axes is None else tuple(axes), keepdim=True)
     clip = torch.as_tensor(clip_norm, dtype=x.dtype, device=x.device)
     return ((x * clip) / torch.maximum(l2norm, clip)).to(t.dtype)
 

@@ -36,7 +36,8 @@ def apply_gradients(
 ) -> None:
     """Set each ``var.grad`` to its ``grad`` and take one optimizer step.
 
-    A ``None`` gradient leaves its variable out of the step, as in TensorFlow.
+    A ``None`` gradient leaves its variable out of the step, as in TensorFlow; so does every
+    parameter of the optimizer that is not listed (its ``.grad``, if any, is kept but not applied).
 
     Raises:
         ValueError: if a variable is not among the optimizer's parameters (its update would be lost).
@@ -49,6 +50,17 @@ def apply_gradients(
                 f"`grads_and_vars[{i}]` holds a variable of shape {tuple(var.shape)} that is not among the "
                 "optimizer's parameters; pass it to the optimizer when creating it"
             )
+    # Only the listed variables take part, as in TensorFlow: a stale `.grad` on another of the
+    # optimizer's parameters is set aside for the step and put back after it.
+    listed = {id(var) for _, var in pairs}
+    others = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in listed]
+    saved = [p.grad for p in others]
+    for p in others:
+        p.grad = None
     for grad, var in pairs:
         var.grad = grad
-    optimizer.step()
+    try:
+        optimizer.step()
+    finally:
+        for p, g in zip(others, saved):
+            p.grad = g

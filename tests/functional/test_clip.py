@@ -118,9 +118,8 @@ def test_tiny_vector_at_its_own_norm_is_unchanged_bit_for_bit():
 def test_clip_by_norm_tensorflow_vector():
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]])
     out = clip_by_norm(x, 2.0)
-    # TensorFlow's float32 values; within one float32 ulp, as torch's CPU sqrt is not always correctly rounded.
-    torch.testing.assert_close(out, torch.tensor([[0.26967996, 0.5393599, 0.80903983, 1.0787199, 1.3483998]]),
-                               rtol=1.3e-6, atol=0.0)
+    # TensorFlow's float32 values, bit for bit.
+    _exact(out, [[0.26967996, 0.5393599, 0.80903983, 1.0787199, 1.3483998]])
     # And the formula in float64: x * 2 / sqrt(55).
     torch.testing.assert_close(out.double(), x.double() * 2.0 / math.sqrt(55.0), rtol=1e-7, atol=0.0)
 

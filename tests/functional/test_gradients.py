@@ -147,3 +147,15 @@ def test_compute_clip_apply_pipeline():
     scale = 1.0 / 75.0 ** 0.5
     torch.testing.assert_close(w.detach(), w0 - scale * torch.tensor([[2.0, 3.0]] * 3), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(b.detach(), b0 - scale * 6.0, rtol=1e-6, atol=1e-6)
+
+
+def test_apply_gradients_leaves_unlisted_parameters_alone_even_with_a_stale_grad():
+    a = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    b = torch.nn.Parameter(torch.tensor([3.0]))
+    stale = torch.tensor([100.0])
+    b.grad = stale.clone()
+    opt = torch.optim.SGD([a, b], lr=0.5)
+    apply_gradients(opt, [(torch.tensor([2.0, 4.0]), a)])
+    assert torch.equal(a.detach(), torch.tensor([0.0, 0.0]))
+    assert torch.equal(b.detach(), torch.tensor([3.0]))  # TF applies only the listed pairs
+    assert torch.equal(b.grad, stale)  # and the stale gradient is put back
