@@ -117,6 +117,45 @@ def flat_shard_group(trainer: pl.Trainer) -> Optional[Any]:
     return model.process_group
 
 
+def selects(name: Optional[str], include: list[str], exclude: list[str]) -> bool:
+    """Whether a parameter name passes the ``include``/``exclude`` fnmatch patterns.
+
+    A parameter the module does not name is selected only when no ``include`` pattern restricts the set.
+    """
+    if name is None:
+        return not include
+    if include and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, pat) for pat in exclude)
+
+
+def check_include(owner: str, include: list[str], pl_module: pl.LightningModule) -> None:
+    """Raise ``MisconfigurationException`` naming an ``include`` pattern that matches no parameter."""
+    names = [n for n, _ in pl_module.named_parameters()]
+    for pat in include:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            raise MisconfigurationException(
+                f"{owner}: the `include` pattern {pat!r} matches no parameter of "
+                f"{type(pl_module).__name__}; names look like {names[:3]}"
+            )
+
+
+def gradient_pairs(params: list[Tensor], shard_group: Optional[Any]) -> list[tuple[Tensor, Tensor]]:
+    """``(param, grad)`` for the parameters that have a gradient.
+
+    Under FSDP1 (``shard_group`` set) a rank holding no piece of a parameter has an empty parameter
+    and no gradient: it gets an empty gradient, so that the tensor lists, hence the collectives
+    that reduce their norms, stay aligned across ranks.
+    """
+    if shard_group is None:
+        return [(p, p.grad) for p in params if p.grad is not None]
+    return [
+        (p, p.grad if p.grad is not None else torch.zeros_like(p))
+        for p in params
+        if p.grad is not None or p.numel() == 0
+    ]
+
+
 def optimizer_index(trainer: pl.Trainer, optimizer: Any) -> int:
     for i, opt in enumerate(trainer.optimizers):
         if opt is optimizer:
@@ -202,10 +241,10 @@ class GradientClipCallback(Callback):
             )
         self._assign_key_prefix(trainer)
         if any(True for _ in pl_module.parameters()):
-            self._check_include(pl_module)
+            check_include(type(self).__name__, self.include, pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check_include(pl_module)  # again: `configure_model` may have created the parameters
+        check_include(type(self).__name__, self.include, pl_module)  # again: `configure_model` may have created the parameters
         self._shard_group = flat_shard_group(trainer)  # the strategy has wrapped the model by now
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -224,17 +263,7 @@ class GradientClipCallback(Callback):
     def _clip_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        params = self._selected_params(pl_module, optimizer)
-        if self._shard_group is None:
-            pairs = [(p, p.grad) for p in params if p.grad is not None]
-        else:
-            # FSDP1: a rank holding no piece of a parameter has an empty parameter and no gradient;
-            # an empty gradient keeps the tensor lists, hence the collectives, aligned across ranks.
-            pairs = [
-                (p, p.grad if p.grad is not None else torch.zeros_like(p))
-                for p in params
-                if p.grad is not None or p.numel() == 0
-            ]
+        pairs = gradient_pairs(self._selected_params(pl_module, optimizer), self._shard_group)
         if not pairs:
             return
         params, grads = [p for p, _ in pairs], [g for _, g in pairs]
@@ -347,24 +376,8 @@ class GradientClipCallback(Callback):
             self._names = {id(p): n for n, p in pl_module.named_parameters()}
             for p in params:
                 name = self._names.get(id(p))
-                self._selected[id(p)] = self._matches(name)
+                self._selected[id(p)] = selects(name, self.include, self.exclude)
         return [p for p in params if self._selected[id(p)]]
-
-    def _matches(self, name: Optional[str]) -> bool:
-        if name is None:  # not a module parameter: only selected when no pattern restricts the set
-            return not self.include
-        if self.include and not any(fnmatch.fnmatchcase(name, pat) for pat in self.include):
-            return False
-        return not any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude)
-
-    def _check_include(self, pl_module: pl.LightningModule) -> None:
-        names = [n for n, _ in pl_module.named_parameters()]
-        for pat in self.include:
-            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-                raise MisconfigurationException(
-                    f"{type(self).__name__}: the `include` pattern {pat!r} matches no parameter of "
-                    f"{type(pl_module).__name__}; names look like {names[:3]}"
-                )
 
     def _assign_key_prefix(self, trainer: pl.Trainer) -> None:
         """Keep metric names distinct when several clipping callbacks share a prefix."""

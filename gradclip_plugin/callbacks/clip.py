@@ -68,7 +68,26 @@ class ClipByValue(GradientClipCallback):
         return ClipStats(norm, torch.minimum(norm, threshold), threshold, norm > threshold)
 
 
-class ClipByNorm(GradientClipCallback):
+class _MaxNormCallback(GradientClipCallback):
+    """A fixed threshold ``max_norm`` on a ``norm_type``-norm: the shared signature (YAML schema)."""
+
+    def __init__(
+        self,
+        max_norm: float,
+        norm_type: NormType = 2.0,
+        *,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        nonfinite: NonFinitePolicy = "skip",
+        log_prefix: str = "grad_clip",
+    ) -> None:
+        check_positive("max_norm", max_norm)
+        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, log_prefix=log_prefix)
+        self.max_norm = float(max_norm)
+        self.norm_type = check_norm_type(norm_type)
+
+
+class ClipByNorm(_MaxNormCallback):
     """Clip each gradient tensor to norm ``max_norm`` on its own: ``g *= min(1, max_norm / ||g||)``.
 
     The logged ``norm`` is the total norm of all selected gradients; ``clip_rate`` counts the
@@ -92,21 +111,6 @@ class ClipByNorm(GradientClipCallback):
         ``tf.clip_by_norm`` applied per tensor; Pascanu et al. 2013.
     """
 
-    def __init__(
-        self,
-        max_norm: float,
-        norm_type: NormType = 2.0,
-        *,
-        include: Optional[list[str]] = None,
-        exclude: Optional[list[str]] = None,
-        nonfinite: NonFinitePolicy = "skip",
-        log_prefix: str = "grad_clip",
-    ) -> None:
-        check_positive("max_norm", max_norm)
-        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, log_prefix=log_prefix)
-        self.max_norm = float(max_norm)
-        self.norm_type = check_norm_type(norm_type)
-
     def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
         norms = tensor_norms(grads, self.norm_type)
         return combine_norms(norms, self.norm_type), norms
@@ -119,7 +123,7 @@ class ClipByNorm(GradientClipCallback):
         return ClipStats(norm, combine_norms(norms * coefs, self.norm_type), threshold, (coefs < 1).any())
 
 
-class ClipByGlobalNorm(GradientClipCallback):
+class ClipByGlobalNorm(_MaxNormCallback):
     """Scale all selected gradients together so that their global norm is at most ``max_norm``.
 
     ``g *= min(1, max_norm / ||all g||)``: TensorFlow's ``clip_by_global_norm`` and torch's
@@ -143,21 +147,6 @@ class ClipByGlobalNorm(GradientClipCallback):
         Pascanu et al. 2013, "On the difficulty of training recurrent neural networks";
         ``tf.clip_by_global_norm``, ``torch.nn.utils.clip_grad_norm_``.
     """
-
-    def __init__(
-        self,
-        max_norm: float,
-        norm_type: NormType = 2.0,
-        *,
-        include: Optional[list[str]] = None,
-        exclude: Optional[list[str]] = None,
-        nonfinite: NonFinitePolicy = "skip",
-        log_prefix: str = "grad_clip",
-    ) -> None:
-        check_positive("max_norm", max_norm)
-        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, log_prefix=log_prefix)
-        self.max_norm = float(max_norm)
-        self.norm_type = check_norm_type(norm_type)
 
     def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
         return combine_norms(tensor_norms(grads, self.norm_type), self.norm_type), None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Any, Literal, Optional, Union
 
 import pytorch_lightning as pl
@@ -15,12 +14,17 @@ from torch import Tensor
 from gradclip_plugin.callbacks.base import (
     NormType,
     _check_patterns,
+    check_include,
+    flat_shard_group,
+    gradient_pairs,
+    selects,
     check_norm_type,
     log_step,
     optimizer_index,
     should_log,
 )
 from gradclip_plugin.functional import combine_norms, segment_norms, tensor_norms
+from gradclip_plugin.functional.distributed import sharded_over
 
 __all__ = ["GradientNormMonitor"]
 
@@ -137,6 +141,7 @@ class GradientNormMonitor(Callback):
             raise ValueError(f"`log_prefix` must be a non-empty string, got {log_prefix!r}")
         self.log_prefix = log_prefix
         self._depth: Optional[Union[int, Literal["parameter"]]] = None
+        self._shard_group: Optional[Any] = None  # FSDP1's, set in on_fit_start
         # per optimizer index: (ids of its params, [(param, group index)], group names)
         self._plan: dict[int, tuple[tuple[int, ...], list[tuple[Tensor, int]], list[str]]] = {}
         # (optimizer index, group indices of the params with a gradient) -> (segment ids, names)
@@ -161,13 +166,8 @@ class GradientNormMonitor(Callback):
         self._depth = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        names = [n for n, _ in pl_module.named_parameters()]
-        for pat in self.include:
-            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-                raise MisconfigurationException(
-                    f"GradientNormMonitor: the `include` pattern {pat!r} matches no parameter of "
-                    f"{type(pl_module).__name__}; names look like {names[:3]}"
-                )
+        check_include("GradientNormMonitor", self.include, pl_module)
+        self._shard_group = flat_shard_group(trainer)  # FSDP1: norms reduced over the shard group
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from gradclip_plugin.tensorboard import write_layout
@@ -185,13 +185,17 @@ class GradientNormMonitor(Callback):
             return
         idx = optimizer_index(trainer, optimizer)
         plan = self._plan_for(pl_module, optimizer, idx)
-        present = [(p.grad, g) for p, g in plan[1] if p.grad is not None]
-        if not present:
+        group_of_param = {id(p): g for p, g in plan[1]}
+        pairs = gradient_pairs([p for p, _ in plan[1]], self._shard_group)
+        if not pairs:
             return
-        grads = [g for g, _ in present]
-        seg_ids, segments, names = self._segments_for(idx, tuple(g for _, g in present), plan[2], grads[0].device)
+        grads = [g for _, g in pairs]
+        seg_ids, segments, names = self._segments_for(
+            idx, tuple(group_of_param[id(p)] for p, _ in pairs), plan[2], grads[0].device
+        )
         if log_scalars:
-            self._log_norms(trainer, idx, grads, seg_ids, names, step)
+            with sharded_over(self._shard_group):
+                self._log_norms(trainer, idx, grads, seg_ids, names, step)
         if log_hist:
             self._log_histograms(trainer, idx, grads, segments, names, step)
 
@@ -246,7 +250,7 @@ class GradientNormMonitor(Callback):
         members: list[tuple[Tensor, int]] = []
         for p in params:
             name = names.get(id(p))
-            if not self._matches(name):
+            if not selects(name, self.include, self.exclude):
                 continue
             group = "unnamed" if name is None else group_of(name, self._depth)
             if group not in index:
@@ -270,13 +274,6 @@ class GradientNormMonitor(Callback):
             ids = torch.tensor(segments, dtype=torch.int64, device=device)
             cached = self._segments[(idx, groups)] = (ids, segments, [all_names[g] for g in order])
         return cached
-
-    def _matches(self, name: Optional[str]) -> bool:
-        if name is None:
-            return not self.include
-        if self.include and not any(fnmatch.fnmatchcase(name, pat) for pat in self.include):
-            return False
-        return not any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude)
 
 
 def _tensorboard_writers(trainer: pl.Trainer) -> list[Any]:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from functional.test_adaptive import ReferenceZClip, direct_agc
 from gradclip_plugin.callbacks.adaptive import AdaptiveGradientClipping, AutoClip, ZClip
+from gradclip_plugin.callbacks.base import selects
 from helpers import GradProbe, TwoOptimizerModel, make_loader, make_trainer
 
 INF = float("inf")
@@ -144,7 +145,7 @@ def reference_for(cb):
 def expected_grads(cb, ref, before: dict[str, Tensor], params: dict[str, Tensor], stat_norm: float) -> dict[str, Tensor]:
     """What the optimizer should receive, from the probed pre-clip gradients (and weights, for AGC)."""
     if isinstance(cb, AdaptiveGradientClipping):
-        selected = {n for n in before if cb._matches(n)}
+        selected = {n for n in before if selects(n, cb.include, cb.exclude)}
         return {
             n: (direct_agc(params[n], g, cb.clip_factor, cb.eps) if n in selected else g.double()).to(g.dtype)
             for n, g in before.items()
@@ -197,7 +198,7 @@ def test_each_step_equals_the_reference_on_the_probed_gradients(tmp_path, kind):
             same = all(torch.equal(a[n], b[n]) for n in b)
             changed += not same
             unchanged += same
-        selected = [n for n in b if cb._matches(n)]
+        selected = [n for n in b if selects(n, cb.include, cb.exclude)]
         assert metrics["grad_clip/norm"][t] == pytest.approx(norm64(b[n] for n in selected), rel=1e-5)
         assert metrics["grad_clip/norm_clipped"][t] == pytest.approx(norm64(a[n] for n in selected), rel=1e-4)
         if isinstance(ref, AutoClipReference):
@@ -486,4 +487,4 @@ def test_example_config_builds_the_callback(tmp_path, monkeypatch, name):
         assert getattr(found[0], key) == value, key
     if isinstance(found[0], AdaptiveGradientClipping):  # the exclude pattern names the example's classifier
         names = [n for n, _ in cli.model.named_parameters()]
-        assert [n for n in names if not found[0]._matches(n)] == ["head.weight", "head.bias"]
+        assert [n for n in names if not selects(n, found[0].include, found[0].exclude)] == ["head.weight", "head.bias"]
