@@ -281,6 +281,13 @@ def scenario_dtensor(out_dir: Path) -> None:
         res["partial_error"] = None
     except ValueError as err:
         res["partial_error"] = str(err)
+    from gradclip_plugin.functional import unitwise_norms
+
+    try:  # AGC's unit-wise norms would see only the local piece of a unit: refused, not mis-measured
+        unitwise_norms(sharded(mixed=False))
+        res["unitwise_error"] = None
+    except ValueError as err:
+        res["unitwise_error"] = str(err)
 
     res["fsdp2"] = fsdp2_part()
     res["fsdp1"] = fsdp1_part()
@@ -671,6 +678,11 @@ def test_empty_tensor_has_norm_zero_in_one_process(p):
     norms = tensor_norms([torch.zeros(0, 4), t, torch.zeros(0, dtype=torch.float16)], p)
     assert torch.equal(norms, torch.stack([torch.tensor(0.0), torch.linalg.vector_norm(t, p), torch.tensor(0.0)]))
     assert torch.equal(global_norm([torch.zeros(0)], p), torch.tensor(0.0))
+
+
+def test_dtensor_unitwise_norms_are_refused(dtensor_results):
+    for res in dtensor_results:
+        assert res["unitwise_error"] is not None and "sharded (DTensor)" in res["unitwise_error"]
 
 
 def test_dtensor_partial_placement_is_refused(dtensor_results):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from gradclip_plugin.callbacks.base import (
@@ -93,6 +95,15 @@ class AdaptiveGradientClipping(GradientClipCallback):
         self.clip_factor = float(clip_factor)
         self.eps = float(eps)
         self.norm_type = check_norm_type(norm_type)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self._shard_group is not None:
+            raise MisconfigurationException(
+                "AdaptiveGradientClipping does not support FSDP's flat-sharded gradients: a unit split across "
+                "ranks would be measured by its local piece. Use ClipByGlobalNorm, AutoClip or ZClip, which "
+                "reduce the norms of sharded gradients across ranks."
+            )
 
     def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
         unit_norms = unitwise_norms(grads, self.norm_type)

@@ -21,6 +21,7 @@ from typing import Literal, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
+from gradclip_plugin.functional.distributed import is_dtensor
 from gradclip_plugin.functional.norms import Tensors, accumulation_dtype, as_tensor_list, check_norm_type
 
 __all__ = [
@@ -87,11 +88,20 @@ def unitwise_norms(tensors: Tensors, norm_type: float = 2.0) -> Tensor:
 
     Returns:
         A 1-D float32 tensor (float64 if every tensor is float64); empty for no tensors.
+
+    Raises:
+        ValueError: for a ``DTensor`` (sharded) input.
     """
     tensors = as_tensor_list(tensors)
     norm_type = check_norm_type(norm_type)
     if not tensors:
         return torch.zeros(0)
+    if any(is_dtensor(t) for t in tensors):
+        raise ValueError(
+            "unit-wise norms of sharded (DTensor) tensors are not supported: a unit split across ranks "
+            "would be measured by its local piece. Use global-norm clipping (ClipByGlobalNorm, AutoClip, "
+            "ZClip), which reduces the norms of sharded gradients across ranks."
+        )
     first = tensors[0].device
     parts: list[Optional[Tensor]] = [None] * len(tensors)
     small: dict[tuple[torch.device, torch.dtype], list[int]] = {}

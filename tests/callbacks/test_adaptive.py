@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from functional.test_adaptive import ReferenceZClip, direct_agc
 from gradclip_plugin.callbacks.adaptive import AdaptiveGradientClipping, AutoClip, ZClip
 from gradclip_plugin.callbacks.base import selects
-from helpers import GradProbe, TwoOptimizerModel, make_loader, make_trainer
+from helpers import GradProbe, TinyModel, TwoOptimizerModel, make_loader, make_trainer
 
 INF = float("inf")
 NAN = float("nan")
@@ -488,3 +488,13 @@ def test_example_config_builds_the_callback(tmp_path, monkeypatch, name):
     if isinstance(found[0], AdaptiveGradientClipping):  # the exclude pattern names the example's classifier
         names = [n for n, _ in cli.model.named_parameters()]
         assert [n for n in names if not selects(n, found[0].include, found[0].exclude)] == ["head.weight", "head.bias"]
+
+
+def test_agc_refuses_fsdp_flat_shards(tmp_path, monkeypatch):
+    import gradclip_plugin.callbacks.base as base
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    monkeypatch.setattr(base, "flat_shard_group", lambda trainer: object())  # as under FSDPStrategy
+    trainer = make_trainer(tmp_path, [AdaptiveGradientClipping()])
+    with pytest.raises(MisconfigurationException, match="does not support FSDP's flat-sharded gradients"):
+        trainer.fit(TinyModel(), make_loader())
