@@ -1008,6 +1008,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"# gradclip_plugin benchmark, {datetime.date.today().isoformat()}")
     print(f"machine: {machine_description(device)}")
     print(f"command: {command}", flush=True)
+    if load0[0] > 0.5 * (os.cpu_count() or 1) and args.device == "cpu":
+        print(f"warning: load average {load0[0]:.1f} on {os.cpu_count()} cores: other jobs are running. Timings with "
+              "several torch threads suffer most; `--threads 1 --clock process` is steadier on a shared machine.",
+              flush=True)
     sections = {"ops": section_ops, "monitor": section_monitor, "train": section_train, "adaptive": section_adaptive}
     for name in SECTIONS:
         if name in args.sections:
