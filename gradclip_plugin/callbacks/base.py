@@ -221,9 +221,13 @@ class GradientClipCallback(Callback):
         Built from the ``__init__`` signature (not ``vars(self)``: Lightning attaches ``log`` bound to
         the model), so the key does not depend on the model.
         """
-        names = sorted(inspect.signature(type(self).__init__).parameters.keys() - {"self", "args", "kwargs"})
-        key = {k: getattr(self, k) for k in names if hasattr(self, k)}
-        return self._generate_state_key(key_prefix=self._key_prefix, **key)
+        # Lightning reads state_key on every hook call (profiler names): build it once per prefix.
+        cached = self.__dict__.get("_state_key_cache")
+        if cached is None or cached[0] != self._key_prefix:
+            names = sorted(inspect.signature(type(self).__init__).parameters.keys() - {"self", "args", "kwargs"})
+            key = {k: getattr(self, k) for k in names if hasattr(self, k)}
+            cached = self._state_key_cache = (self._key_prefix, self._generate_state_key(key_prefix=self._key_prefix, **key))
+        return cached[1]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.gradient_clip_val:

@@ -102,7 +102,11 @@ def tensor_norms(tensors: Tensors, norm_type: float = 2.0, *, shard_group: Optio
         group = [tensors[i] for i in idx]
         if not group:
             continue
-        if _has_foreach(device):
+        if _has_foreach(device) and norm_type == float("inf") and dtype == torch.bfloat16:
+            # max |x| is exact in the tensor's own dtype, and bfloat16 has float32's range; asking for
+            # a float32 result would make torch's CPU kernel cast a float32 copy of every tensor first.
+            norms = [n.float() for n in torch._foreach_norm(group, norm_type)]
+        elif _has_foreach(device):
             norms = torch._foreach_norm(group, norm_type, dtype=acc)
         else:
             norms = [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in group]
