@@ -302,8 +302,8 @@ class GradientClipCallback(Callback):
                 torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
             measured = self.measure(grads)
             finite = torch.isfinite(measured[0])
-        else:
-            # sync-free: under a scaler the scaler skips the step; count it on the device.
+        elif scaler is not None or self.nonfinite == "ignore":
+            # sync-free: the host does not know; under a scaler the scaler skips the step. Count on the device.
             counter.update(~finite)
         stats = self.clip_(grads, params, measured)
         rate = self._metric(self._clip_rate, idx, grads[0].device, MeanMetric)
@@ -349,7 +349,8 @@ class GradientClipCallback(Callback):
             self._clip_rate[idx].reset()
         values["nonfinite_steps"] = self._nonfinite_steps[idx].compute()
         device = values["nonfinite_steps"].device
-        host = torch.stack([v.detach().float().to(device) for v in values.values()]).tolist()  # one copy
+        stacked = [v if v.device == device else v.to(device) for v in values.values()]
+        host = torch.stack([v.float() for v in stacked]).tolist()  # one copy
         metrics = {self.metric_key(k, idx, trainer): v for k, v in zip(values, host)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=log_step(trainer))
@@ -361,8 +362,10 @@ class GradientClipCallback(Callback):
             # nan_strategy="disable": the default NaN check reads a value back to the host.
             # The count is not reduced across ranks: every rank reaches the same decision.
             kwargs = {"sync_on_compute": False} if cls is SumMetric else {}
-            metric = store[idx] = cls(nan_strategy="disable", **kwargs)
-        if metric.device != device:
+            metric = store[idx] = cls(nan_strategy="disable", **kwargs).to(device)
+            if cls is SumMetric:  # a count starts at 0 (and compute() before any update warns)
+                metric.update(torch.zeros((), device=device))
+        elif metric.device != device:
             metric.to(device)
         return metric
 

@@ -114,7 +114,9 @@ def tensor_norms(tensors: Tensors, norm_type: float = 2.0, *, shard_group: Optio
             out[i] = n
     if any(keys):
         out = reduce_shard_norms(out, keys, norm_type)  # type: ignore[arg-type]
-    result = torch.stack([n.to(first_device) for n in out])  # type: ignore[union-attr]
+    # the usual case, one device: no per-tensor `.to` (it costs a dispatch per tensor every step)
+    one_device = all(n.device == first_device for n in out)  # type: ignore[union-attr]
+    result = torch.stack(out if one_device else [n.to(first_device) for n in out])  # type: ignore[union-attr,arg-type]
     return result if result.dtype == torch.float64 else result.float()
 
 
