@@ -167,9 +167,14 @@ def scale_units_(tensors: Tensors, coefs: Tensor) -> None:
         shape = (t.shape[0],) + (1,) * (t.dim() - 1) if t.dim() > 1 else ()
         ts, cs = groups.setdefault((t.device, t.dtype), ([], []))
         ts.append(t)
-        cs.append(c.to(device=t.device, dtype=t.dtype).reshape(shape))
-    for ts, cs in groups.values():
-        torch._foreach_mul_(ts, cs)
+        cs.append(c.to(t.device).reshape(shape))
+    for (_, dtype), (ts, cs) in groups.items():
+        if dtype in (torch.float16, torch.bfloat16):
+            # a coefficient cast to float16 first can round to a subnormal (or 0) and miss the limit
+            for t, c in zip(ts, cs):
+                t.copy_(t.float().mul_(c))
+        else:
+            torch._foreach_mul_(ts, [c.to(dtype) for c in cs])
 
 
 @torch.no_grad()

@@ -405,3 +405,16 @@ def test_updates_do_not_sync_on_cuda():
             threshold_coefficient(t1, norm), threshold_coefficient(t2, norm)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("grad_norm", [10.0, 100.0, 1000.0])
+def test_agc_float16_zero_bias_is_scaled_to_the_limit(grad_norm):
+    # limit = clip_factor * eps = 1e-5; the coefficient 1e-5 / grad_norm is a float16 subnormal (or 0):
+    # it must be applied in float32 and rounded once, not cast to float16 first.
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float16))
+    p.grad = torch.full((4,), grad_norm / 2, dtype=torch.float16)  # norm = grad_norm
+    adaptive_clip_grad_([p], clip_factor=0.01, eps=1e-3)
+    expected = (torch.full((4,), grad_norm / 2) * (1e-5 / grad_norm)).half()
+    assert torch.equal(p.grad, expected)
+    post = torch.linalg.vector_norm(p.grad.double()).item()
+    assert post == pytest.approx(1e-5, rel=2 * torch.finfo(torch.float16).eps)
