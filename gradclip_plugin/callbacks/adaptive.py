@@ -20,10 +20,10 @@ from gradclip_plugin.callbacks.base import (
     GradientClipCallback,
     NonFinitePolicy,
     NormType,
-    check_norm_type,
     check_positive,
 )
 from gradclip_plugin.functional import combine_norms, global_norm, scale_
+from gradclip_plugin.functional.norms import check_norm_type
 from gradclip_plugin.functional.adaptive import (
     AutoClipState,
     ZClipMode,

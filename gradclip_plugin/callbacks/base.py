@@ -60,17 +60,6 @@ def check_positive(name: str, value: Any, allow_none: bool = False) -> None:
         raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
 
 
-def check_norm_type(norm_type: Any) -> float:
-    """``norm_type`` as a float: any positive number or ``inf`` (``"inf"`` from YAML)."""
-    try:
-        value = float(norm_type)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if isinstance(norm_type, bool) or not value > 0:
-        raise ValueError(f"`norm_type` must be a positive number or 'inf', got {norm_type!r}")
-    return value
-
-
 def _check_patterns(name: str, patterns: Any) -> list[str]:
     if patterns is None:
         return []

@@ -12,10 +12,10 @@ from gradclip_plugin.callbacks.base import (
     GradientClipCallback,
     NonFinitePolicy,
     NormType,
-    check_norm_type,
     check_positive,
 )
 from gradclip_plugin.functional import clip_by_value_, clip_coefficient, combine_norms, scale_, tensor_norms
+from gradclip_plugin.functional.norms import check_norm_type
 
 __all__ = ["ClipByGlobalNorm", "ClipByNorm", "ClipByValue"]
 

@@ -18,12 +18,12 @@ from gradclip_plugin.callbacks.base import (
     flat_shard_group,
     gradient_pairs,
     selects,
-    check_norm_type,
     log_step,
     optimizer_index,
     should_log,
 )
 from gradclip_plugin.functional import combine_norms, segment_norms, tensor_norms
+from gradclip_plugin.functional.norms import check_norm_type
 from gradclip_plugin.functional.distributed import sharded_over
 
 __all__ = ["GradientNormMonitor"]

@@ -160,7 +160,8 @@ def clip_coefficient(max_norm: Union[Number, Tensor], norm: Tensor) -> Tensor:
     ``max_norm`` is made a tensor first: ``float / tensor`` dispatches to ``Tensor.__rtruediv__``,
     which computes ``reciprocal(norm) * max_norm`` and can give ``1 - ulp`` for ``norm == max_norm``.
     """
-    max_norm = torch.as_tensor(max_norm, dtype=norm.dtype, device=norm.device)
+    if not isinstance(max_norm, Tensor):  # a fill kernel, not a host-to-device copy
+        max_norm = torch.full_like(norm, max_norm)
     return torch.clamp(torch.div(max_norm, norm), max=1.0)
 
 
@@ -179,7 +180,8 @@ def scale_(tensors: Tensors, coef: Tensor) -> None:
         group = [tensors[i] for i in idx]
         c = coef.to(device)
         if per_tensor:
-            torch._foreach_mul_(group, list(c[idx].unbind()))
+            parts = c.unbind()  # views: indexing with a Python list would copy an index tensor to the device
+            torch._foreach_mul_(group, [parts[i] for i in idx])
         else:
             torch._foreach_mul_(group, c)
 

@@ -32,12 +32,19 @@ def as_tensor_list(tensors: Tensors) -> list[Tensor]:
     return [t for t in tensors if t is not None]
 
 
-def check_norm_type(norm_type: float) -> float:
-    """Return ``norm_type`` as a float; raise ``ValueError`` unless it is positive (``inf`` allowed)."""
-    norm_type = float(norm_type)
-    if not norm_type > 0:  # also rejects NaN
-        raise ValueError(f"`norm_type` must be a positive number or inf, got {norm_type}")
-    return norm_type
+def check_norm_type(norm_type: Any) -> float:
+    """Return ``norm_type`` as a float: any positive number or ``inf`` (``"inf"`` from YAML).
+
+    Raises:
+        ValueError: naming ``norm_type`` and the value, for anything else (NaN, a string, ``None``, a bool).
+    """
+    try:
+        value = float(norm_type)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(norm_type, bool) or not value > 0:  # `not > 0` also rejects NaN
+        raise ValueError(f"`norm_type` must be a positive number or 'inf', got {norm_type!r}")
+    return value
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
