@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from decimal import ROUND_FLOOR, Decimal
 import sys
 import textwrap
 from dataclasses import dataclass, field
@@ -141,8 +142,9 @@ def _round_down(x: float) -> float:
     """Round down to two significant figures (``0.0`` stays ``0.0``)."""
     if x <= 0 or not math.isfinite(x):
         return x
-    scale = 10 ** (math.floor(math.log10(x)) - 1)
-    return math.floor(x / scale) * scale if x / scale >= 10 else x
+    # in decimal: `math.floor(0.29 / 0.01)` is 28, as 0.29 / 0.01 is 28.999999999999996 in binary
+    exponent = math.floor(math.log10(x)) - 1
+    return float(Decimal(repr(x)).quantize(Decimal(1).scaleb(exponent), rounding=ROUND_FLOOR))
 
 
 def summarize(run: PathLike, scalars: Optional[dict[str, Series]] = None) -> list[NormSummary]:
