@@ -25,7 +25,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
-from torchmetrics.aggregation import MeanMetric, SumMetric
+from torchmetrics.aggregation import SumMetric
 
 from gradclip_plugin.functional.distributed import sharded_over
 
@@ -187,8 +187,12 @@ class GradientClipCallback(Callback):
         self._key_prefix = log_prefix
         self._selected: dict[int, bool] = {}  # id(param) -> selected?
         self._names: dict[int, str] = {}  # id(param) -> name
-        self._clip_rate: dict[int, MeanMetric] = {}
+        # per optimizer, on the gradients' device: clipped finite steps and finite steps since the last
+        # log (their ratio is the clip rate), and the running count of non-finite steps
+        self._clipped_steps: dict[int, SumMetric] = {}
+        self._finite_steps: dict[int, SumMetric] = {}
         self._nonfinite_steps: dict[int, SumMetric] = {}
+        self._steps_since_log: dict[int, int] = {}  # host-known: steps counted in the two above
         self._warned_nonfinite = False
         self._shard_group: Optional[Any] = None  # FSDP1's, set in on_fit_start
         self.step: Optional[StepInfo] = None  # the step in progress, for ``clip_``/``extra_metrics``
@@ -271,7 +275,7 @@ class GradientClipCallback(Callback):
         measured = self.measure(grads)
         finite = torch.isfinite(measured[0])
         self.step = StepInfo(idx, optimizer, finite)
-        counter = self._metric(self._nonfinite_steps, idx, grads[0].device, SumMetric)
+        counter = self._count(self._nonfinite_steps, idx, grads[0].device)
         if scaler is None and self.nonfinite != "ignore" and not bool(finite):  # one host read per step
             counter.update(torch.ones((), device=grads[0].device))
             if self.nonfinite == "error":
@@ -295,19 +299,33 @@ class GradientClipCallback(Callback):
             # sync-free: the host does not know; under a scaler the scaler skips the step. Count on the device.
             counter.update(~finite)
         stats = self.clip_(grads, params, measured)
-        rate = self._metric(self._clip_rate, idx, grads[0].device, MeanMetric)
-        rate.update(stats.clipped.float(), finite.float())
+        # counts, not a weighted MeanMetric: with nan_strategy="disable" torchmetrics ignores weights
+        self._count(self._clipped_steps, idx, grads[0].device).update(stats.clipped & finite)
+        self._count(self._finite_steps, idx, grads[0].device).update(finite)
+        self._steps_since_log[idx] = self._steps_since_log.get(idx, 0) + 1
         if should_log(trainer):
             self._log(trainer, idx, stats)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"nonfinite_steps": {i: float(m.compute()) for i, m in self._nonfinite_steps.items()}}
+        # The clip-rate counts since the last log are kept too, so that the first rate logged after a
+        # resume in the middle of a logging interval still covers the whole interval.
+        return {
+            "nonfinite_steps": {i: float(m.compute()) for i, m in self._nonfinite_steps.items()},
+            "clip_rate": {
+                i: (float(self._clipped_steps[i].compute()), float(self._finite_steps[i].compute()), n)
+                for i, n in self._steps_since_log.items()
+                if n
+            },
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        cpu = torch.device("cpu")
         for i, count in state_dict.get("nonfinite_steps", {}).items():
-            metric = self._metric(self._nonfinite_steps, int(i), torch.device("cpu"), SumMetric)
-            metric.reset()
-            metric.update(torch.tensor(float(count)))
+            self._restart(self._count(self._nonfinite_steps, int(i), cpu), count)
+        for i, (clipped, finite, steps) in state_dict.get("clip_rate", {}).items():
+            self._restart(self._count(self._clipped_steps, int(i), cpu), clipped)
+            self._restart(self._count(self._finite_steps, int(i), cpu), finite)
+            self._steps_since_log[int(i)] = int(steps)
 
     # ------------------------------------------------------------------ helpers
     def metric_key(self, name: str, idx: int, trainer: pl.Trainer) -> str:
@@ -333,9 +351,13 @@ class GradientClipCallback(Callback):
         if stats is not None:
             values.update(norm=stats.norm, norm_clipped=stats.norm_clipped, threshold=stats.threshold)
             values.update(self.extra_metrics())
-        if idx in self._clip_rate and self._clip_rate[idx].update_count:
-            values["clip_rate"] = self._clip_rate[idx].compute()
-            self._clip_rate[idx].reset()
+        if self._steps_since_log.get(idx):
+            clipped, finite = self._clipped_steps[idx], self._finite_steps[idx]
+            # 0 when every step since the last log was non-finite (none could be clipped)
+            values["clip_rate"] = clipped.compute() / finite.compute().clamp(min=1)
+            self._restart(clipped)
+            self._restart(finite)
+            self._steps_since_log[idx] = 0
         values["nonfinite_steps"] = self._nonfinite_steps[idx].compute()
         device = values["nonfinite_steps"].device
         stacked = [v if v.device == device else v.to(device) for v in values.values()]
@@ -344,19 +366,27 @@ class GradientClipCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=log_step(trainer))
 
-    @staticmethod
-    def _metric(store: dict, idx: int, device: torch.device, cls: type) -> Any:
+    @classmethod
+    def _count(cls, store: dict[int, SumMetric], idx: int, device: torch.device) -> SumMetric:
+        """The count ``store[idx]`` on ``device``, created at 0.
+
+        ``nan_strategy="disable"``: the default NaN check reads a value back to the host.
+        ``sync_on_compute=False``: every rank takes the same decisions (they follow from reduced
+        norms), so the counts are equal on all ranks and a sum across ranks would multiply them.
+        """
         metric = store.get(idx)
         if metric is None:
-            # nan_strategy="disable": the default NaN check reads a value back to the host.
-            # The count is not reduced across ranks: every rank reaches the same decision.
-            kwargs = {"sync_on_compute": False} if cls is SumMetric else {}
-            metric = store[idx] = cls(nan_strategy="disable", **kwargs).to(device)
-            if cls is SumMetric:  # a count starts at 0 (and compute() before any update warns)
-                metric.update(torch.zeros((), device=device))
+            metric = store[idx] = SumMetric(nan_strategy="disable", sync_on_compute=False).to(device)
+            cls._restart(metric)
         elif metric.device != device:
             metric.to(device)
         return metric
+
+    @staticmethod
+    def _restart(metric: SumMetric, value: float = 0.0) -> None:
+        """Reset a count to ``value`` (an update, so that ``compute()`` never warns)."""
+        metric.reset()
+        metric.update(torch.full((), float(value), device=metric.device))
 
     def _warn_nonfinite(self, action: str) -> None:
         if not self._warned_nonfinite:

@@ -302,7 +302,7 @@ def test_state_dict_round_trip_and_device_of_the_saved_state(tmp_path):
     cb = ZClip(warmup_steps=3, max_norm=None, skip_step_z_thresh=20.0)
     run(tmp_path, cb, max_steps=10)
     saved = cb.state_dict()
-    assert set(saved) == {"nonfinite_steps", "state", "skipped_steps"}
+    assert set(saved) == {"nonfinite_steps", "clip_rate", "state", "skipped_steps"}
     assert set(saved["state"][0]) == set(ZClip._state_type._fields)
     assert all(v.device.type == "cpu" for v in saved["state"][0].values())
     fresh = ZClip(warmup_steps=3, max_norm=None, skip_step_z_thresh=20.0)

@@ -144,7 +144,7 @@ def test_skip_leaves_weights_and_adam_state_bit_for_bit_and_training_goes_on(tmp
     assert all(torch.isfinite(p).all() for p in model.parameters())
     metrics = read_metrics(logger)
     assert metrics["grad_clip/nonfinite_steps"] == {0: 0.0, 1: 1.0, 2: 2.0, 3: 2.0}
-    assert cb.state_dict() == {"nonfinite_steps": {0: 2.0}}
+    assert cb.state_dict()["nonfinite_steps"] == {0: 2.0}
 
 
 def test_skip_with_two_optimizers_skips_only_the_one_with_nonfinite_gradients(tmp_path):
@@ -427,7 +427,7 @@ def test_state_dict_round_trip_of_nonfinite_steps(tmp_path):
     with pytest.warns(UserWarning, match="non-finite"):
         trainer.fit(NonFiniteModel("loss-inf", bad_steps=(1, 2)), make_loader())
     state = cb.state_dict()
-    assert state == {"nonfinite_steps": {0: 2.0}}
+    assert state["nonfinite_steps"] == {0: 2.0}
     fresh = ClipByGlobalNorm(5.0)
     fresh.load_state_dict(copy.deepcopy(state))
     assert fresh.state_dict() == state
@@ -441,7 +441,7 @@ def test_state_dict_round_trip_of_nonfinite_steps(tmp_path):
     with pytest.warns(UserWarning, match="non-finite"):
         trainer.fit(NonFiniteModel("loss-inf", bad_steps=(4,)), make_loader(), ckpt_path=path)
     assert read_metrics(logger)["grad_clip/nonfinite_steps"] == {4: 3.0, 5: 3.0}
-    assert resumed.state_dict() == {"nonfinite_steps": {0: 3.0}}
+    assert resumed.state_dict()["nonfinite_steps"] == {0: 3.0}
 
 
 def test_two_callbacks_of_one_type_keep_their_own_state_in_a_checkpoint(tmp_path):
@@ -449,16 +449,16 @@ def test_two_callbacks_of_one_type_keep_their_own_state_in_a_checkpoint(tmp_path
     trainer = make_trainer(tmp_path, [enc, head], max_steps=2)
     with pytest.warns(UserWarning, match="non-finite"):
         trainer.fit(NonFiniteModel("bias-nan", bad_steps=(1,)), make_loader())  # only head.bias
-    assert enc.state_dict() == {"nonfinite_steps": {0: 0.0}}
-    assert head.state_dict() == {"nonfinite_steps": {0: 1.0}}
+    assert enc.state_dict()["nonfinite_steps"] == {0: 0.0}
+    assert head.state_dict()["nonfinite_steps"] == {0: 1.0}
     assert enc.state_key != head.state_key, "two instances in one Trainer need distinct checkpoint keys"
     path = tmp_path / "last.ckpt"
     trainer.save_checkpoint(path)
     enc2, head2 = ClipByNorm(5.0, include=["encoder.*"]), ClipByNorm(5.0, include=["head.*"])
     trainer = make_trainer(tmp_path, [enc2, head2], max_steps=3)
     trainer.fit(NonFiniteModel("bias-nan", bad_steps=()), make_loader(), ckpt_path=path)
-    assert enc2.state_dict() == {"nonfinite_steps": {0: 0.0}}
-    assert head2.state_dict() == {"nonfinite_steps": {0: 1.0}}
+    assert enc2.state_dict()["nonfinite_steps"] == {0: 0.0}
+    assert head2.state_dict()["nonfinite_steps"] == {0: 1.0}
 
 
 def test_state_key_depends_on_the_configuration_only(tmp_path):
@@ -482,4 +482,26 @@ def test_checkpoint_restores_into_another_module_class(tmp_path):
     trainer.save_checkpoint(path)
     resumed = ClipByGlobalNorm(5.0)
     make_trainer(tmp_path, [resumed], max_steps=3).fit(TinyModel(), make_loader(), ckpt_path=path)
-    assert resumed.state_dict() == {"nonfinite_steps": {0: 1.0}}
+    assert resumed.state_dict()["nonfinite_steps"] == {0: 1.0}
+
+
+class LateSpikeModel(TinyModel):
+    """Gradients far under max_norm=1 for the first two steps, far above it from step 2 on."""
+
+    def training_step(self, batch, batch_idx):
+        scale = 1e-3 if self.global_step < 2 else 1e3
+        return super().training_step(batch, batch_idx) * scale
+
+
+def test_clip_rate_interval_survives_a_resume_in_the_middle_of_it(tmp_path):
+    # log_every_n_steps=4: the first rate is logged at the 4th step and covers steps 0-3,
+    # two unclipped (before the checkpoint) and two clipped (after it): 0.5, not 1.0.
+    first = make_trainer(tmp_path, [ClipByGlobalNorm(1.0)], max_steps=2, log_every_n_steps=4)
+    first.fit(LateSpikeModel(), make_loader())
+    path = tmp_path / "mid.ckpt"
+    first.save_checkpoint(path)
+    logger = CSVLogger(tmp_path, version="resumed")
+    resumed = make_trainer(tmp_path, [ClipByGlobalNorm(1.0)], max_steps=4, log_every_n_steps=4, logger=logger)
+    with pytest.warns(UserWarning):  # Lightning: the dataloader is not resumable mid-epoch
+        resumed.fit(LateSpikeModel(), make_loader(), ckpt_path=path)
+    assert read_metrics(logger)["grad_clip/clip_rate"] == {3: 0.5}
