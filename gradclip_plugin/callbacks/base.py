@@ -77,6 +77,18 @@ def should_log(trainer: pl.Trainer) -> bool:
     return bool(trainer.loggers) and trainer._logger_connector.should_update_logs
 
 
+def metric_key(prefix: str, name: str, idx: int, trainer: pl.Trainer) -> str:
+    """``<prefix>/<name>``, or ``<prefix>/opt<i>/<name>`` when the Trainer has several optimizers."""
+    return f"{prefix}/opt{idx}/{name}" if len(trainer.optimizers) > 1 else f"{prefix}/{name}"
+
+
+def write_metrics(trainer: pl.Trainer, keys: list[str], values: Tensor, step: int) -> None:
+    """Read the 1-D ``values`` back to the host in one copy and log them under ``keys`` to every logger."""
+    metrics = dict(zip(keys, values.tolist()))  # the one device-to-host copy of a logging step
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
 def log_step(trainer: pl.Trainer) -> int:
     """The step index Lightning's loggers use for this batch (``LearningRateMonitor``'s choice)."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
@@ -219,7 +231,8 @@ class GradientClipCallback(Callback):
         if cached is None or cached[0] != self._key_prefix:
             names = sorted(inspect.signature(type(self).__init__).parameters.keys() - {"self", "args", "kwargs"})
             key = {k: getattr(self, k) for k in names if hasattr(self, k)}
-            cached = self._state_key_cache = (self._key_prefix, self._generate_state_key(key_prefix=self._key_prefix, **key))
+            state_key = self._generate_state_key(key_prefix=self._key_prefix, **key)
+            cached = self._state_key_cache = (self._key_prefix, state_key)
         return cached[1]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -241,7 +254,8 @@ class GradientClipCallback(Callback):
             check_include(type(self).__name__, self.include, pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        check_include(type(self).__name__, self.include, pl_module)  # again: `configure_model` may have created the parameters
+        # again: `configure_model` may have created the parameters since `setup`
+        check_include(type(self).__name__, self.include, pl_module)
         self._shard_group = flat_shard_group(trainer)  # the strategy has wrapped the model by now
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -329,10 +343,8 @@ class GradientClipCallback(Callback):
 
     # ------------------------------------------------------------------ helpers
     def metric_key(self, name: str, idx: int, trainer: pl.Trainer) -> str:
-        """``<prefix>/<name>``, or ``<prefix>/opt<i>/<name>`` when the Trainer has several optimizers."""
-        if len(trainer.optimizers) > 1:
-            return f"{self._key_prefix}/opt{idx}/{name}"
-        return f"{self._key_prefix}/{name}"
+        """This callback's key for metric ``name`` of optimizer ``idx`` (see :func:`metric_key`)."""
+        return metric_key(self._key_prefix, name, idx, trainer)
 
     @staticmethod
     def skip_step(optimizer: torch.optim.Optimizer) -> None:
@@ -361,10 +373,8 @@ class GradientClipCallback(Callback):
         values["nonfinite_steps"] = self._nonfinite_steps[idx].compute()
         device = values["nonfinite_steps"].device
         stacked = [v if v.device == device else v.to(device) for v in values.values()]
-        host = torch.stack([v.float() for v in stacked]).tolist()  # one copy
-        metrics = {self.metric_key(k, idx, trainer): v for k, v in zip(values, host)}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=log_step(trainer))
+        keys = [self.metric_key(k, idx, trainer) for k in values]
+        write_metrics(trainer, keys, torch.stack([v.float() for v in stacked]), log_step(trainer))
 
     @classmethod
     def _count(cls, store: dict[int, SumMetric], idx: int, device: torch.device) -> SumMetric:

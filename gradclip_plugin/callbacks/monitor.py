@@ -17,10 +17,12 @@ from gradclip_plugin.callbacks.base import (
     check_include,
     flat_shard_group,
     gradient_pairs,
+    metric_key,
     selects,
     log_step,
     optimizer_index,
     should_log,
+    write_metrics,
 )
 from gradclip_plugin.functional import combine_norms, segment_norms, tensor_norms
 from gradclip_plugin.functional.norms import check_norm_type
@@ -201,10 +203,8 @@ class GradientNormMonitor(Callback):
 
     # ------------------------------------------------------------------ helpers
     def metric_key(self, name: str, idx: int, trainer: pl.Trainer) -> str:
-        """``<prefix>/<name>``, or ``<prefix>/opt<i>/<name>`` when the Trainer has several optimizers."""
-        if len(trainer.optimizers) > 1:
-            return f"{self.log_prefix}/opt{idx}/{name}"
-        return f"{self.log_prefix}/{name}"
+        """This monitor's key for ``name`` of optimizer ``idx`` (see ``base.metric_key``)."""
+        return metric_key(self.log_prefix, name, idx, trainer)
 
     @torch.no_grad()
     def _log_norms(
@@ -213,11 +213,9 @@ class GradientNormMonitor(Callback):
         norms = tensor_norms(grads, self.norm_type)
         total = combine_norms(norms, self.norm_type)
         groups = segment_norms(norms, seg_ids, len(names), self.norm_type)
-        host = torch.cat([total.reshape(1), groups]).tolist()  # the one device-to-host copy
         keys = ["total"] + [n if n != "total" else "total_" for n in names]
-        metrics = {self.metric_key(k, idx, trainer): v for k, v in zip(keys, host)}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        keys = [self.metric_key(k, idx, trainer) for k in keys]
+        write_metrics(trainer, keys, torch.cat([total.reshape(1), groups]), step)
 
     @torch.no_grad()
     def _log_histograms(

@@ -134,7 +134,9 @@ def test_one_host_copy_per_logging_step_and_nothing_on_other_steps(tmp_path, mon
     monkeypatch.setattr(monitor_module, "tensor_norms", lambda *a, **k: passes.append(1) or original(*a, **k))
     import gradclip_plugin.functional.norms as norms_module
 
-    reads = HostReadCounter(monkeypatch, monitor_module.__file__, norms_module.__file__)
+    import gradclip_plugin.callbacks.base as base_module  # write_metrics makes the copy
+
+    reads = HostReadCounter(monkeypatch, monitor_module.__file__, norms_module.__file__, base_module.__file__)
     logger = CSVLogger(tmp_path, name="run", version=0)
     trainer = make_trainer(tmp_path, [GradientNormMonitor()], logger=logger, max_steps=10, log_every_n_steps=5)
     trainer.fit(TinyModel(), make_loader(n=64))
