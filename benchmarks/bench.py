@@ -451,12 +451,7 @@ def prepare(cb: Any, trainer: Any, pl_module: Any) -> None:
 
 
 def section_monitor(args: argparse.Namespace, report: Report, timer: Timer, device: torch.device) -> None:
-    try:
-        from gradclip_plugin.callbacks.monitor import GradientNormMonitor
-    except ImportError as err:
-        print(f"[monitor] GradientNormMonitor skipped: not available ({err})")
-        report.skipped.append("monitor: GradientNormMonitor not available")
-        GradientNormMonitor = None  # noqa: N806
+    from gradclip_plugin.callbacks.monitor import GradientNormMonitor
     from pytorch_lightning.utilities import grad_norm
 
     from gradclip_plugin import ClipByGlobalNorm
@@ -481,29 +476,28 @@ def _monitor_body(args: argparse.Namespace, report: Report, timer: Timer, device
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=step)
 
-    if GradientNormMonitor is not None:
-        monitor = GradientNormMonitor()
-        prepare(monitor, trainer, pl_module)
-        hook = per_step_hooks(monitor)
+    monitor = GradientNormMonitor()
+    prepare(monitor, trainer, pl_module)
+    hook = per_step_hooks(monitor)
+    a_ms, b_ms, r, lo, hi = paired(timer, lambda: hook(trainer, pl_module, optimizer), lightning_grad_norm,
+                                   args.reps, args.warmup)
+    report.add(Row("monitor", "GradientNormMonitor vs Lightning grad_norm + floats for the logger",
+                   f"{label}, logging step", a_ms, b_ms, r, lo, hi))
+    reads = host_reads(lambda: hook(trainer, pl_module, optimizer), device)
+    report.notes.append(f"monitor/{label}: host reads in one GradientNormMonitor logging step: {reads}; "
+                        f"Lightning grad_norm: one per parameter ({sum(1 for _ in pl_module.parameters())}) "
+                        "plus one more per parameter to build the floats")
+    saved_every = trainer.log_every_n_steps
+    trainer.log_every_n_steps = 10**9  # now this step is not a logging step
+    try:
         a_ms, b_ms, r, lo, hi = paired(timer, lambda: hook(trainer, pl_module, optimizer), lightning_grad_norm,
                                        args.reps, args.warmup)
         report.add(Row("monitor", "GradientNormMonitor vs Lightning grad_norm + floats for the logger",
-                       f"{label}, logging step", a_ms, b_ms, r, lo, hi))
+                       f"{label}, monitor on a NON-logging step", a_ms, b_ms, r, lo, hi))
         reads = host_reads(lambda: hook(trainer, pl_module, optimizer), device)
-        report.notes.append(f"monitor/{label}: host reads in one GradientNormMonitor logging step: {reads}; "
-                            f"Lightning grad_norm: one per parameter ({sum(1 for _ in pl_module.parameters())}) "
-                            "plus one more per parameter to build the floats")
-        saved_every = trainer.log_every_n_steps
-        trainer.log_every_n_steps = 10**9  # now this step is not a logging step
-        try:
-            a_ms, b_ms, r, lo, hi = paired(timer, lambda: hook(trainer, pl_module, optimizer), lightning_grad_norm,
-                                           args.reps, args.warmup)
-            report.add(Row("monitor", "GradientNormMonitor vs Lightning grad_norm + floats for the logger",
-                           f"{label}, monitor on a NON-logging step", a_ms, b_ms, r, lo, hi))
-            reads = host_reads(lambda: hook(trainer, pl_module, optimizer), device)
-            report.notes.append(f"monitor/{label}: host reads in one GradientNormMonitor non-logging step: {reads}")
-        finally:
-            trainer.log_every_n_steps = saved_every
+        report.notes.append(f"monitor/{label}: host reads in one GradientNormMonitor non-logging step: {reads}")
+    finally:
+        trainer.log_every_n_steps = saved_every
 
     # The clipping callback's own per-step cost (default nonfinite="skip") vs what
     # Trainer(gradient_clip_val=...) runs: torch's clip_grad_norm_ on the parameters.
@@ -578,12 +572,7 @@ def section_train(args: argparse.Namespace, report: Report, timer: Timer, device
 
     from gradclip_plugin import ClipByGlobalNorm
 
-    try:
-        from gradclip_plugin.callbacks.monitor import GradientNormMonitor
-    except ImportError as err:
-        print(f"[train] GradientNormMonitor skipped: not available ({err}); gradclip variant clips and logs only")
-        report.skipped.append("train: GradientNormMonitor not available, gradclip variant without it")
-        GradientNormMonitor = None  # noqa: N806
+    from gradclip_plugin.callbacks.monitor import GradientNormMonitor
 
     logger_cls = TensorBoardLogger if args.logger == "tensorboard" else CSVLogger
     steps = args.train_warmup_steps + args.train_steps
@@ -616,7 +605,7 @@ def section_train(args: argparse.Namespace, report: Report, timer: Timer, device
             kwargs.update(gradient_clip_val=args.max_norm, logger=logger_cls(tmp, name="bench"))
             log_grad_norm = True
         elif variant == "gradclip":
-            monitor = [GradientNormMonitor()] if GradientNormMonitor is not None else []
+            monitor = [GradientNormMonitor()]
             callbacks += [*monitor, ClipByGlobalNorm(args.max_norm)]
             kwargs.update(logger=logger_cls(tmp, name="bench"))
         elif variant == "gradclip, no logging":
@@ -653,7 +642,7 @@ def section_train(args: argparse.Namespace, report: Report, timer: Timer, device
         report.add(Row("train", what, f"ms per step, {args.precision}", statistics.median(per[a]),
                        statistics.median(per[b]), mid, lo, hi, target=target))
 
-    mon = "GradientNormMonitor + " if GradientNormMonitor is not None else ""
+    mon = "GradientNormMonitor + "
     row("gradclip", "builtin", f"{mon}ClipByGlobalNorm, logging every step vs Trainer(gradient_clip_val), no logging",
         target=args.target_train)
     row("gradclip", "builtin+grad_norm",
@@ -836,12 +825,7 @@ class ReferenceZClip:
 
 
 def section_adaptive(args: argparse.Namespace, report: Report, timer: Timer, device: torch.device) -> None:
-    try:
-        from gradclip_plugin.callbacks import adaptive
-    except ImportError as err:
-        print(f"[adaptive] skipped: not available ({err})")
-        report.skipped.append("adaptive: gradclip_plugin.callbacks.adaptive not available")
-        return
+    from gradclip_plugin.callbacks import adaptive
 
     zclip_src = "zclip package (ZClipLightningCallback's hook body: `self.zclip.step(pl_module)`)"
     try:
@@ -871,20 +855,13 @@ def _adaptive_body(args: argparse.Namespace, report: Report, timer: Timer, label
     def restore() -> None:
         torch._foreach_copy_(grads, saved)
 
-    def ours(cls_name: str, **kwargs: Any) -> Optional[Callable[[], None]]:
-        cls = getattr(adaptive, cls_name, None)
-        if cls is None:
-            print(f"  {cls_name} skipped: not available")
-            report.skipped.append(f"adaptive: {cls_name} not available")
-            return None
-        cb = cls(**kwargs)
+    def ours(cls_name: str, **kwargs: Any) -> Callable[[], None]:
+        cb = getattr(adaptive, cls_name)(**kwargs)
         prepare(cb, trainer, pl_module)
         return lambda: cb.on_before_optimizer_step(trainer, pl_module, optimizer)
 
-    def compare(a: Optional[Callable], b: Callable, what: str, case: str, prime: int = 0,
+    def compare(a: Callable, b: Callable, what: str, case: str, prime: int = 0,
                 target: Optional[float] = None) -> None:
-        if a is None:
-            return
         for _ in range(prime):  # e.g. ZClip's warm-up: measure the steady state after it
             restore()
             a()
