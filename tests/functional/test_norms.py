@@ -170,6 +170,26 @@ def test_tensor_norms_of_large_float16_are_finite():
     torch.testing.assert_close(norms.double(), expected, rtol=1e-6, atol=0.0)
 
 
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_large_half_tensors_on_cpu_are_measured_in_float32_chunks(dtype, norm_type):
+    # Past _CHUNKED_MIN elements a CPU half tensor is cast chunk by chunk (see norms._cpu_half_norms).
+    # These sizes cross chunk boundaries, end mid-row (the padded last row) and include a transposed
+    # (non-contiguous) tensor and a small one between them; squares of 300 overflow float16.
+    from gradclip_plugin.functional import norms
+
+    g = torch.Generator().manual_seed(4)
+    sizes = [norms._CHUNK * 2 + norms._ROW * 3 + 5, norms._CHUNKED_MIN, 7, norms._CHUNK]
+    tensors = [(torch.randn(n, generator=g) * 300).to(dtype) for n in sizes]
+    tensors.append((torch.randn(norms._ROW + 3, 97, generator=g) * 300).to(dtype).t())
+    expected = torch.stack([torch.linalg.vector_norm(t.double(), norm_type) for t in tensors])
+    per_tensor = tensor_norms(tensors, norm_type)
+    assert per_tensor.dtype == torch.float32
+    torch.testing.assert_close(per_tensor.double(), expected, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(global_norm(tensors, norm_type).double(), _reference_norm(tensors, norm_type),
+                               rtol=1e-6, atol=0.0)
+
+
 # --- combine_norms --------------------------------------------------------------------------------
 
 
