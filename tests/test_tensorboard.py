@@ -108,3 +108,51 @@ def test_clipping_callback_alone_writes_the_layout(tmp_path):
         "Multiline",
         ["^grad_clip/norm$", "^grad_clip/norm_clipped$", "^grad_clip/threshold$"],
     ]
+
+
+# --- log_scalars: one event per step, the same record as TensorBoardLogger.log_metrics -----------
+
+
+def _scalar_records(log_dir) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("prefix", ["", "train"])
+def test_log_scalars_writes_what_log_metrics_writes(tmp_path, prefix):
+    from gradclip_plugin.tensorboard import log_scalars
+
+    ours = TensorBoardLogger(tmp_path, name="ours", version=0, prefix=prefix)
+    theirs = TensorBoardLogger(tmp_path, name="theirs", version=0, prefix=prefix)
+    steps = [{"grad_norm/total": 3.25, "grad_clip/norm": 1e-30, "grad_clip/clip_rate": 0.5},
+             {"grad_norm/total": float("nan"), "grad_clip/norm": float("inf"), "grad_clip/clip_rate": 1.0}]
+    for step, metrics in enumerate(steps):
+        assert log_scalars(ours, metrics, step)
+        theirs.log_metrics(metrics, step=step)
+    ours.finalize("success")
+    theirs.finalize("success")
+    records = _scalar_records(ours.log_dir)
+    assert records.keys() == {(f"{prefix}-" if prefix else "") + k for k in steps[0]}
+    assert str(records) == str(_scalar_records(theirs.log_dir))  # str: NaN == NaN
+
+
+def test_log_scalars_leaves_other_loggers_and_overridden_log_metrics_alone(tmp_path):
+    from gradclip_plugin.tensorboard import log_scalars
+
+    class Custom(TensorBoardLogger):
+        def log_metrics(self, metrics, step=None):
+            super().log_metrics({k + "_custom": v for k, v in metrics.items()}, step)
+
+    assert not log_scalars(CSVLogger(tmp_path), {"a": 1.0}, 0)
+    assert not log_scalars(Custom(tmp_path, name="custom"), {"a": 1.0}, 0)
+
+
+def test_callbacks_log_through_the_overridden_log_metrics(tmp_path):
+    class Custom(TensorBoardLogger):
+        def log_metrics(self, metrics, step=None):
+            super().log_metrics({k + "_custom": v for k, v in metrics.items()}, step)
+
+    _, logger = fit(tmp_path, [ClipByGlobalNorm(1.0)], logger=Custom(tmp_path, name="run", version=0))
+    logger.finalize("success")
+    assert "grad_clip/norm_custom" in scalar_tags(logger.log_dir)

@@ -84,9 +84,12 @@ def metric_key(prefix: str, name: str, idx: int, trainer: pl.Trainer) -> str:
 
 def write_metrics(trainer: pl.Trainer, keys: list[str], values: Tensor, step: int) -> None:
     """Read the 1-D ``values`` back to the host in one copy and log them under ``keys`` to every logger."""
+    from gradclip_plugin.tensorboard import log_scalars
+
     metrics = dict(zip(keys, values.tolist()))  # the one device-to-host copy of a logging step
     for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
+        if not log_scalars(logger, metrics, step):  # a TensorBoardLogger: one event for all of them
+            logger.log_metrics(metrics, step=step)
 
 
 def log_step(trainer: pl.Trainer) -> int:
