@@ -26,7 +26,7 @@ from gradclip_plugin.functional.clip import (
     scale_,
 )
 from gradclip_plugin.functional.gradients import apply_gradients, compute_gradients
-from gradclip_plugin.functional.norms import combine_norms, global_norm, segment_norms, tensor_norms
+from gradclip_plugin.functional.norms import combine_norms, global_norm, segment_norms, subset_norms, tensor_norms
 
 __all__ = [
     "AutoClipState",
@@ -55,5 +55,6 @@ __all__ = [
     "global_norm",
     "scale_",
     "segment_norms",
+    "subset_norms",
     "tensor_norms",
 ]

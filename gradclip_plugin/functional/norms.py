@@ -22,7 +22,7 @@ from gradclip_plugin.functional.distributed import ambient_shard_group, local_te
 
 Tensors = Union[Tensor, Iterable[Optional[Tensor]]]
 
-__all__ = ["Tensors", "combine_norms", "global_norm", "segment_norms", "tensor_norms"]
+__all__ = ["Tensors", "combine_norms", "global_norm", "segment_norms", "subset_norms", "tensor_norms"]
 
 
 def as_tensor_list(tensors: Tensors) -> list[Tensor]:
@@ -200,8 +200,27 @@ def segment_norms(norms: Tensor, segment_ids: Tensor, num_segments: int, norm_ty
     Returns:
         A 1-D tensor of ``num_segments`` norms.
     """
+    segments = torch.arange(num_segments, device=segment_ids.device)
+    return subset_norms(norms, segments[:, None] == segment_ids[None, :], norm_type)
+
+
+@torch.no_grad()
+def subset_norms(norms: Tensor, members: Tensor, norm_type: float = 2.0) -> Tensor:
+    """Combine per-tensor norms into the norm of each subset of the tensors, with no host read.
+
+    Args:
+        norms: 1-D per-tensor norms, as from :func:`tensor_norms`.
+        members: 2-D bool tensor, one row per subset: ``members[s, i]`` if tensor ``i`` is in
+            subset ``s``. Subsets may overlap (a row of all ``True`` gives the global norm); an
+            empty subset has norm 0, and a non-finite norm reaches only the subsets holding it.
+
+    Returns:
+        A 1-D tensor with one norm per row of ``members``: ``(sum n_i^p)^(1/p)`` over the
+        subset, or ``max n_i`` for the inf-norm.
+    """
     norm_type = check_norm_type(norm_type)
-    out = torch.zeros(num_segments, dtype=norms.dtype, device=norms.device)
     if norm_type == float("inf"):
-        return out.scatter_reduce(0, segment_ids, norms, reduce="amax", include_self=True)
-    return out.index_add(0, segment_ids, norms.pow(norm_type)).pow(1.0 / norm_type)
+        return torch.where(members, norms, 0.0).amax(dim=1)
+    powered = norms.square() if norm_type == 2.0 else norms.pow(norm_type)
+    total = torch.where(members, powered, 0.0).sum(dim=1)
+    return total.sqrt() if norm_type == 2.0 else total.pow(1.0 / norm_type)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradclip_plugin.functional import combine_norms, global_norm, segment_norms, tensor_norms
+from gradclip_plugin.functional import combine_norms, global_norm, segment_norms, subset_norms, tensor_norms
 
 NORM_TYPES = [1.0, 2.0, 3.0, math.inf]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
@@ -231,6 +231,25 @@ def test_segment_norms_match_vector_norm_per_group(norm_type):
         expected.append(_reference_norm(members, norm_type) if members else torch.tensor(0.0, dtype=torch.float64))
     torch.testing.assert_close(out.double(), torch.stack(expected), rtol=1e-6, atol=0.0)
     assert out[4] == 0
+
+
+def test_subset_norms_hand_worked_with_overlapping_and_empty_subsets():
+    norms = torch.tensor([3.0, 4.0, 12.0])
+    members = torch.tensor([[True, True, True], [True, True, False], [False, False, True], [False, False, False]])
+    torch.testing.assert_close(subset_norms(norms, members, 2.0), torch.tensor([13.0, 5.0, 12.0, 0.0]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(subset_norms(norms, members, 1.0), torch.tensor([19.0, 7.0, 12.0, 0.0]), rtol=0, atol=0)
+    torch.testing.assert_close(subset_norms(norms, members, math.inf), torch.tensor([12.0, 4.0, 12.0, 0.0]), rtol=0, atol=0)
+    expected3 = torch.tensor([(27.0 + 64.0 + 1728.0) ** (1 / 3), (27.0 + 64.0) ** (1 / 3), 12.0, 0.0])
+    torch.testing.assert_close(subset_norms(norms, members, 3.0), expected3, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_subset_norms_keep_a_non_finite_norm_in_its_own_subsets(norm_type):
+    members = torch.tensor([[True, False, False], [False, True, True], [True, True, True]])
+    for bad in (math.inf, math.nan):
+        out = subset_norms(torch.tensor([bad, 4.0, 12.0]), members, norm_type)
+        assert torch.isfinite(out[1]), out  # a masked-out inf times 0 would have made this NaN
+        assert not torch.isfinite(out[0]) and not torch.isfinite(out[2])
 
 
 def test_segment_norms_hand_worked():
