@@ -693,6 +693,10 @@ def interleaved(args: argparse.Namespace, timer: Timer, device: torch.device, da
         def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
             for cb in self.cbs:
                 cb.on_fit_start(trainer, pl_module)
+            if monitor_cls is not None:
+                # what `on_fit_start` finds when the two are neighbours in `Trainer(callbacks=...)`: the
+                # clipper reuses the monitor's norms (here they are called by this wrapper instead)
+                self.cbs[-1]._norm_source = self.cbs[0]
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             for cb in self.cbs:

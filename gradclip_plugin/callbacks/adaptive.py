@@ -22,7 +22,7 @@ from gradclip_plugin.callbacks.base import (
     NormType,
     check_positive,
 )
-from gradclip_plugin.functional import combine_norms, global_norm, scale_
+from gradclip_plugin.functional import combine_norms, scale_
 from gradclip_plugin.functional.norms import check_norm_type
 from gradclip_plugin.functional.adaptive import (
     AutoClipState,
@@ -245,7 +245,7 @@ class AutoClip(_StatefulClipCallback):
             )
 
     def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
-        return global_norm(grads), None
+        return combine_norms(self.tensor_norms(grads, 2.0), 2.0), None
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
         norm = measured[0]
@@ -376,7 +376,7 @@ class ZClip(_StatefulClipCallback):
             )
 
     def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
-        return global_norm(grads), None
+        return combine_norms(self.tensor_norms(grads, 2.0), 2.0), None
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
         norm = measured[0]

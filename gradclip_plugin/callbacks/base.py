@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import math
+import weakref
 from typing import Any, Literal, NamedTuple, Optional, Union
 
 import pytorch_lightning as pl
@@ -27,6 +28,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torchmetrics.aggregation import SumMetric
 
+from gradclip_plugin.functional import tensor_norms
 from gradclip_plugin.functional.distributed import sharded_over
 
 NonFinitePolicy = Literal["skip", "error", "zero", "ignore"]
@@ -50,6 +52,38 @@ class StepInfo(NamedTuple):
     idx: int  #: index of the optimizer in ``trainer.optimizers`` (keys per-optimizer state)
     optimizer: Any  #: the optimizer about to step
     finite: Tensor  #: bool 0-dim: whether the first measured norm was finite (before ``zero``)
+
+
+class MeasuredNorms(NamedTuple):
+    """Per-tensor gradient norms taken by a ``GradientNormMonitor``, for the clipping callback after it."""
+
+    key: tuple[int, int]  #: (trainer.global_step, optimizer index) of the step they were taken at
+    norm_type: float
+    grads: list[Any]  #: weak references to the gradients measured, in order
+    versions: tuple[int, ...]  #: their version counters then (any in-place change bumps them)
+    norms: Tensor  #: 1-D, one norm per gradient
+
+
+def measured_norms(key: tuple[int, int], norm_type: float, grads: list[Tensor], norms: Tensor) -> MeasuredNorms:
+    return MeasuredNorms(key, norm_type, [weakref.ref(g) for g in grads], tuple(g._version for g in grads), norms)
+
+
+def preceding_monitor(trainer: pl.Trainer, callback: Callback) -> Optional[Any]:
+    """The ``GradientNormMonitor`` whose ``on_before_optimizer_step`` runs right before ``callback``'s.
+
+    Callbacks in between that do not override the hook run no code there; any other one (which
+    might change the gradients) makes the answer ``None``.
+    """
+    from gradclip_plugin.callbacks.monitor import GradientNormMonitor
+
+    callbacks = list(trainer.callbacks)
+    at = next((i for i, cb in enumerate(callbacks) if cb is callback), 0)
+    for cb in reversed(callbacks[:at]):
+        if isinstance(cb, GradientNormMonitor):
+            return cb
+        if type(cb).on_before_optimizer_step is not Callback.on_before_optimizer_step:
+            return None
+    return None
 
 
 def check_positive(name: str, value: Any, allow_none: bool = False) -> None:
@@ -210,6 +244,8 @@ class GradientClipCallback(Callback):
         self._steps_since_log: dict[int, int] = {}  # host-known: steps counted in the two above
         self._warned_nonfinite = False
         self._shard_group: Optional[Any] = None  # FSDP1's, set in on_fit_start
+        self._norm_source: Optional[Any] = None  # a GradientNormMonitor right before this callback
+        self._step_key = (-1, -1)  # (global step, optimizer index) of the step being clipped
         self.step: Optional[StepInfo] = None  # the step in progress, for ``clip_``/``extra_metrics``
 
     # ------------------------------------------------------------------ to implement
@@ -260,6 +296,7 @@ class GradientClipCallback(Callback):
         # again: `configure_model` may have created the parameters since `setup`
         check_include(type(self).__name__, self.include, pl_module)
         self._shard_group = flat_shard_group(trainer)  # the strategy has wrapped the model by now
+        self._norm_source = preceding_monitor(trainer, self)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from gradclip_plugin.tensorboard import write_layout
@@ -289,6 +326,7 @@ class GradientClipCallback(Callback):
                 "optimizer unscales inside `step()` (e.g. `fused=True`), so the gradients it sees here are still "
                 "scaled by the loss scale. Use `fused=False`, or `precision='bf16-mixed'` which needs no scaler."
             )
+        self._step_key = (trainer.global_step, idx)
         measured = self.measure(grads)
         finite = torch.isfinite(measured[0])
         self.step = StepInfo(idx, optimizer, finite)
@@ -345,6 +383,22 @@ class GradientClipCallback(Callback):
             self._steps_since_log[int(i)] = int(steps)
 
     # ------------------------------------------------------------------ helpers
+    def tensor_norms(self, grads: list[Tensor], norm_type: float) -> Tensor:
+        """``tensor_norms(grads, norm_type)`` for ``measure``: on a step where the ``GradientNormMonitor``
+        right before this callback measured these very gradients (same tensors, unchanged since, same
+        ``norm_type``), its numbers, so that monitoring and clipping share one pass."""
+        source = self._norm_source
+        m = source.measured if source is not None else None
+        if (
+            m is not None
+            and m.key == self._step_key
+            and m.norm_type == norm_type
+            and len(m.grads) == len(grads)
+            and all(r() is g and g._version == v for r, g, v in zip(m.grads, grads, m.versions))
+        ):
+            return m.norms
+        return tensor_norms(grads, norm_type)
+
     def metric_key(self, name: str, idx: int, trainer: pl.Trainer) -> str:
         """This callback's key for metric ``name`` of optimizer ``idx`` (see :func:`metric_key`)."""
         return metric_key(self._key_prefix, name, idx, trainer)
@@ -370,8 +424,8 @@ class GradientClipCallback(Callback):
             clipped, finite = self._clipped_steps[idx], self._finite_steps[idx]
             # 0 when every step since the last log was non-finite (none could be clipped)
             values["clip_rate"] = clipped.compute() / finite.compute().clamp(min=1)
-            self._restart(clipped)
-            self._restart(finite)
+            clipped.reset()  # computed again only after an update (`_steps_since_log` > 0)
+            finite.reset()
             self._steps_since_log[idx] = 0
         values["nonfinite_steps"] = self._nonfinite_steps[idx].compute()
         device = values["nonfinite_steps"].device

@@ -14,7 +14,7 @@ from gradclip_plugin.callbacks.base import (
     NormType,
     check_positive,
 )
-from gradclip_plugin.functional import clip_by_value_, clip_coefficient, combine_norms, scale_, tensor_norms
+from gradclip_plugin.functional import clip_by_value_, clip_coefficient, combine_norms, scale_
 from gradclip_plugin.functional.norms import check_norm_type
 
 __all__ = ["ClipByGlobalNorm", "ClipByNorm", "ClipByValue"]
@@ -59,7 +59,7 @@ class ClipByValue(GradientClipCallback):
         self.clip_value = float(clip_value)
 
     def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
-        return combine_norms(tensor_norms(grads, _INF), _INF), None
+        return combine_norms(self.tensor_norms(grads, _INF), _INF), None
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
         norm = measured[0]
@@ -85,6 +85,14 @@ class _MaxNormCallback(GradientClipCallback):
         super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, log_prefix=log_prefix)
         self.max_norm = float(max_norm)
         self.norm_type = check_norm_type(norm_type)
+        self._max_norm_tensor: Optional[Tensor] = None
+
+    def threshold_like(self, norm: Tensor) -> Tensor:
+        """``max_norm`` as a 0-dim tensor like ``norm``, made once (not a fill kernel every step); read only."""
+        t = self._max_norm_tensor
+        if t is None or t.device != norm.device or t.dtype != norm.dtype:
+            t = self._max_norm_tensor = torch.full_like(norm, self.max_norm)
+        return t
 
 
 class ClipByNorm(_MaxNormCallback):
@@ -112,14 +120,14 @@ class ClipByNorm(_MaxNormCallback):
     """
 
     def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
-        norms = tensor_norms(grads, self.norm_type)
+        norms = self.tensor_norms(grads, self.norm_type)
         return combine_norms(norms, self.norm_type), norms
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
         norm, norms = measured
-        coefs = clip_coefficient(self.max_norm, norms)
+        threshold = self.threshold_like(norm)
+        coefs = clip_coefficient(threshold, norms)
         scale_(grads, coefs)
-        threshold = torch.full_like(norm, self.max_norm)
         return ClipStats(norm, combine_norms(norms * coefs, self.norm_type), threshold, (coefs < 1).any())
 
 
@@ -149,11 +157,11 @@ class ClipByGlobalNorm(_MaxNormCallback):
     """
 
     def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
-        return combine_norms(tensor_norms(grads, self.norm_type), self.norm_type), None
+        return combine_norms(self.tensor_norms(grads, self.norm_type), self.norm_type), None
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
         norm = measured[0]
-        coef = clip_coefficient(self.max_norm, norm)
+        threshold = self.threshold_like(norm)
+        coef = clip_coefficient(threshold, norm)
         scale_(grads, coef)
-        threshold = torch.full_like(norm, self.max_norm)
         return ClipStats(norm, norm * coef, threshold, coef < 1)

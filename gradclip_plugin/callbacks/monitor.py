@@ -15,8 +15,10 @@ from gradclip_plugin.callbacks.base import (
     NormType,
     _check_patterns,
     check_include,
+    MeasuredNorms,
     flat_shard_group,
     gradient_pairs,
+    measured_norms,
     metric_key,
     selects,
     log_step,
@@ -24,7 +26,7 @@ from gradclip_plugin.callbacks.base import (
     should_log,
     write_metrics,
 )
-from gradclip_plugin.functional import combine_norms, segment_norms, tensor_norms
+from gradclip_plugin.functional import subset_norms, tensor_norms
 from gradclip_plugin.functional.norms import check_norm_type
 from gradclip_plugin.functional.distributed import sharded_over
 
@@ -75,7 +77,9 @@ class GradientNormMonitor(Callback):
 
     It reads the gradients in ``on_before_optimizer_step``, in the order of ``Trainer(callbacks=[...])``:
     placed **before** a clipping callback it logs the pre-clip norms, placed **after** it the
-    post-clip norms. Use two monitors with different ``log_prefix`` to see both.
+    post-clip norms. Use two monitors with different ``log_prefix`` to see both. A clipping
+    callback placed right after a monitor reuses the monitor's per-tensor norms on logging steps
+    (same gradients, unchanged since), so monitoring adds no second pass over the gradients.
 
     Args:
         norm_type: order of the norm: any positive number, or ``inf``.
@@ -146,8 +150,10 @@ class GradientNormMonitor(Callback):
         self._shard_group: Optional[Any] = None  # FSDP1's, set in on_fit_start
         # per optimizer index: (ids of its params, [(param, group index)], group names)
         self._plan: dict[int, tuple[tuple[int, ...], list[tuple[Tensor, int]], list[str]]] = {}
-        # (optimizer index, group indices of the params with a gradient) -> (segment ids, names)
+        # (optimizer index, group indices of the params with a gradient) -> (subsets, groups, names)
         self._segments: dict[tuple[int, tuple[int, ...]], tuple[Tensor, list[int], list[str]]] = {}
+        #: the per-tensor norms of the last logging step, which a clipping callback right after reuses
+        self.measured: Optional[MeasuredNorms] = None
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -192,12 +198,12 @@ class GradientNormMonitor(Callback):
         if not pairs:
             return
         grads = [g for _, g in pairs]
-        seg_ids, segments, names = self._segments_for(
+        members, segments, names = self._segments_for(
             idx, tuple(group_of_param[id(p)] for p, _ in pairs), plan[2], grads[0].device
         )
         if log_scalars:
             with sharded_over(self._shard_group):
-                self._log_norms(trainer, idx, grads, seg_ids, names, step)
+                self._log_norms(trainer, idx, grads, members, names, step)
         if log_hist:
             self._log_histograms(trainer, idx, grads, segments, names, step)
 
@@ -208,14 +214,13 @@ class GradientNormMonitor(Callback):
 
     @torch.no_grad()
     def _log_norms(
-        self, trainer: pl.Trainer, idx: int, grads: list[Tensor], seg_ids: Tensor, names: list[str], step: int
+        self, trainer: pl.Trainer, idx: int, grads: list[Tensor], members: Tensor, names: list[str], step: int
     ) -> None:
         norms = tensor_norms(grads, self.norm_type)
-        total = combine_norms(norms, self.norm_type)
-        groups = segment_norms(norms, seg_ids, len(names), self.norm_type)
+        self.measured = measured_norms((trainer.global_step, idx), self.norm_type, grads, norms)
         keys = ["total"] + [n if n != "total" else "total_" for n in names]
         keys = [self.metric_key(k, idx, trainer) for k in keys]
-        write_metrics(trainer, keys, torch.cat([total.reshape(1), groups]), step)
+        write_metrics(trainer, keys, subset_norms(norms, members, self.norm_type), step)  # total, then groups
 
     @torch.no_grad()
     def _log_histograms(
@@ -262,15 +267,17 @@ class GradientNormMonitor(Callback):
     def _segments_for(
         self, idx: int, groups: tuple[int, ...], all_names: list[str], device: torch.device
     ) -> tuple[Tensor, list[int], list[str]]:
-        """Segment ids of the gradients present (device tensor and host list), numbered over the groups
-        that have one, and those groups' names."""
+        """For the gradients present: the subsets to take norms of (a bool device tensor, one row for all
+        of them, then one per group that has one), each gradient's group (host list, numbered over
+        those groups), and those groups' names."""
         cached = self._segments.get((idx, groups))
         if cached is None or cached[0].device != device:
             order = sorted(set(groups))
             compact = {g: i for i, g in enumerate(order)}
             segments = [compact[g] for g in groups]
-            ids = torch.tensor(segments, dtype=torch.int64, device=device)
-            cached = self._segments[(idx, groups)] = (ids, segments, [all_names[g] for g in order])
+            rows = [[True] * len(segments)] + [[s == k for s in segments] for k in range(len(order))]
+            members = torch.tensor(rows, dtype=torch.bool, device=device)
+            cached = self._segments[(idx, groups)] = (members, segments, [all_names[g] for g in order])
         return cached
 
 

@@ -15,7 +15,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from gradclip_plugin.callbacks import ClipByGlobalNorm
+from gradclip_plugin.callbacks import ClipByGlobalNorm, ClipByNorm, ZClip
 from gradclip_plugin.callbacks.monitor import GradientNormMonitor, auto_depth, group_of
 
 NORM_TYPES = [1.0, 2.0, 3.0, math.inf]
@@ -355,3 +355,87 @@ def test_include_matching_nothing_is_refused(tmp_path):
     trainer = make_trainer(tmp_path, [GradientNormMonitor(include=["decoder.*"])], max_steps=1)
     with pytest.raises(MisconfigurationException, match="'decoder.\\*' matches no parameter of TinyModel"):
         trainer.fit(TinyModel(), make_loader())
+
+
+# --- one norm pass for a monitor and the clipping callback right after it ------------------------
+
+
+class CountNormPasses:
+    """Counts the clipping callbacks' own ``tensor_norms`` calls (the monitor's are not counted)."""
+
+    def __init__(self, monkeypatch):
+        import gradclip_plugin.callbacks.base as base
+
+        self.calls = 0
+        original = base.tensor_norms
+
+        def counted(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(base, "tensor_norms", counted)
+
+
+class DoubleGradients(Callback):
+    """Changes the gradients in place between the monitor and the clipper."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        for p in pl_module.parameters():
+            p.grad.mul_(2.0)
+
+
+def _final_weights(tmp_path, callbacks, **kwargs):
+    torch.manual_seed(0)
+    model = TinyModel()
+    make_trainer(tmp_path, callbacks, max_steps=4, **kwargs).fit(model, make_loader())
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("clip", [lambda: ClipByGlobalNorm(1.0), lambda: ClipByNorm(0.5), lambda: ZClip(warmup_steps=2)],
+                         ids=["global", "per-tensor", "zclip"])
+def test_clipper_after_a_monitor_reuses_its_norms_and_clips_the_same(tmp_path, monkeypatch, clip):
+    alone = _final_weights(tmp_path / "alone", [clip()])
+    passes = CountNormPasses(monkeypatch)
+    logger = CSVLogger(tmp_path, name="shared")
+    shared = _final_weights(tmp_path / "shared", [GradientNormMonitor(), clip()], logger=logger)
+    assert passes.calls == 0  # every step logs (log_every_n_steps=1): the clipper never measured again
+    for a, b in zip(alone, shared):
+        assert torch.equal(a, b)
+
+
+def test_clipper_measures_itself_on_steps_the_monitor_does_not_log(tmp_path, monkeypatch):
+    passes = CountNormPasses(monkeypatch)
+    logger = CSVLogger(tmp_path, name="run")
+    _final_weights(tmp_path, [GradientNormMonitor(), ClipByGlobalNorm(1.0)], logger=logger, log_every_n_steps=2)
+    assert passes.calls == 2  # steps 0 and 2 do not log; 1 and 3 reuse the monitor's norms
+
+
+def test_a_callback_between_monitor_and_clipper_stops_the_reuse(tmp_path, monkeypatch):
+    passes = CountNormPasses(monkeypatch)
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    probe = GradProbe()
+    clip = ClipByGlobalNorm(1.0)
+    _final_weights(tmp_path, [GradientNormMonitor(), DoubleGradients(), probe, clip], logger=logger)
+    assert passes.calls == 4
+    logged = tb_scalars(logger.log_dir)
+    for step, (_, norm) in enumerate(logged["grad_clip/norm"]):  # the doubled gradients' norm, not the monitor's
+        assert norm == pytest.approx(reference_norm(list(probe.steps[step].values()), 2.0), rel=1e-6)
+        assert norm == pytest.approx(2 * logged["grad_norm/total"][step][1], rel=1e-6)
+
+
+def test_gradients_changed_in_place_after_the_monitor_are_measured_again():
+    from gradclip_plugin.callbacks.base import measured_norms
+    from gradclip_plugin.functional import tensor_norms
+
+    grads = [torch.ones(3), torch.full((2,), 2.0)]
+    monitor, clip = GradientNormMonitor(), ClipByGlobalNorm(1.0)
+    clip._norm_source, clip._step_key = monitor, (5, 0)
+    monitor.measured = measured_norms((5, 0), 2.0, grads, tensor_norms(grads))
+    assert clip.tensor_norms(grads, 2.0) is monitor.measured.norms
+    assert clip.tensor_norms(grads, 1.0) is not monitor.measured.norms  # another norm order
+    assert clip.tensor_norms(grads[:1], 2.0) is not monitor.measured.norms  # other tensors
+    clip._step_key = (6, 0)
+    assert clip.tensor_norms(grads, 2.0) is not monitor.measured.norms  # another step
+    clip._step_key = (5, 0)
+    grads[1].mul_(3.0)
+    assert torch.equal(clip.tensor_norms(grads, 2.0), tensor_norms(grads))  # changed in place: measured again
