@@ -116,13 +116,14 @@ def log_scalars(logger: Any, metrics: dict[str, float], step: int) -> bool:
     if rank_zero_only.rank != 0:
         return True  # `log_metrics` is rank-zero only as well
     writer = logger.experiment
-    if not isinstance(writer, SummaryWriter):  # tensorboardX: leave it to the logger
+    file_writer = getattr(writer, "_get_file_writer", None)  # what `add_scalar` writes through
+    if not isinstance(writer, SummaryWriter) or file_writer is None:  # tensorboardX: leave it to the logger
         return False
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if logger._prefix else ""  # as `log_metrics` adds it
     summary = Summary(value=[Summary.Value(tag=prefix + k, simple_value=v) for k, v in metrics.items()])
-    writer._get_file_writer().add_summary(summary, step)
+    file_writer().add_summary(summary, step)
     return True
 
 

@@ -172,6 +172,7 @@ class GradientNormMonitor(Callback):
         self._plan.clear()
         self._segments.clear()
         self._depth = None
+        self.measured = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_include("GradientNormMonitor", self.include, pl_module)
