@@ -77,6 +77,12 @@ def layout(trainer: pl.Trainer, tag_prefix: str = "") -> Layout:
     return {CATEGORY: charts} if charts else {}
 
 
+def _tag_prefix(logger: Any) -> str:
+    """What ``TensorBoardLogger(prefix=...)`` puts before every metric name: ``"<prefix>-"``, or ``""``."""
+    prefix = getattr(logger, "_prefix", "")
+    return f"{prefix}{logger.LOGGER_JOIN_CHAR}" if prefix else ""
+
+
 def write_layout(trainer: pl.Trainer) -> None:
     """Write :func:`layout` to each ``TensorBoardLogger`` of the Trainer, unless already written there.
 
@@ -89,8 +95,7 @@ def write_layout(trainer: pl.Trainer) -> None:
     for logger in trainer.loggers:
         if not isinstance(logger, TensorBoardLogger):
             continue
-        prefix = getattr(logger, "_prefix", "")  # TensorBoardLogger(prefix=...) prepends "<prefix>-"
-        wanted = layout(trainer, f"{prefix}{logger.LOGGER_JOIN_CHAR}" if prefix else "")
+        wanted = layout(trainer, _tag_prefix(logger))
         writer = logger.experiment
         if not wanted or _written.get(writer) == wanted:
             continue
@@ -121,7 +126,7 @@ def log_scalars(logger: Any, metrics: dict[str, float], step: int) -> bool:
         return False
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    prefix = f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if logger._prefix else ""  # as `log_metrics` adds it
+    prefix = _tag_prefix(logger)
     summary = Summary(value=[Summary.Value(tag=prefix + k, simple_value=v) for k, v in metrics.items()])
     file_writer().add_summary(summary, step)
     return True

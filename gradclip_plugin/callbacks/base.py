@@ -63,6 +63,16 @@ class MeasuredNorms(NamedTuple):
     versions: tuple[int, ...]  #: their version counters then (any in-place change bumps them)
     norms: Tensor  #: 1-D, one norm per gradient
 
+    def norms_for(self, key: tuple[int, int], norm_type: float, grads: list[Tensor]) -> Optional[Tensor]:
+        """``norms`` if they are the ``norm_type``-norms of exactly ``grads``, unchanged since, at step ``key``."""
+        same = (
+            key == self.key
+            and norm_type == self.norm_type
+            and len(grads) == len(self.grads)
+            and all(r() is g and g._version == v for r, g, v in zip(self.grads, grads, self.versions))
+        )
+        return self.norms if same else None
+
 
 def measured_norms(key: tuple[int, int], norm_type: float, grads: list[Tensor], norms: Tensor) -> MeasuredNorms:
     return MeasuredNorms(key, norm_type, [weakref.ref(g) for g in grads], tuple(g._version for g in grads), norms)
@@ -387,17 +397,9 @@ class GradientClipCallback(Callback):
         """``tensor_norms(grads, norm_type)`` for ``measure``: on a step where the ``GradientNormMonitor``
         right before this callback measured these very gradients (same tensors, unchanged since, same
         ``norm_type``), its numbers, so that monitoring and clipping share one pass."""
-        source = self._norm_source
-        m = source.measured if source is not None else None
-        if (
-            m is not None
-            and m.key == self._step_key
-            and m.norm_type == norm_type
-            and len(m.grads) == len(grads)
-            and all(r() is g and g._version == v for r, g, v in zip(m.grads, grads, m.versions))
-        ):
-            return m.norms
-        return tensor_norms(grads, norm_type)
+        measured = self._norm_source.measured if self._norm_source is not None else None
+        norms = measured.norms_for(self._step_key, norm_type, grads) if measured is not None else None
+        return norms if norms is not None else tensor_norms(grads, norm_type)
 
     def metric_key(self, name: str, idx: int, trainer: pl.Trainer) -> str:
         """This callback's key for metric ``name`` of optimizer ``idx`` (see :func:`metric_key`)."""
