@@ -173,7 +173,8 @@ def test_tensor_norms_of_large_float16_are_finite():
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_large_half_tensors_on_cpu_are_measured_in_float32_chunks(dtype, norm_type):
-    # Past _CHUNKED_MIN elements a CPU half tensor is cast chunk by chunk (see norms._cpu_half_norms).
+    # Past _CHUNKED_MIN elements a CPU half tensor is cast chunk by chunk for orders other than 2
+    # (see norms._cpu_half_norms; the 2-norm is checked the same way below).
     # These sizes cross chunk boundaries, end mid-row (the padded last row) and include a transposed
     # (non-contiguous) tensor and a small one between them; squares of 300 overflow float16.
     from gradclip_plugin.functional import norms
@@ -188,6 +189,45 @@ def test_large_half_tensors_on_cpu_are_measured_in_float32_chunks(dtype, norm_ty
     torch.testing.assert_close(per_tensor.double(), expected, rtol=1e-6, atol=0.0)
     torch.testing.assert_close(global_norm(tensors, norm_type).double(), _reference_norm(tensors, norm_type),
                                rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_two_norms_on_cpu_come_from_float32_row_statistics(dtype):
+    # The 2-norm of a CPU half tensor is summed from rows of _BN_ROW elements (batch-norm statistics)
+    # plus the tail that fills no row. Sizes: whole rows, rows and a tail, a tail alone, one element,
+    # empty; a transposed (non-contiguous) tensor; squares of 300 overflow float16; an offset mean
+    # makes L * mean^2 dominate L * var.
+    from gradclip_plugin.functional import norms
+
+    row = norms._BN_ROW
+    g = torch.Generator().manual_seed(5)
+    sizes = [row * 3, row * 2 + 5, row - 1, row, 1, 0]
+    tensors = [(torch.randn(n, generator=g) * 300).to(dtype) for n in sizes]
+    tensors.append((torch.randn(row + 3, 7, generator=g) * 300).to(dtype).t())
+    tensors.append((torch.rand(row * 2 + 9, generator=g) + 50).to(dtype))
+    expected = torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors])
+    per_tensor = tensor_norms(tensors)
+    assert per_tensor.dtype == torch.float32
+    torch.testing.assert_close(per_tensor.double(), expected, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(global_norm(tensors).double(), _reference_norm(tensors, 2.0), rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_two_norms_on_cpu_keep_inf_and_nan(dtype):
+    from gradclip_plugin.functional import norms
+
+    row = norms._BN_ROW
+    ones = torch.ones(row * 3 + 2, dtype=dtype)
+    pos, neg, nan, tail_inf, both = ones.clone(), ones.clone(), ones.clone(), ones.clone(), ones.clone()
+    pos[row + 1] = math.inf
+    neg[5] = -math.inf
+    nan[row * 2] = math.nan
+    tail_inf[-1] = math.inf
+    both[0], both[row] = math.inf, -math.inf  # in different rows
+    out = tensor_norms([pos, neg, nan, tail_inf, both, ones])
+    assert out[:5].isinf().tolist() == [True, True, False, True, True]
+    assert out[2].isnan()
+    torch.testing.assert_close(out[5], torch.linalg.vector_norm(ones.float()), rtol=1e-6, atol=0.0)
 
 
 # --- combine_norms --------------------------------------------------------------------------------
