@@ -24,6 +24,7 @@ from gradclip_plugin.functional.norms import (
     as_tensor_list,
     global_norm,
     group_by_device_and_dtype,
+    all_plain,
     tensor_norms,
 )
 
@@ -144,6 +145,11 @@ def clip_by_global_norm(
     return [None if t is None else _scaled(t, scale) for t in t_list], norm
 
 
+def _local(tensors: list[Tensor]) -> list[Tensor]:
+    """This rank's shards of any DTensors (in-place ops on them reach the DTensors), the rest as they are."""
+    return tensors if all_plain(tensors) else [local_tensor(t) for t in tensors]
+
+
 def _scaled(t: Tensor, scale: Tensor) -> Tensor:
     """``t * scale`` rounded once to ``t``'s dtype; half tensors are multiplied in float32, since a
     coefficient cast to float16 first can round to a subnormal and overshoot the threshold."""
@@ -172,12 +178,13 @@ def scale_(tensors: Tensors, coef: Tensor) -> None:
     Uses the foreach kernels per (device, dtype) group; reads nothing back to the host. A DTensor
     is scaled through its local shard (DTensor's foreach ops refuse lists mixing it with plain tensors).
     """
-    tensors = [local_tensor(t) for t in as_tensor_list(tensors)]
+    tensors = _local(as_tensor_list(tensors))
     if not tensors:
         return
     per_tensor = coef.dim() == 1
-    for (device, _), idx in group_by_device_and_dtype(tensors).items():
-        group = [tensors[i] for i in idx]
+    groups = group_by_device_and_dtype(tensors)
+    for (device, _), idx in groups.items():
+        group = tensors if len(groups) == 1 else [tensors[i] for i in idx]
         c = coef.to(device)
         if per_tensor:
             parts = c.unbind()  # views: indexing with a Python list would copy an index tensor to the device
@@ -194,7 +201,7 @@ def clip_by_value_(tensors: Tensors, clip_value: Number) -> None:
         Mikolov 2012 (thesis), Pascanu et al. 2013: element-wise gradient clipping.
     """
     _check_threshold("clip_value", clip_value)
-    tensors = [local_tensor(t) for t in as_tensor_list(tensors)]
+    tensors = _local(as_tensor_list(tensors))
     for _, idx in group_by_device_and_dtype(tensors).items():
         group = [tensors[i] for i in idx]
         torch._foreach_clamp_min_(group, -clip_value)
