@@ -128,6 +128,11 @@ class _StatefulClipCallback(GradientClipCallback):
     ``state_dict`` saves it with tensors on the CPU, ``load_state_dict`` restores it, and it moves back
     to the gradients' device on first use. The checkpoint entry is keyed by ``state_key`` (class name
     and init arguments), so two instances in one Trainer keep separate state.
+
+    The statistics take a step's norm only if the first measured norm was finite (``step.finite``,
+    a host bool where the base class read it): under ``nonfinite="zero"`` the base class zeroes the
+    bad entries and measures again, and that finite norm is clipped against but is not the
+    gradient's true size, so it stays out of the history as the non-finite norm itself would.
     """
 
     _state_type: type[NamedTuple]
@@ -135,15 +140,6 @@ class _StatefulClipCallback(GradientClipCallback):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._states: dict[int, Any] = {}
-
-    def _stat_norm(self, norm: Tensor) -> Tensor:
-        """The norm the statistics may see: NaN (so left out) if the step's gradients were non-finite.
-
-        Under ``nonfinite="zero"`` the base class zeroes the bad entries and measures again; that
-        finite norm is clipped against, but it is not the gradient's true size and stays out of the
-        history, as the non-finite norm itself would.
-        """
-        return torch.where(self.step.finite, norm, torch.full_like(norm, float("nan")))
 
     def _state(self, norm: Tensor) -> Any:
         state = self._states.get(self.step.idx)
@@ -172,8 +168,11 @@ class _StatefulClipCallback(GradientClipCallback):
                     f"{type(self).__name__}: the checkpoint's state for optimizer {i} has fields {sorted(saved)}, "
                     f"expected {sorted(fields)}; it was not written by this version of {type(self).__name__}"
                 )
-            self._check_loaded(self._state_type(**saved))
-            self._states[int(i)] = self._state_type(**saved)
+            # the count back on the host (a CPU tensor in older checkpoints): updates whose finiteness the
+            # host knows keep it there and branch on it instead of selecting on the device
+            state = self._state_type(**{**saved, "count": int(saved["count"])})
+            self._check_loaded(state)
+            self._states[int(i)] = state
 
     def _check_loaded(self, state: Any) -> None:
         """Raise ``ValueError`` if a restored state does not fit this instance's arguments."""
@@ -249,7 +248,9 @@ class AutoClip(_StatefulClipCallback):
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
         norm = measured[0]
-        state, threshold = autoclip_update(self._state(norm), self._stat_norm(norm), self.percentile, self.history_size)
+        state, threshold = autoclip_update(
+            self._state(norm), norm, self.percentile, self.history_size, finite=self.step.finite
+        )
         self._states[self.step.idx] = state
         coef = threshold_coefficient(threshold, norm)
         scale_(grads, coef)
@@ -382,7 +383,7 @@ class ZClip(_StatefulClipCallback):
         norm = measured[0]
         state, threshold, z, spike = zclip_update(
             self._state(norm),
-            self._stat_norm(norm),
+            norm,
             alpha=self.alpha,
             z_thresh=self.z_thresh,
             max_norm=self.max_norm,
@@ -391,6 +392,7 @@ class ZClip(_StatefulClipCallback):
             clip_option=self.clip_option,
             clip_factor=self.clip_factor,
             skip_update_on_spike=self.skip_update_on_spike,
+            finite=self.step.finite,
         )
         self._states[self.step.idx] = state
         self._z[self.step.idx] = z

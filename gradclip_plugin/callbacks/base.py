@@ -51,7 +51,9 @@ class StepInfo(NamedTuple):
 
     idx: int  #: index of the optimizer in ``trainer.optimizers`` (keys per-optimizer state)
     optimizer: Any  #: the optimizer about to step
-    finite: Tensor  #: bool 0-dim: whether the first measured norm was finite (before ``zero``)
+    #: whether the first measured norm was finite (before ``zero``): a Python bool where the host read
+    #: it (the ``skip``/``error``/``zero`` policies without a loss scaler), else a bool 0-dim tensor
+    finite: Union[bool, Tensor]
 
 
 class MeasuredNorms(NamedTuple):
@@ -252,6 +254,8 @@ class GradientClipCallback(Callback):
         self._finite_steps: dict[int, SumMetric] = {}
         self._nonfinite_steps: dict[int, SumMetric] = {}
         self._steps_since_log: dict[int, int] = {}  # host-known: steps counted in the two above
+        # finite steps since the last log that the host read as finite (not counted in _finite_steps)
+        self._known_finite_steps: dict[int, int] = {}
         self._warned_nonfinite = False
         self._shard_group: Optional[Any] = None  # FSDP1's, set in on_fit_start
         self._norm_source: Optional[Any] = None  # a GradientNormMonitor right before this callback
@@ -337,12 +341,20 @@ class GradientClipCallback(Callback):
                 "scaled by the loss scale. Use `fused=False`, or `precision='bf16-mixed'` which needs no scaler."
             )
         self._step_key = (trainer.global_step, idx)
+        device = grads[0].device
         measured = self.measure(grads)
-        finite = torch.isfinite(measured[0])
-        self.step = StepInfo(idx, optimizer, finite)
-        counter = self._count(self._nonfinite_steps, idx, grads[0].device)
-        if scaler is None and self.nonfinite != "ignore" and not bool(finite):  # one host read per step
-            counter.update(torch.ones((), device=grads[0].device))
+        finite: Union[bool, Tensor] = torch.isfinite(measured[0])
+        counter = self._count(self._nonfinite_steps, idx, device)
+        # `counted`: whether the norm clipped against is finite (after `zero`), for the clip rate
+        if scaler is not None or self.nonfinite == "ignore":
+            # sync-free: the host does not know; under a scaler the scaler skips the step. Count on the device.
+            counter.update(~finite)
+            counted = finite
+        elif bool(finite):  # one host read per step; from here on the host knows, and selects nothing
+            finite = counted = True
+        else:
+            finite = False
+            counter.update(torch.ones((), device=device))
             if self.nonfinite == "error":
                 bad = [self._names.get(id(p), "?") for p, g in pairs if not torch.isfinite(g).all()]
                 raise RuntimeError(
@@ -359,14 +371,16 @@ class GradientClipCallback(Callback):
             for g in grads:
                 torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
             measured = self.measure(grads)
-            finite = torch.isfinite(measured[0])
-        elif scaler is not None or self.nonfinite == "ignore":
-            # sync-free: the host does not know; under a scaler the scaler skips the step. Count on the device.
-            counter.update(~finite)
+            counted = torch.isfinite(measured[0])  # zeroed, the squares can still overflow
+        self.step = StepInfo(idx, optimizer, finite)
         stats = self.clip_(grads, params, measured)
         # counts, not a weighted MeanMetric: with nan_strategy="disable" torchmetrics ignores weights
-        self._count(self._clipped_steps, idx, grads[0].device).update(stats.clipped & finite)
-        self._count(self._finite_steps, idx, grads[0].device).update(finite)
+        if counted is True:
+            self._count(self._clipped_steps, idx, device).update(stats.clipped)
+            self._known_finite_steps[idx] = self._known_finite_steps.get(idx, 0) + 1
+        else:
+            self._count(self._clipped_steps, idx, device).update(stats.clipped & counted)
+            self._count(self._finite_steps, idx, device).update(counted)
         self._steps_since_log[idx] = self._steps_since_log.get(idx, 0) + 1
         if should_log(trainer):
             self._log(trainer, idx, stats)
@@ -377,7 +391,7 @@ class GradientClipCallback(Callback):
         return {
             "nonfinite_steps": {i: float(m.compute()) for i, m in self._nonfinite_steps.items()},
             "clip_rate": {
-                i: (float(self._clipped_steps[i].compute()), float(self._finite_steps[i].compute()), n)
+                i: (float(self._clipped_steps[i].compute()), float(self._finite_count(i)), n)
                 for i, n in self._steps_since_log.items()
                 if n
             },
@@ -390,6 +404,7 @@ class GradientClipCallback(Callback):
         for i, (clipped, finite, steps) in state_dict.get("clip_rate", {}).items():
             self._restart(self._count(self._clipped_steps, int(i), cpu), clipped)
             self._restart(self._count(self._finite_steps, int(i), cpu), finite)
+            self._known_finite_steps[int(i)] = 0
             self._steps_since_log[int(i)] = int(steps)
 
     # ------------------------------------------------------------------ helpers
@@ -423,17 +438,23 @@ class GradientClipCallback(Callback):
             values.update(norm=stats.norm, norm_clipped=stats.norm_clipped, threshold=stats.threshold)
             values.update(self.extra_metrics())
         if self._steps_since_log.get(idx):
-            clipped, finite = self._clipped_steps[idx], self._finite_steps[idx]
+            clipped = self._clipped_steps[idx]
             # 0 when every step since the last log was non-finite (none could be clipped)
-            values["clip_rate"] = clipped.compute() / finite.compute().clamp(min=1)
+            values["clip_rate"] = clipped.compute() / self._finite_count(idx).clamp(min=1)
             clipped.reset()  # computed again only after an update (`_steps_since_log` > 0)
-            finite.reset()
+            self._restart(self._count(self._finite_steps, idx, clipped.device))
+            self._known_finite_steps[idx] = 0
             self._steps_since_log[idx] = 0
         values["nonfinite_steps"] = self._nonfinite_steps[idx].compute()
         device = values["nonfinite_steps"].device
         stacked = [v if v.device == device else v.to(device) for v in values.values()]
         keys = [self.metric_key(k, idx, trainer) for k in values]
         write_metrics(trainer, keys, torch.stack([v.float() for v in stacked]), log_step(trainer))
+
+    def _finite_count(self, idx: int) -> Tensor:
+        """Finite steps since the last log: those counted on the device plus those the host read as finite."""
+        device = self._clipped_steps[idx].device
+        return self._count(self._finite_steps, idx, device).compute() + self._known_finite_steps.get(idx, 0)
 
     @classmethod
     def _count(cls, store: dict[int, SumMetric], idx: int, device: torch.device) -> SumMetric:

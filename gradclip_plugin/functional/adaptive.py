@@ -14,6 +14,7 @@ integers that the caller knows without reading a tensor), and each step is one p
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from typing import Literal, NamedTuple, Optional, Union
@@ -217,7 +218,38 @@ def threshold_coefficient(threshold: Tensor, norm: Tensor) -> Tensor:
     can be 0 (a history of zero gradients) and ``0 / 0`` would poison the gradients. A NaN norm
     gives 1 (the gradients are already NaN and the non-finite policy decides their fate).
     """
-    return torch.where(norm > threshold, threshold / norm, torch.ones_like(norm))
+    return torch.where(norm > threshold, threshold / norm, 1.0)
+
+
+# A condition either the host knows (a Python bool: the caller read it anyway, e.g. to decide whether
+# to skip a non-finite step) or only the device does (a bool 0-dim tensor). The updates below branch in
+# Python on what the host knows and select with `torch.where` on the rest: the same arithmetic either
+# way, so both give bit-identical results, and a step the host knows all about runs a few kernels.
+Flag = Union[bool, Tensor]
+
+
+def _select(cond: Flag, a: Tensor, b: Tensor) -> Tensor:
+    """``torch.where(cond, a, b)``, or ``a`` or ``b`` itself when the host knows ``cond``."""
+    if isinstance(cond, bool):
+        return a if cond else b
+    return torch.where(cond, a, b)
+
+
+def _not(cond: Flag) -> Flag:
+    return (not cond) if isinstance(cond, bool) else ~cond
+
+
+def _add_flag(count: Union[int, Tensor], flag: Flag) -> Union[int, Tensor]:
+    """``count + flag``: a host integer while both are known on the host, else an int64 tensor."""
+    return count + (flag if isinstance(flag, bool) else flag.to(torch.int64))
+
+
+def _finite_flag(norm: Tensor, finite: Optional[Flag]) -> Flag:
+    if finite is None:
+        return torch.isfinite(norm)
+    if not isinstance(finite, (bool, Tensor)):
+        raise TypeError(f"`finite` must be None, a bool or a bool tensor, got {finite!r}")
+    return finite
 
 
 # ---------------------------------------------------------------------------------------------- AutoClip
@@ -233,7 +265,9 @@ class AutoClipState(NamedTuple):
     """
 
     history: Tensor  #: 1-D, recorded norms (ring, or sorted if unbounded), ``+inf`` in unused slots
-    count: Tensor  #: 0-dim int64, finite norms recorded so far (all time)
+    #: finite norms recorded so far (all time): a host integer while the host knew every update's
+    #: finiteness (``finite=True/False``), else a 0-dim int64 tensor
+    count: Union[int, Tensor]
     steps: int  #: update calls so far (host integer)
 
 
@@ -258,16 +292,38 @@ def autoclip_init(
     """An empty AutoClip state: ``history_size`` slots, or ``capacity`` (growing) if ``None``."""
     _check_history_size(history_size)
     size = history_size if history_size is not None else capacity
-    return AutoClipState(
-        history=torch.full((size,), math.inf, device=device, dtype=dtype),
-        count=torch.zeros((), dtype=torch.int64, device=device),
-        steps=0,
-    )
+    return AutoClipState(history=torch.full((size,), math.inf, device=device, dtype=dtype), count=0, steps=0)
+
+
+def _percentile(ranked: Tensor, n: Union[int, Tensor], percentile: float) -> Tensor:
+    """The ``percentile`` of the ``n`` smallest entries of the sorted ``ranked``, interpolated linearly at
+    position ``(n - 1) * percentile / 100`` (in float64) as ``numpy.percentile``; ``ranked[0]`` (+inf) if ``n`` is 0."""
+    if isinstance(n, int):
+        last = max(n - 1, 0)
+        position = last * (percentile / 100.0)
+        lo = math.floor(position)
+        hi, frac = min(lo + 1, last), position - lo
+        a, b = ranked[lo], ranked[hi]
+        # torch rounds the Python float `frac` to a's dtype, as `frac.to(a.dtype)` below
+        return a if hi == lo or frac == 0.0 else a + frac * (b - a)
+    last = (n - 1).clamp(min=0)
+    position = last.to(torch.float64) * (percentile / 100.0)
+    lo = position.floor()
+    frac = (position - lo).to(ranked.dtype)
+    lo_i = lo.to(torch.int64).reshape(1)
+    hi_i = torch.minimum(lo_i + 1, last.reshape(1))
+    a, b = ranked.gather(0, lo_i).squeeze(0), ranked.gather(0, hi_i).squeeze(0)
+    return torch.where(a == b, a, a + frac * (b - a))  # a == b == inf: an empty history
 
 
 @torch.no_grad()
 def autoclip_update(
-    state: AutoClipState, norm: Tensor, percentile: float = 10.0, history_size: Optional[int] = None
+    state: AutoClipState,
+    norm: Tensor,
+    percentile: float = 10.0,
+    history_size: Optional[int] = None,
+    *,
+    finite: Optional[Flag] = None,
 ) -> tuple[AutoClipState, Tensor]:
     """Record ``norm`` and return the clipping threshold: the ``percentile``-th percentile of the history.
 
@@ -283,6 +339,9 @@ def autoclip_update(
         norm: this step's pre-clip global gradient norm, a 0-dim tensor.
         percentile: in [0, 100].
         history_size: as given to :func:`autoclip_init`.
+        finite: whether ``norm`` is finite, if the caller knows it on the host (``True``/``False``):
+            the update then runs fewer kernels, with the same result. ``None`` (default): checked on
+            the device, with no host read.
 
     Returns:
         ``(new_state, threshold)``, the threshold a 0-dim tensor of the history's dtype.
@@ -303,29 +362,31 @@ def autoclip_update(
         history = torch.cat([history, torch.full_like(history, math.inf)])
     capacity = history.numel()
     norm = norm.to(device=history.device, dtype=history.dtype)
-    finite = torch.isfinite(norm)
+    finite = _finite_flag(norm, finite)
+    count = state.count
     if history_size is None:  # sorted: insert at the norm's rank (count < capacity, the last slot is free)
-        value = torch.where(finite, norm, torch.full_like(norm, math.inf))
-        rank_of_value = torch.searchsorted(history, value.reshape(1))
-        slot = torch.arange(capacity, device=history.device)
-        history = torch.where(slot < rank_of_value, history, torch.where(slot == rank_of_value, value, history.roll(1)))
+        if finite is not False:
+            value = _select(finite, norm, torch.full_like(norm, math.inf))  # inf lands among the free slots
+            rank_of_value = torch.searchsorted(history, value.reshape(1))
+            slot = torch.arange(capacity, device=history.device)
+            shifted = torch.where(slot == rank_of_value, value, history.roll(1))
+            history = torch.where(slot < rank_of_value, history, shifted)
         ranked = history
     else:  # ring buffer in arrival order: overwrite the oldest
-        pos = (state.count % capacity).reshape(1)
-        value = torch.where(finite, norm, history.gather(0, pos).squeeze(0))
-        history = history.scatter(0, pos, value.reshape(1))
+        if finite is False:
+            pass
+        elif isinstance(count, int):
+            pos = count % capacity
+            history = history.clone()
+            history[pos] = _select(finite, norm, history[pos])
+        else:
+            pos_t = (count % capacity).reshape(1)
+            value = _select(finite, norm, history.gather(0, pos_t).squeeze(0))
+            history = history.scatter(0, pos_t, value.reshape(1))
         ranked = torch.sort(history).values
-    count = state.count + finite.to(torch.int64)
-    n = count.clamp(max=capacity)
-    # linear interpolation at position (n - 1) * q, as numpy.percentile(method="linear")
-    rank = (n - 1).clamp(min=0).to(history.dtype) * (percentile / 100.0)
-    lo = rank.floor()
-    frac = rank - lo
-    lo_i = lo.to(torch.int64).reshape(1)
-    hi_i = torch.minimum(lo_i + 1, (n - 1).clamp(min=0).reshape(1))
-    a, b = ranked.gather(0, lo_i).squeeze(0), ranked.gather(0, hi_i).squeeze(0)
-    threshold = torch.where(a == b, a, a + frac * (b - a))  # a == b == inf: an empty history
-    return AutoClipState(history, count, state.steps + 1), threshold
+    count = _add_flag(count, finite)
+    n = min(count, capacity) if isinstance(count, int) else count.clamp(max=capacity)
+    return AutoClipState(history, count, state.steps + 1), _percentile(ranked, n, percentile)
 
 
 # ---------------------------------------------------------------------------------------------- ZClip
@@ -333,7 +394,9 @@ class ZClipState(NamedTuple):
     """ZClip's warm-up buffer and exponential moving statistics of the gradient norm."""
 
     buffer: Tensor  #: 1-D, ``warmup_steps`` slots: the norms collected during warm-up
-    count: Tensor  #: 0-dim int64, finite norms seen so far (warm-up ends when it reaches ``warmup_steps``)
+    #: finite norms seen so far (warm-up ends when it reaches ``warmup_steps``): a host integer while
+    #: the host knew every update's finiteness (``finite=True/False``), else a 0-dim int64 tensor
+    count: Union[int, Tensor]
     mean: Tensor  #: 0-dim, EMA of the norm (0 until warm-up ends)
     var: Tensor  #: 0-dim, EMA of the squared deviation (0 until warm-up ends)
     spikes: Tensor  #: 0-dim int64, steps detected as spikes so far
@@ -346,8 +409,63 @@ def zclip_init(
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
         raise ValueError(f"`warmup_steps` must be a positive integer, got {warmup_steps!r}")
     zero = torch.zeros((), device=device, dtype=dtype)
-    ints = torch.zeros((), device=device, dtype=torch.int64)
-    return ZClipState(torch.zeros(warmup_steps, device=device, dtype=dtype), ints, zero, zero.clone(), ints.clone())
+    spikes = torch.zeros((), device=device, dtype=torch.int64)
+    return ZClipState(torch.zeros(warmup_steps, device=device, dtype=dtype), 0, zero, zero.clone(), spikes)
+
+
+def _zclip_collect(state: ZClipState, norm: Tensor, counts: Flag, max_norm: Optional[float]):
+    """Warm-up: record ``norm`` where ``counts``; when the buffer fills, start the EMA at its mean and
+    population variance. The threshold is ``max_norm`` (``+inf`` if ``None``), ``z`` 0, no spike."""
+    buffer, count, mean, var, spikes = state
+    n = buffer.numel()
+    if counts is not False:
+        if isinstance(count, int):  # the host knows the slot (count < n: still warming up)
+            buffer = buffer.clone()
+            buffer[count] = _select(counts, norm, buffer[count])
+        else:
+            pos = count.clamp(max=n - 1).reshape(1)
+            buffer = buffer.scatter(0, pos, _select(counts, norm, buffer.gather(0, pos).squeeze(0)).reshape(1))
+    count = _add_flag(count, counts)
+    init = counts & (count == n)
+    if init is not False:
+        init_mean = buffer.mean()
+        mean, var = _select(init, init_mean, mean), _select(init, (buffer - init_mean).square().mean(), var)
+    cap = torch.full_like(norm, math.inf if max_norm is None else max_norm)
+    return ZClipState(buffer, count, mean, var, spikes), cap, torch.zeros_like(norm), torch.zeros_like(norm, dtype=torch.bool)
+
+
+def _zclip_track(state: ZClipState, norm: Tensor, counts: Flag, alpha: float, z_thresh: float,
+                 max_norm: Optional[float], eps: float, mode: str, clip_option: str, clip_factor: float,
+                 skip_update_on_spike: bool):  # fmt: skip
+    """After warm-up: z-score, spike, clip value and threshold; the EMA takes the norm where ``counts``."""
+    buffer, count, mean, var, spikes = state
+    std = var.sqrt()
+    z = (norm - mean) / (std + eps)
+    if mode == "zscore":
+        spike = z > z_thresh
+        if clip_option == "adaptive_scaling":
+            clip_val = mean + z_thresh * std / (z / z_thresh)
+            if clip_factor != 1.0:  # x * 1.0 is x: skipping it changes no bit
+                clip_val = clip_val * clip_factor
+        else:
+            clip_val = mean
+    else:
+        clip_val = mean + z_thresh * std
+        spike = norm > clip_val
+    if counts is not True:
+        spike = spike & counts
+    x = torch.where(spike, clip_val, norm)
+    threshold = x if max_norm is None else x.clamp(max=max_norm)
+    if counts is not True:  # a norm that does not count (non-finite) is bounded as a spike would be
+        bound = mean + z_thresh * std
+        threshold = _select(counts, threshold, bound if max_norm is None else bound.clamp(max=max_norm))
+    update = counts & _not(spike) if skip_update_on_spike else counts
+    if update is not False:
+        new_mean = alpha * mean + (1 - alpha) * x
+        new_var = alpha * var + (1 - alpha) * (x - new_mean).square()
+        mean, var = _select(update, new_mean, mean), _select(update, new_var, var)
+    spikes = spikes + spike.to(torch.int64)
+    return ZClipState(buffer, _add_flag(count, counts), mean, var, spikes), threshold, z, spike
 
 
 @torch.no_grad()
@@ -363,6 +481,7 @@ def zclip_update(
     clip_option: ZClipOption = "adaptive_scaling",
     clip_factor: float = 1.0,
     skip_update_on_spike: bool = False,
+    finite: Optional[Flag] = None,
 ) -> tuple[ZClipState, Tensor, Tensor, Tensor]:
     """One ZClip step: the threshold for this norm, its z-score, whether it is a spike, and the new state.
 
@@ -383,57 +502,32 @@ def zclip_update(
     A non-finite norm changes nothing in the state (it neither counts toward warm-up nor enters the
     EMA) and is never a spike; its threshold is ``min(mean + z_thresh * std, max_norm)`` after warm-up.
 
+    Args:
+        finite: whether ``norm`` is finite, if the caller knows it on the host (``True``/``False``):
+            while the host knows every step's, it also knows the phase (``count`` stays a host
+            integer), and a step runs only its own phase's few kernels, with the same result.
+            ``None`` (default): checked on the device, with no host read.
+
     Returns:
         ``(new_state, threshold, z, spike)``: 0-dim tensors; ``z`` is 0 during warm-up.
 
     References:
         Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", arXiv 2504.02507.
     """
-    buffer, count, mean, var, spikes = state
-    warmup_steps = buffer.numel()
-    norm = norm.to(device=mean.device, dtype=mean.dtype)
-    finite = torch.isfinite(norm)
-    g = torch.where(finite, norm, torch.zeros_like(norm))
-    cap = torch.full_like(norm, math.inf if max_norm is None else max_norm)
-    warm = count >= warmup_steps  # warm-up finished before this step
-
-    # warm-up: collect; on the last collected norm, initialise mean and population variance
-    pos = count.clamp(max=warmup_steps - 1).reshape(1)
-    collect = finite & ~warm
-    buffer = buffer.scatter(0, pos, torch.where(collect, g, buffer.gather(0, pos).squeeze(0)).reshape(1))
-    count = count + finite.to(torch.int64)
-    init = collect & (count == warmup_steps)
-    init_mean = buffer.mean()
-    init_var = (buffer - init_mean).square().mean()
-
-    # after warm-up: z-score, spike, clip value
-    std = var.sqrt()
-    z = (norm - mean) / (std + eps)
-    if mode == "zscore":
-        spike = z > z_thresh
-        if clip_option == "adaptive_scaling":
-            clip_val = (mean + z_thresh * std / (z / z_thresh)) * clip_factor
-        elif clip_option == "mean":
-            clip_val = mean
-        else:
-            raise ValueError(f"`clip_option` must be 'adaptive_scaling' or 'mean', got {clip_option!r}")
-    elif mode == "percentile":
-        clip_val = mean + z_thresh * std
-        spike = g > clip_val
-    else:
+    if mode not in ("zscore", "percentile"):
         raise ValueError(f"`mode` must be 'zscore' or 'percentile', got {mode!r}")
-    spike = spike & finite & warm
-    x = torch.where(spike, clip_val, g)
-    threshold = torch.where(warm, torch.minimum(x, cap), cap)
-    threshold = torch.where(finite, threshold, torch.where(warm, torch.minimum(mean + z_thresh * std, cap), cap))
-
-    update = warm & finite
-    if skip_update_on_spike:
-        update = update & ~spike
-    new_mean = alpha * mean + (1 - alpha) * x
-    new_var = alpha * var + (1 - alpha) * (x - new_mean).square()
-    mean = torch.where(update, new_mean, torch.where(init, init_mean, mean))
-    var = torch.where(update, new_var, torch.where(init, init_var, var))
-    z = torch.where(warm, z, torch.zeros_like(z))
-    spikes = spikes + spike.to(torch.int64)
-    return ZClipState(buffer, count, mean, var, spikes), threshold, z, spike
+    if mode == "zscore" and clip_option not in ("adaptive_scaling", "mean"):
+        raise ValueError(f"`clip_option` must be 'adaptive_scaling' or 'mean', got {clip_option!r}")
+    norm = norm.to(device=state.mean.device, dtype=state.mean.dtype)
+    finite = _finite_flag(norm, finite)
+    track = functools.partial(_zclip_track, alpha=alpha, z_thresh=z_thresh, max_norm=max_norm, eps=eps, mode=mode,
+                              clip_option=clip_option, clip_factor=clip_factor,
+                              skip_update_on_spike=skip_update_on_spike)  # fmt: skip
+    warm = state.count >= state.buffer.numel()  # warm-up finished before this step
+    if isinstance(warm, bool):  # the host knows the phase
+        return track(state, norm, finite) if warm else _zclip_collect(state, norm, finite, max_norm)
+    collected = _zclip_collect(state, norm, finite & ~warm, max_norm)
+    tracked = track(state, norm, finite & warm)
+    new_state = ZClipState(*(torch.where(warm, b, a) for a, b in zip(collected[0], tracked[0])))
+    threshold, z, spike = (torch.where(warm, b, a) for a, b in zip(collected[1:], tracked[1:]))
+    return new_state, threshold, z, spike

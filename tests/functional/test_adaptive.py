@@ -210,7 +210,7 @@ def test_autoclip_matches_numpy_percentile(percentile, history_size):
         hist = norms[: i + 1] if history_size is None else norms[max(0, i + 1 - history_size) : i + 1]
         assert thr.item() == pytest.approx(float(np.percentile(hist, percentile)), rel=1e-12)
         assert thr.item() == pytest.approx(torch.quantile(torch.tensor(hist, dtype=torch.float64), percentile / 100).item(), rel=1e-12)
-    assert state.steps == 150 and state.count.item() == 150
+    assert state.steps == 150 and int(state.count) == 150
     assert state.history.numel() == (256 if history_size is None else history_size)
     if history_size is None:  # kept sorted, +inf padding last
         assert torch.equal(state.history, torch.sort(state.history).values)
@@ -229,7 +229,7 @@ def test_autoclip_nonfinite_norms_never_enter_history(history_size, bad):
             finite.append(n)
         hist = finite if history_size is None else finite[-history_size:]
         assert thr.item() == pytest.approx(float(np.percentile(hist, 25.0)), rel=1e-6)
-        assert state.count.item() == len(finite)
+        assert int(state.count) == len(finite)
         valid = state.history[torch.isfinite(state.history)]
         assert sorted(valid.tolist()) == pytest.approx(sorted(hist))
     assert state.steps == len(seq)
@@ -237,7 +237,7 @@ def test_autoclip_nonfinite_norms_never_enter_history(history_size, bad):
 
 def test_autoclip_empty_history_with_nonfinite_norm_is_no_clip():
     state, thr = autoclip_update(autoclip_init(), torch.tensor(float("nan")))
-    assert thr.item() == INF and state.count.item() == 0
+    assert thr.item() == INF and int(state.count) == 0
     assert threshold_coefficient(thr, torch.tensor(5.0)).item() == 1.0
 
 
@@ -249,10 +249,10 @@ def test_autoclip_validation_and_state():
     with pytest.raises(ValueError, match="`history_size` is 4 but the state holds 3"):
         autoclip_update(autoclip_init(3), torch.tensor(1.0), history_size=4)
     state = autoclip_init(3)
-    assert isinstance(state, AutoClipState) and state.history.isinf().all() and state.count.dtype == torch.int64
+    assert isinstance(state, AutoClipState) and state.history.isinf().all() and state.count == 0
     # pure: the input state is not modified
     new, _ = autoclip_update(state, torch.tensor(2.0), history_size=3)
-    assert state.history.isinf().all() and state.count.item() == 0 and new.count.item() == 1
+    assert state.history.isinf().all() and int(state.count) == 0 and int(new.count) == 1
 
 
 # ---------------------------------------------------------------------------------------------- ZClip
@@ -312,7 +312,7 @@ def test_zclip_issue_vector():
     assert thresholds[3] == 2.0  # not a spike: threshold is the norm itself
     assert thresholds[4] == pytest.approx(2.505209, abs=1e-6)
     assert spike.item() and z.item() == pytest.approx(8.0 / (math.sqrt(0.646667) + 1e-6), rel=1e-5)
-    assert state.spikes.item() == 1 and state.count.item() == 5
+    assert state.spikes.item() == 1 and int(state.count) == 5
 
 
 CONFIGS = [
@@ -370,12 +370,12 @@ def test_zclip_nonfinite_norms_change_nothing(bad):
             continue
         r_thr, _, r_spike = ref.step(g)
         assert thr.item() == pytest.approx(r_thr, rel=1e-12) and spike.item() == r_spike
-    assert state.count.item() == 6
+    assert int(state.count) == 6
 
 
 def test_zclip_state_and_validation():
     state = zclip_init(4)
-    assert isinstance(state, ZClipState) and state.buffer.shape == (4,) and state.count.dtype == torch.int64
+    assert isinstance(state, ZClipState) and state.buffer.shape == (4,) and state.count == 0
     with pytest.raises(ValueError, match="`warmup_steps`"):
         zclip_init(0)
     with pytest.raises(ValueError, match="`mode`"):
@@ -384,7 +384,65 @@ def test_zclip_state_and_validation():
         zclip_update(state, torch.tensor(1.0), clip_option="max")
     # pure: the input state is not modified
     new, *_ = zclip_update(state, torch.tensor(3.0))
-    assert state.count.item() == 0 and state.buffer.tolist() == [0.0] * 4 and new.buffer[0].item() == 3.0
+    assert int(state.count) == 0 and state.buffer.tolist() == [0.0] * 4 and new.buffer[0].item() == 3.0
+
+
+# --------------------------------------------------------------------- finiteness known on the host
+def _with_nonfinite(norms: list[float], seed: int) -> list[float]:
+    rng = random.Random(seed)
+    return [rng.choice([float("nan"), INF]) if rng.random() < 0.08 else n for n in norms]
+
+
+def _same(a, b) -> None:
+    torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("known", ["always", "sometimes"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[str(c) for c in CONFIGS])
+def test_zclip_with_finiteness_known_on_the_host_is_bit_identical(cfg, dtype, known):
+    # finite=True/False lets the update branch on the host (the phase too, while every step's
+    # finiteness was known); the result must be the device path's, bit for bit, NaN included.
+    kwargs = {k: v for k, v in cfg.items() if k != "warmup_steps"}
+    device = host = zclip_init(cfg.get("warmup_steps", 25), dtype=dtype)
+    rng, all_known = random.Random(7), True
+    for g in _with_nonfinite(spiky_norms(3), seed=len(str(cfg))):
+        norm = torch.tensor(g, dtype=dtype)
+        finite = math.isfinite(g) if known == "always" or rng.random() < 0.5 else None
+        all_known &= finite is not None
+        device, *out_device = zclip_update(device, norm, **kwargs)
+        host, *out_host = zclip_update(host, norm, finite=finite, **kwargs)
+        for a, b in zip([*out_device, *device], [*out_host, *host]):
+            _same(a, b)
+        assert isinstance(device.count, torch.Tensor)
+        assert isinstance(host.count, int) == all_known
+
+
+@pytest.mark.parametrize("known", ["always", "sometimes"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("percentile", [0.0, 10.0, 37.5, 100.0])
+@pytest.mark.parametrize("history_size", [None, 1, 5])
+def test_autoclip_with_finiteness_known_on_the_host_is_bit_identical(history_size, percentile, dtype, known):
+    rng, all_known = random.Random(8), True
+    device = host = autoclip_init(history_size, dtype=dtype, capacity=4)  # grows while the test runs
+    for g in _with_nonfinite(spiky_norms(4, n=40), seed=9):
+        norm = torch.tensor(g, dtype=dtype)
+        finite = math.isfinite(g) if known == "always" or rng.random() < 0.5 else None
+        all_known &= finite is not None
+        device, t_device = autoclip_update(device, norm, percentile, history_size)
+        host, t_host = autoclip_update(host, norm, percentile, history_size, finite=finite)
+        _same(t_device, t_host)
+        _same(device.history, host.history)
+        _same(device.count, host.count)
+        assert device.steps == host.steps
+        assert isinstance(host.count, int) == all_known
+
+
+def test_finite_must_be_a_flag():
+    with pytest.raises(TypeError, match="`finite`"):
+        zclip_update(zclip_init(2), torch.tensor(1.0), finite=1)
+    with pytest.raises(TypeError, match="`finite`"):
+        autoclip_update(autoclip_init(), torch.tensor(1.0), finite="yes")
 
 
 @pytest.mark.cuda
