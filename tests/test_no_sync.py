@@ -11,12 +11,14 @@ What is asserted:
 * with ``nonfinite="ignore"``, on steps that do not log: **zero** reads, for every clipping
   callback, the monitor and the adaptive callbacks;
 * on logging steps: exactly **one** read per step and callback (all metrics in one batched copy);
-* with ``nonfinite`` = ``"skip"``, ``"error"`` or ``"zero"``: exactly **one** ``bool`` per step.
-  Whether the optimizer step happens (skip), raises (error) or needs a second pass (zero) is a
-  decision Python has to take before ``optimizer.step()``, so it needs the value of "is the norm
-  finite" on the host: one scalar read, the cost of these policies. Under a ``16-mixed`` loss
-  scaler the scaler takes that decision (it already reads ``found_inf`` itself) and the callbacks
-  add none; ``"ignore"`` (torch's behaviour) needs none.
+* with ``nonfinite`` = ``"skip"``, ``"error"`` or ``"zero"``: exactly **one** read per step, of the
+  norm itself (``.item()``). Whether the optimizer step happens (skip), raises (error) or needs a
+  second pass (zero) is a decision Python has to take before ``optimizer.step()``, so it needs to
+  know on the host whether the norm is finite: one scalar read, the cost of these policies. The
+  callbacks read the norm rather than a flag, and use it (no scaling where the threshold is not
+  exceeded, adaptive statistics in Python floats), so that no other read follows. Under a
+  ``16-mixed`` loss scaler the scaler takes that decision (it already reads ``found_inf`` itself)
+  and the callbacks add none; ``"ignore"`` (torch's behaviour) needs none.
 
 A canary test inserts an ``.item()`` into a callback and checks that the counter sees it.
 On a GPU, ``test_cuda_sync_debug_mode`` checks the same with ``torch.cuda.set_sync_debug_mode("error")``,
@@ -230,11 +232,19 @@ def test_logging_steps_read_once(tmp_path, monkeypatch, name):
 
 @pytest.mark.parametrize("policy", ["skip", "error", "zero"])
 @pytest.mark.parametrize("name", list(CLIPPERS))
-def test_nonfinite_policies_read_one_bool_per_step(tmp_path, monkeypatch, name, policy):
-    """``skip``/``error``/``zero`` decide on the host whether the step goes ahead: one ``bool`` per step."""
+def test_nonfinite_policies_read_the_norm_once_per_step(tmp_path, monkeypatch, name, policy):
+    """``skip``/``error``/``zero`` decide on the host whether the step goes ahead: one read of the norm per step."""
     counter = HostReadCounter(monkeypatch)
     run(tmp_path, CLIPPERS[name](nonfinite=policy), counter, log_every_n_steps=1000)
-    assert counter.counts == Counter(__bool__=STEPS)
+    assert counter.counts == Counter(item=STEPS)
+
+
+@pytest.mark.parametrize("name", list(CLIPPERS))
+def test_nonfinite_policies_on_logging_steps_read_twice(tmp_path, monkeypatch, name):
+    """The norm, then every other metric of the step in one batched copy."""
+    counter = HostReadCounter(monkeypatch)
+    run(tmp_path, CLIPPERS[name](nonfinite="skip"), counter, log_every_n_steps=1)
+    assert sum(counter.counts.values()) == 2 * STEPS, dict(counter.counts)
 
 
 # ------------------------------------------------------------------------------------ CUDA

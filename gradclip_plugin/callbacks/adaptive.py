@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple, Optional
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
@@ -26,6 +25,7 @@ from gradclip_plugin.functional import combine_norms, scale_
 from gradclip_plugin.functional.norms import check_norm_type
 from gradclip_plugin.functional.adaptive import (
     AutoClipState,
+    Number,
     ZClipMode,
     ZClipOption,
     ZClipState,
@@ -141,15 +141,34 @@ class _StatefulClipCallback(GradientClipCallback):
         super().__init__(**kwargs)
         self._states: dict[int, Any] = {}
 
-    def _state(self, norm: Tensor) -> Any:
+    def _norm(self, measured: tuple[Tensor, Any]) -> Number:
+        """The step's norm: the Python float the base class read (the state is then kept on the host,
+        in float64, with no kernel), else the 0-dim tensor (the state stays on its device)."""
+        return self.read_norm if self.read_norm is not None else measured[0]
+
+    def _state(self, norm: Number) -> Any:
+        """This optimizer's state, where ``norm`` is: on the host for a float, else on its device.
+
+        A state moves only when that changes: restored from a checkpoint (on the CPU), or resumed
+        with another ``nonfinite`` policy.
+        """
         state = self._states.get(self.step.idx)
         if state is None:
-            state = self._states[self.step.idx] = self._init_state(norm)
-        elif state[0].device != norm.device:  # restored from a checkpoint (CPU): move once
-            state = self._states[self.step.idx] = type(state)(
-                *(f.to(norm.device) if isinstance(f, Tensor) else f for f in state)
-            )
+            state = self._init_state(norm)
+        elif isinstance(norm, float):
+            state = state if state.on_host else state.to_host()
+        elif state.on_host or state[0].device != norm.device:
+            state = state.to_device(norm.device, norm.dtype)
+        self._states[self.step.idx] = state
         return state
+
+    def _clip_to(self, threshold: Number, grads: list[Tensor], norm: Number) -> ClipStats:
+        """Scale ``grads`` so that their global norm ``norm`` is at most ``threshold``; a coefficient the
+        host knows to be 1 scales nothing."""
+        coef = threshold_coefficient(threshold, norm)
+        if not isinstance(coef, float) or coef < 1.0:
+            scale_(grads, coef)
+        return ClipStats(norm, norm * coef, threshold, coef < 1)
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()
@@ -233,13 +252,15 @@ class AutoClip(_StatefulClipCallback):
         self.percentile = float(percentile)
         self.history_size = history_size
 
-    def _init_state(self, norm: Tensor) -> AutoClipState:
+    def _init_state(self, norm: Number) -> AutoClipState:
+        if isinstance(norm, float):
+            return autoclip_init(self.history_size, on_host=True)
         return autoclip_init(self.history_size, device=norm.device, dtype=norm.dtype)
 
     def _check_loaded(self, state: AutoClipState) -> None:
-        if self.history_size is not None and state.history.numel() != self.history_size:
+        if self.history_size is not None and len(state.history) != self.history_size:
             raise ValueError(
-                f"AutoClip: the checkpoint holds a history of {state.history.numel()} norms but "
+                f"AutoClip: the checkpoint holds a history of {len(state.history)} norms but "
                 f"`history_size={self.history_size}`; resume with the `history_size` the run was started with"
             )
 
@@ -247,14 +268,12 @@ class AutoClip(_StatefulClipCallback):
         return combine_norms(self.tensor_norms(grads, 2.0), 2.0), None
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
-        norm = measured[0]
+        norm = self._norm(measured)
         state, threshold = autoclip_update(
             self._state(norm), norm, self.percentile, self.history_size, finite=self.step.finite
         )
         self._states[self.step.idx] = state
-        coef = threshold_coefficient(threshold, norm)
-        scale_(grads, coef)
-        return ClipStats(norm, norm * coef, threshold, coef < 1)
+        return self._clip_to(threshold, grads, norm)
 
 
 class ZClip(_StatefulClipCallback):
@@ -366,13 +385,15 @@ class ZClip(_StatefulClipCallback):
         self._z: dict[int, Tensor] = {}
         self._skipped: dict[int, int] = {}
 
-    def _init_state(self, norm: Tensor) -> ZClipState:
+    def _init_state(self, norm: Number) -> ZClipState:
+        if isinstance(norm, float):
+            return zclip_init(self.warmup_steps, on_host=True)
         return zclip_init(self.warmup_steps, device=norm.device, dtype=norm.dtype)
 
     def _check_loaded(self, state: ZClipState) -> None:
-        if state.buffer.numel() != self.warmup_steps:
+        if len(state.buffer) != self.warmup_steps:
             raise ValueError(
-                f"ZClip: the checkpoint holds a warm-up buffer of {state.buffer.numel()} norms but "
+                f"ZClip: the checkpoint holds a warm-up buffer of {len(state.buffer)} norms but "
                 f"`warmup_steps={self.warmup_steps}`; resume with the `warmup_steps` the run was started with"
             )
 
@@ -380,7 +401,7 @@ class ZClip(_StatefulClipCallback):
         return combine_norms(self.tensor_norms(grads, 2.0), 2.0), None
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
-        norm = measured[0]
+        norm = self._norm(measured)
         state, threshold, z, spike = zclip_update(
             self._state(norm),
             norm,
@@ -396,21 +417,21 @@ class ZClip(_StatefulClipCallback):
         )
         self._states[self.step.idx] = state
         self._z[self.step.idx] = z
-        coef = threshold_coefficient(threshold, norm)
-        scale_(grads, coef)
+        stats = self._clip_to(threshold, grads, norm)
         if self.skip_step_z_thresh is not None:
-            if bool(spike & (z > self.skip_step_z_thresh)):  # one host read per step, only with this option
+            # a host read per step where the state is on the device (nonfinite="ignore", a loss scaler)
+            if bool(spike & (z > self.skip_step_z_thresh)):
                 self._skipped[self.step.idx] = self._skipped.get(self.step.idx, 0) + 1
                 self.skip_step(self.step.optimizer)
-        return ClipStats(norm, norm * coef, threshold, coef < 1)
+        return stats
 
-    def extra_metrics(self) -> dict[str, Tensor]:
+    def extra_metrics(self) -> dict[str, Number]:
         state = self._states.get(self.step.idx)
         if state is None:
             return {}
-        out = {"z": self._z.get(self.step.idx, torch.zeros_like(state.mean)), "spikes": state.spikes}
+        out = {"z": self._z.get(self.step.idx, 0.0), "spikes": state.spikes}
         if self.skip_step_z_thresh is not None:
-            out["skipped_steps"] = torch.tensor(float(self._skipped.get(self.step.idx, 0)))
+            out["skipped_steps"] = self._skipped.get(self.step.idx, 0)
         return out
 
     def state_dict(self) -> dict[str, Any]:

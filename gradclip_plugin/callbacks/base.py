@@ -7,9 +7,12 @@ A subclass implements two methods, following "measure, then clip":
 * ``clip_(grads, params, measured)`` clips the gradients in place and returns a :class:`ClipStats`
   computed from the same numbers, with no second pass.
 
-Everything runs on the gradients' device. The base class reads values back to the host only on
-logging steps (one batched copy), and for the ``skip``/``error``/``zero`` policies one boolean per
-optimizer step (whether the norm is finite), since the step's fate is a host decision.
+Everything runs on the gradients' device. With ``nonfinite="ignore"``, or under a loss scaler, the
+base class reads values back to the host only on logging steps (one batched copy). The
+``skip``/``error``/``zero`` policies decide the step's fate on the host, so they read one number
+per optimizer step: the norm itself (``step.norm``). Having it, the rules use it: a fixed threshold
+that is not exceeded scales nothing, and the adaptive rules keep their statistics in Python floats,
+with no kernel for them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import Tensor
 from torchmetrics.aggregation import SumMetric
 
 from gradclip_plugin.functional import tensor_norms
+from gradclip_plugin.functional.adaptive import Number
 from gradclip_plugin.functional.distributed import sharded_over
 
 NonFinitePolicy = Literal["skip", "error", "zero", "ignore"]
@@ -38,12 +42,13 @@ _POLICIES = ("skip", "error", "zero", "ignore")
 
 
 class ClipStats(NamedTuple):
-    """What one clipping step reports, all 0-dim tensors on the gradients' device."""
+    """What one clipping step reports: 0-dim tensors on the gradients' device, or Python numbers
+    where the host knows them (``step.norm`` was read)."""
 
-    norm: Tensor  #: pre-clip norm of the selected gradients
-    norm_clipped: Tensor  #: post-clip norm, derived from the same measurement
-    threshold: Tensor  #: the threshold in force at this step
-    clipped: Tensor  #: bool, whether clipping changed the gradients
+    norm: Number  #: pre-clip norm of the selected gradients
+    norm_clipped: Number  #: post-clip norm, derived from the same measurement
+    threshold: Number  #: the threshold in force at this step
+    clipped: Union[bool, Tensor]  #: whether clipping changed the gradients
 
 
 class StepInfo(NamedTuple):
@@ -54,6 +59,8 @@ class StepInfo(NamedTuple):
     #: whether the first measured norm was finite (before ``zero``): a Python bool where the host read
     #: it (the ``skip``/``error``/``zero`` policies without a loss scaler), else a bool 0-dim tensor
     finite: Union[bool, Tensor]
+    #: the measured norm (after ``zero``) as a Python float where the host read it, else ``None``
+    norm: Optional[float] = None
 
 
 class MeasuredNorms(NamedTuple):
@@ -128,11 +135,20 @@ def metric_key(prefix: str, name: str, idx: int, trainer: pl.Trainer) -> str:
     return f"{prefix}/opt{idx}/{name}" if len(trainer.optimizers) > 1 else f"{prefix}/{name}"
 
 
-def write_metrics(trainer: pl.Trainer, keys: list[str], values: Tensor, step: int) -> None:
-    """Read the 1-D ``values`` back to the host in one copy and log them under ``keys`` to every logger."""
+def write_metrics(trainer: pl.Trainer, keys: list[str], values: Union[Tensor, list[Number]], step: int) -> None:
+    """Log ``values`` under ``keys`` to every logger: a 1-D tensor, or numbers and 0-dim tensors, the
+    tensors read back to the host in one copy."""
     from gradclip_plugin.tensorboard import log_scalars
 
-    metrics = dict(zip(keys, values.tolist()))  # the one device-to-host copy of a logging step
+    if isinstance(values, Tensor):
+        values = values.tolist()  # the one device-to-host copy of a logging step
+    else:
+        on_device = [v for v in values if isinstance(v, Tensor)]
+        if on_device:
+            device = on_device[0].device
+            read = iter(torch.stack([v.to(device, torch.float32) for v in on_device]).tolist())  # the one copy
+            values = [next(read) if isinstance(v, Tensor) else float(v) for v in values]
+    metrics = dict(zip(keys, values))
     for logger in trainer.loggers:
         if not log_scalars(logger, metrics, step):  # a TensorBoardLogger: one event for all of them
             logger.log_metrics(metrics, step=step)
@@ -261,6 +277,7 @@ class GradientClipCallback(Callback):
         self._norm_source: Optional[Any] = None  # a GradientNormMonitor right before this callback
         self._step_key = (-1, -1)  # (global step, optimizer index) of the step being clipped
         self.step: Optional[StepInfo] = None  # the step in progress, for ``clip_``/``extra_metrics``
+        self._constants: dict[tuple[float, torch.device, torch.dtype], Tensor] = {}  # see `constant_like`
 
     # ------------------------------------------------------------------ to implement
     def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
@@ -346,11 +363,12 @@ class GradientClipCallback(Callback):
         finite: Union[bool, Tensor] = torch.isfinite(measured[0])
         counter = self._count(self._nonfinite_steps, idx, device)
         # `counted`: whether the norm clipped against is finite (after `zero`), for the clip rate
+        norm: Optional[float] = None
         if scaler is not None or self.nonfinite == "ignore":
             # sync-free: the host does not know; under a scaler the scaler skips the step. Count on the device.
             counter.update(~finite)
             counted = finite
-        elif bool(finite):  # one host read per step; from here on the host knows, and selects nothing
+        elif math.isfinite(norm := measured[0].item()):  # the one host read of a step: the norm itself
             finite = counted = True
         else:
             finite = False
@@ -371,16 +389,21 @@ class GradientClipCallback(Callback):
             for g in grads:
                 torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
             measured = self.measure(grads)
-            counted = torch.isfinite(measured[0])  # zeroed, the squares can still overflow
-        self.step = StepInfo(idx, optimizer, finite)
+            norm = measured[0].item()  # a second read, at such a step only
+            counted = math.isfinite(norm)  # zeroed, the squares can still overflow
+        self.step = StepInfo(idx, optimizer, finite, norm)
         stats = self.clip_(grads, params, measured)
         # counts, not a weighted MeanMetric: with nan_strategy="disable" torchmetrics ignores weights
-        if counted is True:
-            self._count(self._clipped_steps, idx, device).update(stats.clipped)
-            self._known_finite_steps[idx] = self._known_finite_steps.get(idx, 0) + 1
-        else:
-            self._count(self._clipped_steps, idx, device).update(stats.clipped & counted)
+        clipped_steps = self._count(self._clipped_steps, idx, device)
+        if isinstance(counted, Tensor):
+            clipped_steps.update(stats.clipped & counted)
             self._count(self._finite_steps, idx, device).update(counted)
+        elif counted:  # known on the host: a host count, and an update only where a step was clipped
+            self._known_finite_steps[idx] = self._known_finite_steps.get(idx, 0) + 1
+            if isinstance(stats.clipped, Tensor):
+                clipped_steps.update(stats.clipped)
+            elif stats.clipped:
+                clipped_steps.update(torch.ones((), device=device))
         self._steps_since_log[idx] = self._steps_since_log.get(idx, 0) + 1
         if should_log(trainer):
             self._log(trainer, idx, stats)
@@ -416,6 +439,19 @@ class GradientClipCallback(Callback):
         norms = measured.norms_for(self._step_key, norm_type, grads) if measured is not None else None
         return norms if norms is not None else tensor_norms(grads, norm_type)
 
+    def constant_like(self, value: float, like: Tensor) -> Tensor:
+        """``value`` as a 0-dim tensor like ``like``, made once (not a fill kernel every step); read only."""
+        key = (value, like.device, like.dtype)
+        cached = self._constants.get(key)
+        if cached is None:
+            cached = self._constants[key] = torch.full_like(like, value)
+        return cached
+
+    @property
+    def read_norm(self) -> Optional[float]:
+        """The step's measured norm as a Python float, where the base class read it (``step.norm``)."""
+        return self.step.norm if self.step is not None else None
+
     def metric_key(self, name: str, idx: int, trainer: pl.Trainer) -> str:
         """This callback's key for metric ``name`` of optimizer ``idx`` (see :func:`metric_key`)."""
         return metric_key(self._key_prefix, name, idx, trainer)
@@ -433,7 +469,7 @@ class GradientClipCallback(Callback):
         return {}
 
     def _log(self, trainer: pl.Trainer, idx: int, stats: Optional[ClipStats]) -> None:
-        values: dict[str, Tensor] = {}
+        values: dict[str, Number] = {}
         if stats is not None:
             values.update(norm=stats.norm, norm_clipped=stats.norm_clipped, threshold=stats.threshold)
             values.update(self.extra_metrics())
@@ -441,15 +477,13 @@ class GradientClipCallback(Callback):
             clipped = self._clipped_steps[idx]
             # 0 when every step since the last log was non-finite (none could be clipped)
             values["clip_rate"] = clipped.compute() / self._finite_count(idx).clamp(min=1)
-            clipped.reset()  # computed again only after an update (`_steps_since_log` > 0)
+            self._restart(clipped)
             self._restart(self._count(self._finite_steps, idx, clipped.device))
             self._known_finite_steps[idx] = 0
             self._steps_since_log[idx] = 0
         values["nonfinite_steps"] = self._nonfinite_steps[idx].compute()
-        device = values["nonfinite_steps"].device
-        stacked = [v if v.device == device else v.to(device) for v in values.values()]
         keys = [self.metric_key(k, idx, trainer) for k in values]
-        write_metrics(trainer, keys, torch.stack([v.float() for v in stacked]), log_step(trainer))
+        write_metrics(trainer, keys, list(values.values()), log_step(trainer))
 
     def _finite_count(self, idx: int) -> Tensor:
         """Finite steps since the last log: those counted on the device plus those the host read as finite."""

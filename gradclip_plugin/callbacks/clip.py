@@ -62,9 +62,14 @@ class ClipByValue(GradientClipCallback):
         return combine_norms(self.tensor_norms(grads, _INF), _INF), None
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
-        norm = measured[0]
+        norm, largest = measured[0], self.read_norm
+        threshold = self.constant_like(self.clip_value, norm)
+        if largest is not None:  # read on the host: clamp only if some entry is out of bounds
+            clipped = largest > self.clip_value
+            if clipped:
+                clip_by_value_(grads, self.clip_value)
+            return ClipStats(largest, min(largest, self.clip_value), threshold, clipped)
         clip_by_value_(grads, self.clip_value)
-        threshold = torch.full_like(norm, self.clip_value)
         return ClipStats(norm, torch.minimum(norm, threshold), threshold, norm > threshold)
 
 
@@ -85,14 +90,14 @@ class _MaxNormCallback(GradientClipCallback):
         super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, log_prefix=log_prefix)
         self.max_norm = float(max_norm)
         self.norm_type = check_norm_type(norm_type)
-        self._max_norm_tensor: Optional[Tensor] = None
 
-    def threshold_like(self, norm: Tensor) -> Tensor:
-        """``max_norm`` as a 0-dim tensor like ``norm``, made once (not a fill kernel every step); read only."""
-        t = self._max_norm_tensor
-        if t is None or t.device != norm.device or t.dtype != norm.dtype:
-            t = self._max_norm_tensor = torch.full_like(norm, self.max_norm)
-        return t
+    def unclipped(self, norm: Tensor) -> Optional[ClipStats]:
+        """The stats of a step that scales nothing, if the host knows it is one: the norm it read is at
+        most ``max_norm`` (then so is every tensor's, and every coefficient is exactly 1)."""
+        read = self.read_norm
+        if read is None or not read <= self.max_norm:
+            return None
+        return ClipStats(read, read, self.constant_like(self.max_norm, norm), False)
 
 
 class ClipByNorm(_MaxNormCallback):
@@ -125,7 +130,10 @@ class ClipByNorm(_MaxNormCallback):
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
         norm, norms = measured
-        threshold = self.threshold_like(norm)
+        unclipped = self.unclipped(norm)
+        if unclipped is not None:
+            return unclipped
+        threshold = self.constant_like(self.max_norm, norm)
         coefs = clip_coefficient(threshold, norms)
         scale_(grads, coefs)
         return ClipStats(norm, combine_norms(norms * coefs, self.norm_type), threshold, (coefs < 1).any())
@@ -161,7 +169,10 @@ class ClipByGlobalNorm(_MaxNormCallback):
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
         norm = measured[0]
-        threshold = self.threshold_like(norm)
+        unclipped = self.unclipped(norm)
+        if unclipped is not None:
+            return unclipped
+        threshold = self.constant_like(self.max_norm, norm)
         coef = clip_coefficient(threshold, norm)
         scale_(grads, coef)
         return ClipStats(norm, norm * coef, threshold, coef < 1)

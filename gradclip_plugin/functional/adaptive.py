@@ -14,10 +14,11 @@ integers that the caller knows without reading a tensor), and each step is one p
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from collections.abc import Iterable
-from typing import Literal, NamedTuple, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -41,6 +42,7 @@ __all__ = [
     "zclip_update",
 ]
 
+Number = Union[float, Tensor]
 ZClipMode = Literal["zscore", "percentile"]
 ZClipOption = Literal["adaptive_scaling", "mean"]
 
@@ -211,24 +213,29 @@ def adaptive_clip_grad_(
 
 
 @torch.no_grad()
-def threshold_coefficient(threshold: Tensor, norm: Tensor) -> Tensor:
-    """``threshold / norm`` where ``norm > threshold``, else exactly 1.
+def threshold_coefficient(threshold: Number, norm: Number) -> Number:
+    """``threshold / norm`` where ``norm > threshold``, else exactly 1 (for Python floats too).
 
     Unlike ``min(1, threshold / norm)`` this is never NaN for a finite norm: an adaptive threshold
     can be 0 (a history of zero gradients) and ``0 / 0`` would poison the gradients. A NaN norm
     gives 1 (the gradients are already NaN and the non-finite policy decides their fate).
     """
+    if isinstance(norm, float):
+        return threshold / norm if norm > threshold else 1.0
     return torch.where(norm > threshold, threshold / norm, 1.0)
 
 
-# A condition either the host knows (a Python bool: the caller read it anyway, e.g. to decide whether
-# to skip a non-finite step) or only the device does (a bool 0-dim tensor). The updates below branch in
-# Python on what the host knows and select with `torch.where` on the rest: the same arithmetic either
-# way, so both give bit-identical results, and a step the host knows all about runs a few kernels.
+# Where an update runs. On the device, the state is tensors and the norm a 0-dim tensor: nothing is
+# read back (the form for GPU training without a host read per step). On the host, the state is Python
+# numbers and the norm a Python float the caller has read anyway (say, to decide whether to skip a
+# non-finite step): float64 arithmetic, no kernel at all, the reference implementations' very numbers.
+# The arithmetic below is written once for both. A condition is a Python bool where the host knows it
+# and a bool 0-dim tensor where only the device does; the updates branch in Python on the first and
+# select with `torch.where` on the second, with the same result either way.
 Flag = Union[bool, Tensor]
 
 
-def _select(cond: Flag, a: Tensor, b: Tensor) -> Tensor:
+def _select(cond: Flag, a: Number, b: Number) -> Number:
     """``torch.where(cond, a, b)``, or ``a`` or ``b`` itself when the host knows ``cond``."""
     if isinstance(cond, bool):
         return a if cond else b
@@ -244,12 +251,58 @@ def _add_flag(count: Union[int, Tensor], flag: Flag) -> Union[int, Tensor]:
     return count + (flag if isinstance(flag, bool) else flag.to(torch.int64))
 
 
-def _finite_flag(norm: Tensor, finite: Optional[Flag]) -> Flag:
+def _sqrt(x: Number) -> Number:
+    return x**0.5 if isinstance(x, float) else x.sqrt()  # the references' `var ** 0.5`
+
+
+def _square(x: Number) -> Number:
+    return x**2 if isinstance(x, float) else x.square()
+
+
+def _at_most(x: Number, cap: Optional[float]) -> Number:
+    """``min(x, cap)`` keeping NaN (``clamp``'s rule); ``x`` if ``cap`` is ``None``."""
+    if cap is None:
+        return x
+    if isinstance(x, float):
+        return cap if x > cap else x
+    return x.clamp(max=cap)
+
+
+def _constant(like: Number, value: float) -> Number:
+    return value if isinstance(like, float) else torch.full_like(like, value)
+
+
+def _host_norm(norm: Union[Number, int]) -> Number:
+    """A Python number as a float (the host form), a tensor as it is."""
+    if isinstance(norm, Tensor):
+        return norm
+    if isinstance(norm, bool) or not isinstance(norm, (int, float)):
+        raise TypeError(f"`norm` must be a 0-dim tensor or a Python float, got {norm!r}")
+    return float(norm)
+
+
+def _finite_flag(norm: Number, finite: Optional[Flag]) -> Flag:
     if finite is None:
-        return torch.isfinite(norm)
-    if not isinstance(finite, (bool, Tensor)):
-        raise TypeError(f"`finite` must be None, a bool or a bool tensor, got {finite!r}")
+        return math.isfinite(norm) if isinstance(norm, float) else torch.isfinite(norm)
+    if not isinstance(finite, (bool, Tensor)) or (isinstance(norm, float) and not isinstance(finite, bool)):
+        raise TypeError(f"`finite` must be None, a bool or (for a tensor norm) a bool tensor, got {finite!r}")
     return finite
+
+
+def _check_form(state: Any, norm: Number) -> None:
+    if isinstance(norm, float) != state.on_host:
+        have, want = ("a Python float", "to_host()") if isinstance(norm, float) else ("a tensor", "to_device(device)")
+        raise TypeError(
+            f"`norm` is {have} but the {type(state).__name__} is on the "
+            f"{'device' if isinstance(norm, float) else 'host'}: convert it once with `state.{want}`"
+        )
+
+
+def _to_host(value: Any) -> Any:
+    """A tensor as Python numbers (a 1-D one as a tuple); anything else as it is."""
+    if not isinstance(value, Tensor):
+        return value
+    return tuple(value.tolist()) if value.dim() else value.item()
 
 
 # ---------------------------------------------------------------------------------------------- AutoClip
@@ -261,14 +314,28 @@ class AutoClipState(NamedTuple):
     sorted, each norm inserted at its rank (no sort: a few element-wise passes), and doubles when
     full. Unused slots hold ``+inf``, so the recorded norms always rank first. ``steps`` counts
     update calls, finite or not: a host integer, known without a read, that bounds ``count`` and
-    decides when the buffer must grow.
+    decides when the buffer must grow. On the host (see :func:`autoclip_init`) ``history`` is a
+    tuple of floats in the same layout.
     """
 
-    history: Tensor  #: 1-D, recorded norms (ring, or sorted if unbounded), ``+inf`` in unused slots
+    history: Union[Tensor, tuple[float, ...]]  #: recorded norms (ring, or sorted if unbounded), ``+inf`` in unused slots
     #: finite norms recorded so far (all time): a host integer while the host knew every update's
-    #: finiteness (``finite=True/False``), else a 0-dim int64 tensor
+    #: finiteness, else a 0-dim int64 tensor
     count: Union[int, Tensor]
     steps: int  #: update calls so far (host integer)
+
+    @property
+    def on_host(self) -> bool:
+        return isinstance(self.history, tuple)
+
+    def to_host(self) -> AutoClipState:
+        """This state as Python numbers (reads the tensors back once, e.g. when a resumed run reads its norms)."""
+        return AutoClipState(_to_host(self.history), _to_host(self.count), self.steps)
+
+    def to_device(self, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> AutoClipState:
+        """This state as tensors on ``device`` (the history in ``dtype``; a host count stays a host integer)."""
+        count = self.count.to(device) if isinstance(self.count, Tensor) else self.count
+        return AutoClipState(torch.as_tensor(self.history, dtype=dtype, device=device), count, self.steps)
 
 
 def _check_history_size(history_size: Optional[int]) -> None:
@@ -288,14 +355,20 @@ def autoclip_init(
     device: Optional[torch.device] = None,
     dtype: torch.dtype = torch.float32,
     capacity: int = 64,
+    on_host: bool = False,
 ) -> AutoClipState:
-    """An empty AutoClip state: ``history_size`` slots, or ``capacity`` (growing) if ``None``."""
+    """An empty AutoClip state: ``history_size`` slots, or ``capacity`` (growing) if ``None``.
+
+    ``on_host=True``: Python floats, for updates with a ``norm`` the caller has read (``device`` and
+    ``dtype`` are then unused).
+    """
     _check_history_size(history_size)
     size = history_size if history_size is not None else capacity
-    return AutoClipState(history=torch.full((size,), math.inf, device=device, dtype=dtype), count=0, steps=0)
+    state = AutoClipState(history=(math.inf,) * size, count=0, steps=0)
+    return state if on_host else state.to_device(device, dtype)
 
 
-def _percentile(ranked: Tensor, n: Union[int, Tensor], percentile: float) -> Tensor:
+def _percentile(ranked: Any, n: Union[int, Tensor], percentile: float) -> Number:
     """The ``percentile`` of the ``n`` smallest entries of the sorted ``ranked``, interpolated linearly at
     position ``(n - 1) * percentile / 100`` (in float64) as ``numpy.percentile``; ``ranked[0]`` (+inf) if ``n`` is 0."""
     if isinstance(n, int):
@@ -304,7 +377,7 @@ def _percentile(ranked: Tensor, n: Union[int, Tensor], percentile: float) -> Ten
         lo = math.floor(position)
         hi, frac = min(lo + 1, last), position - lo
         a, b = ranked[lo], ranked[hi]
-        # torch rounds the Python float `frac` to a's dtype, as `frac.to(a.dtype)` below
+        # torch rounds the Python float `frac` to a tensor's dtype, as `frac.to(a.dtype)` below
         return a if hi == lo or frac == 0.0 else a + frac * (b - a)
     last = (n - 1).clamp(min=0)
     position = last.to(torch.float64) * (percentile / 100.0)
@@ -319,12 +392,12 @@ def _percentile(ranked: Tensor, n: Union[int, Tensor], percentile: float) -> Ten
 @torch.no_grad()
 def autoclip_update(
     state: AutoClipState,
-    norm: Tensor,
+    norm: Number,
     percentile: float = 10.0,
     history_size: Optional[int] = None,
     *,
     finite: Optional[Flag] = None,
-) -> tuple[AutoClipState, Tensor]:
+) -> tuple[AutoClipState, Number]:
     """Record ``norm`` and return the clipping threshold: the ``percentile``-th percentile of the history.
 
     The history includes this step's norm (the paper's order: append, then take the percentile),
@@ -336,15 +409,16 @@ def autoclip_update(
 
     Args:
         state: from :func:`autoclip_init` or a previous update.
-        norm: this step's pre-clip global gradient norm, a 0-dim tensor.
+        norm: this step's pre-clip global gradient norm: a 0-dim tensor (the state on the device,
+            nothing read back), or a Python float with a state on the host (float64, no kernel).
         percentile: in [0, 100].
         history_size: as given to :func:`autoclip_init`.
-        finite: whether ``norm`` is finite, if the caller knows it on the host (``True``/``False``):
-            the update then runs fewer kernels, with the same result. ``None`` (default): checked on
-            the device, with no host read.
+        finite: whether to record ``norm``, if the caller knows it on the host (``True``/``False``):
+            the update then runs fewer kernels, with the same result. ``None`` (default): whether
+            ``norm`` is finite, checked where the norm is.
 
     Returns:
-        ``(new_state, threshold)``, the threshold a 0-dim tensor of the history's dtype.
+        ``(new_state, threshold)``, the threshold a 0-dim tensor of the history's dtype (a float on the host).
 
     References:
         Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for Source Separation
@@ -352,20 +426,30 @@ def autoclip_update(
     """
     _check_percentile(percentile)
     _check_history_size(history_size)
+    norm = _host_norm(norm)
+    _check_form(state, norm)
     history = state.history
-    if history_size is not None and history.numel() != history_size:
+    if history_size is not None and len(history) != history_size:
         raise ValueError(
-            f"`history_size` is {history_size} but the state holds {history.numel()} slots; "
+            f"`history_size` is {history_size} but the state holds {len(history)} slots; "
             "pass the `history_size` the state was created with"
         )
-    if history_size is None and state.steps >= history.numel():  # host integers: grow by doubling
-        history = torch.cat([history, torch.full_like(history, math.inf)])
-    capacity = history.numel()
-    norm = norm.to(device=history.device, dtype=history.dtype)
+    if history_size is None and state.steps >= len(history):  # host integers: grow by doubling
+        history = history + (math.inf,) * len(history) if state.on_host else torch.cat(
+            [history, torch.full_like(history, math.inf)]
+        )
+    capacity = len(history)
+    if not state.on_host:
+        norm = norm.to(device=history.device, dtype=history.dtype)
     finite = _finite_flag(norm, finite)
     count = state.count
     if history_size is None:  # sorted: insert at the norm's rank (count < capacity, the last slot is free)
-        if finite is not False:
+        if finite is False:
+            pass
+        elif state.on_host:
+            rank = bisect.bisect_left(history, norm)
+            history = history[:rank] + (norm,) + history[rank:-1]
+        else:
             value = _select(finite, norm, torch.full_like(norm, math.inf))  # inf lands among the free slots
             rank_of_value = torch.searchsorted(history, value.reshape(1))
             slot = torch.arange(capacity, device=history.device)
@@ -375,6 +459,9 @@ def autoclip_update(
     else:  # ring buffer in arrival order: overwrite the oldest
         if finite is False:
             pass
+        elif state.on_host:
+            pos = count % capacity
+            history = history[:pos] + (norm,) + history[pos + 1 :]
         elif isinstance(count, int):
             pos = count % capacity
             history = history.clone()
@@ -383,7 +470,7 @@ def autoclip_update(
             pos_t = (count % capacity).reshape(1)
             value = _select(finite, norm, history.gather(0, pos_t).squeeze(0))
             history = history.scatter(0, pos_t, value.reshape(1))
-        ranked = torch.sort(history).values
+        ranked = tuple(sorted(history)) if state.on_host else torch.sort(history).values
     count = _add_flag(count, finite)
     n = min(count, capacity) if isinstance(count, int) else count.clamp(max=capacity)
     return AutoClipState(history, count, state.steps + 1), _percentile(ranked, n, percentile)
@@ -391,87 +478,118 @@ def autoclip_update(
 
 # ---------------------------------------------------------------------------------------------- ZClip
 class ZClipState(NamedTuple):
-    """ZClip's warm-up buffer and exponential moving statistics of the gradient norm."""
+    """ZClip's warm-up buffer and exponential moving statistics of the gradient norm (tensors on the
+    device, or Python numbers on the host, the buffer a tuple: see :func:`zclip_init`)."""
 
-    buffer: Tensor  #: 1-D, ``warmup_steps`` slots: the norms collected during warm-up
+    buffer: Union[Tensor, tuple[float, ...]]  #: ``warmup_steps`` slots: the norms collected during warm-up
     #: finite norms seen so far (warm-up ends when it reaches ``warmup_steps``): a host integer while
-    #: the host knew every update's finiteness (``finite=True/False``), else a 0-dim int64 tensor
+    #: the host knew every update's finiteness, else a 0-dim int64 tensor
     count: Union[int, Tensor]
-    mean: Tensor  #: 0-dim, EMA of the norm (0 until warm-up ends)
-    var: Tensor  #: 0-dim, EMA of the squared deviation (0 until warm-up ends)
-    spikes: Tensor  #: 0-dim int64, steps detected as spikes so far
+    mean: Number  #: EMA of the norm (0 until warm-up ends)
+    var: Number  #: EMA of the squared deviation (0 until warm-up ends)
+    spikes: Union[int, Tensor]  #: steps detected as spikes so far (int64)
+
+    @property
+    def on_host(self) -> bool:
+        return not isinstance(self.mean, Tensor)
+
+    def to_host(self) -> ZClipState:
+        """This state as Python numbers (reads the tensors back once, e.g. when a resumed run reads its norms)."""
+        return ZClipState(*(_to_host(v) for v in self))
+
+    def to_device(self, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> ZClipState:
+        """This state as tensors on ``device`` (floats in ``dtype``; a host count stays a host integer)."""
+        buffer, mean, var = (torch.as_tensor(v, dtype=dtype, device=device) for v in (self.buffer, self.mean, self.var))
+        count = self.count.to(device) if isinstance(self.count, Tensor) else self.count
+        return ZClipState(buffer, count, mean, var, torch.as_tensor(self.spikes, dtype=torch.int64, device=device))
 
 
 def zclip_init(
-    warmup_steps: int = 25, *, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32
+    warmup_steps: int = 25,
+    *,
+    device: Optional[torch.device] = None,
+    dtype: torch.dtype = torch.float32,
+    on_host: bool = False,
 ) -> ZClipState:
-    """A fresh ZClip state with ``warmup_steps`` warm-up slots."""
+    """A fresh ZClip state with ``warmup_steps`` warm-up slots.
+
+    ``on_host=True``: Python numbers, for updates with a ``norm`` the caller has read (``device`` and
+    ``dtype`` are then unused).
+    """
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
         raise ValueError(f"`warmup_steps` must be a positive integer, got {warmup_steps!r}")
-    zero = torch.zeros((), device=device, dtype=dtype)
-    spikes = torch.zeros((), device=device, dtype=torch.int64)
-    return ZClipState(torch.zeros(warmup_steps, device=device, dtype=dtype), 0, zero, zero.clone(), spikes)
+    state = ZClipState((0.0,) * warmup_steps, 0, 0.0, 0.0, 0)
+    return state if on_host else state.to_device(device, dtype)
 
 
-def _zclip_collect(state: ZClipState, norm: Tensor, counts: Flag, max_norm: Optional[float]):
+def _zclip_collect(state: ZClipState, norm: Number, counts: Flag, max_norm: Optional[float]):
     """Warm-up: record ``norm`` where ``counts``; when the buffer fills, start the EMA at its mean and
     population variance. The threshold is ``max_norm`` (``+inf`` if ``None``), ``z`` 0, no spike."""
     buffer, count, mean, var, spikes = state
-    n = buffer.numel()
-    if counts is not False:
-        if isinstance(count, int):  # the host knows the slot (count < n: still warming up)
-            buffer = buffer.clone()
-            buffer[count] = _select(counts, norm, buffer[count])
-        else:
-            pos = count.clamp(max=n - 1).reshape(1)
-            buffer = buffer.scatter(0, pos, _select(counts, norm, buffer.gather(0, pos).squeeze(0)).reshape(1))
+    n = len(buffer)
+    if counts is False:
+        pass
+    elif state.on_host:  # count < n: still warming up
+        buffer = buffer[:count] + (norm,) + buffer[count + 1 :]
+    elif isinstance(count, int):  # the host knows the slot
+        buffer = buffer.clone()
+        buffer[count] = _select(counts, norm, buffer[count])
+    else:
+        pos = count.clamp(max=n - 1).reshape(1)
+        buffer = buffer.scatter(0, pos, _select(counts, norm, buffer.gather(0, pos).squeeze(0)).reshape(1))
     count = _add_flag(count, counts)
     init = counts & (count == n)
     if init is not False:
-        init_mean = buffer.mean()
-        mean, var = _select(init, init_mean, mean), _select(init, (buffer - init_mean).square().mean(), var)
-    cap = torch.full_like(norm, math.inf if max_norm is None else max_norm)
-    return ZClipState(buffer, count, mean, var, spikes), cap, torch.zeros_like(norm), torch.zeros_like(norm, dtype=torch.bool)
+        if state.on_host:  # the reference's sums, in its order
+            init_mean = sum(buffer) / n
+            init_var = sum((x - init_mean) ** 2 for x in buffer) / n
+        else:
+            init_mean = buffer.mean()
+            init_var = (buffer - init_mean).square().mean()
+        mean, var = _select(init, init_mean, mean), _select(init, init_var, var)
+    threshold = _constant(norm, math.inf if max_norm is None else max_norm)
+    no_spike = False if state.on_host else torch.zeros_like(norm, dtype=torch.bool)
+    return ZClipState(buffer, count, mean, var, spikes), threshold, _constant(norm, 0.0), no_spike
 
 
-def _zclip_track(state: ZClipState, norm: Tensor, counts: Flag, alpha: float, z_thresh: float,
+def _zclip_track(state: ZClipState, norm: Number, counts: Flag, alpha: float, z_thresh: float,
                  max_norm: Optional[float], eps: float, mode: str, clip_option: str, clip_factor: float,
                  skip_update_on_spike: bool):  # fmt: skip
     """After warm-up: z-score, spike, clip value and threshold; the EMA takes the norm where ``counts``."""
     buffer, count, mean, var, spikes = state
-    std = var.sqrt()
+    std = _sqrt(var)
     z = (norm - mean) / (std + eps)
-    if mode == "zscore":
-        spike = z > z_thresh
-        if clip_option == "adaptive_scaling":
-            clip_val = mean + z_thresh * std / (z / z_thresh)
-            if clip_factor != 1.0:  # x * 1.0 is x: skipping it changes no bit
-                clip_val = clip_val * clip_factor
-        else:
-            clip_val = mean
-    else:
-        clip_val = mean + z_thresh * std
-        spike = norm > clip_val
+    bound = mean + z_thresh * std
+    spike = z > z_thresh if mode == "zscore" else norm > bound
     if counts is not True:
         spike = spike & counts
-    x = torch.where(spike, clip_val, norm)
-    threshold = x if max_norm is None else x.clamp(max=max_norm)
+    if spike is False:  # known on the host: no clip value (it may divide by a zero z)
+        clip_val = norm
+    elif mode == "percentile":
+        clip_val = bound
+    elif clip_option == "adaptive_scaling":
+        clip_val = mean + z_thresh * std / (z / z_thresh)
+        if clip_factor != 1.0:  # x * 1.0 is x: skipping it changes no bit
+            clip_val = clip_val * clip_factor
+    else:
+        clip_val = mean
+    x = _select(spike, clip_val, norm)
+    threshold = _at_most(x, max_norm)
     if counts is not True:  # a norm that does not count (non-finite) is bounded as a spike would be
-        bound = mean + z_thresh * std
-        threshold = _select(counts, threshold, bound if max_norm is None else bound.clamp(max=max_norm))
+        threshold = _select(counts, threshold, _at_most(bound, max_norm))
     update = counts & _not(spike) if skip_update_on_spike else counts
     if update is not False:
         new_mean = alpha * mean + (1 - alpha) * x
-        new_var = alpha * var + (1 - alpha) * (x - new_mean).square()
+        new_var = alpha * var + (1 - alpha) * _square(x - new_mean)
         mean, var = _select(update, new_mean, mean), _select(update, new_var, var)
-    spikes = spikes + spike.to(torch.int64)
+    spikes = _add_flag(spikes, spike)
     return ZClipState(buffer, _add_flag(count, counts), mean, var, spikes), threshold, z, spike
 
 
 @torch.no_grad()
 def zclip_update(
     state: ZClipState,
-    norm: Tensor,
+    norm: Number,
     *,
     alpha: float = 0.97,
     z_thresh: float = 2.5,
@@ -482,7 +600,7 @@ def zclip_update(
     clip_factor: float = 1.0,
     skip_update_on_spike: bool = False,
     finite: Optional[Flag] = None,
-) -> tuple[ZClipState, Tensor, Tensor, Tensor]:
+) -> tuple[ZClipState, Number, Number, Flag]:
     """One ZClip step: the threshold for this norm, its z-score, whether it is a spike, and the new state.
 
     The reference algorithm (``bluorion-com/ZClip``, ``ZClip.step``):
@@ -503,13 +621,17 @@ def zclip_update(
     EMA) and is never a spike; its threshold is ``min(mean + z_thresh * std, max_norm)`` after warm-up.
 
     Args:
-        finite: whether ``norm`` is finite, if the caller knows it on the host (``True``/``False``):
-            while the host knows every step's, it also knows the phase (``count`` stays a host
-            integer), and a step runs only its own phase's few kernels, with the same result.
-            ``None`` (default): checked on the device, with no host read.
+        norm: this step's pre-clip global gradient norm: a 0-dim tensor (the state on the device,
+            nothing read back), or a Python float with a state on the host (the reference's float64
+            arithmetic, no kernel).
+        finite: whether to take ``norm`` into the statistics, if the caller knows it on the host
+            (``True``/``False``): while the host knows every step's, it also knows the phase
+            (``count`` stays a host integer), and a step runs only its own phase's few kernels, with
+            the same result. ``None`` (default): whether ``norm`` is finite, checked where it is.
 
     Returns:
-        ``(new_state, threshold, z, spike)``: 0-dim tensors; ``z`` is 0 during warm-up.
+        ``(new_state, threshold, z, spike)``: 0-dim tensors (Python numbers on the host); ``z`` is 0
+        during warm-up.
 
     References:
         Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", arXiv 2504.02507.
@@ -518,12 +640,15 @@ def zclip_update(
         raise ValueError(f"`mode` must be 'zscore' or 'percentile', got {mode!r}")
     if mode == "zscore" and clip_option not in ("adaptive_scaling", "mean"):
         raise ValueError(f"`clip_option` must be 'adaptive_scaling' or 'mean', got {clip_option!r}")
-    norm = norm.to(device=state.mean.device, dtype=state.mean.dtype)
+    norm = _host_norm(norm)
+    _check_form(state, norm)
+    if not state.on_host:
+        norm = norm.to(device=state.mean.device, dtype=state.mean.dtype)
     finite = _finite_flag(norm, finite)
     track = functools.partial(_zclip_track, alpha=alpha, z_thresh=z_thresh, max_norm=max_norm, eps=eps, mode=mode,
                               clip_option=clip_option, clip_factor=clip_factor,
                               skip_update_on_spike=skip_update_on_spike)  # fmt: skip
-    warm = state.count >= state.buffer.numel()  # warm-up finished before this step
+    warm = state.count >= len(state.buffer)  # warm-up finished before this step
     if isinstance(warm, bool):  # the host knows the phase
         return track(state, norm, finite) if warm else _zclip_collect(state, norm, finite, max_norm)
     collected = _zclip_collect(state, norm, finite & ~warm, max_norm)

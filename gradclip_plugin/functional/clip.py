@@ -172,8 +172,9 @@ def clip_coefficient(max_norm: Union[Number, Tensor], norm: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def scale_(tensors: Tensors, coef: Tensor) -> None:
-    """Multiply tensors in place by ``coef``: a 0-dim tensor for all, or a 1-D tensor, one per tensor.
+def scale_(tensors: Tensors, coef: Union[Tensor, float]) -> None:
+    """Multiply tensors in place by ``coef``: a 0-dim tensor or a Python float for all, or a 1-D tensor,
+    one per tensor.
 
     Uses the foreach kernels per (device, dtype) group; reads nothing back to the host. A DTensor
     is scaled through its local shard (DTensor's foreach ops refuse lists mixing it with plain tensors).
@@ -181,11 +182,11 @@ def scale_(tensors: Tensors, coef: Tensor) -> None:
     tensors = _local(as_tensor_list(tensors))
     if not tensors:
         return
-    per_tensor = coef.dim() == 1
+    per_tensor = isinstance(coef, Tensor) and coef.dim() == 1
     groups = group_by_device_and_dtype(tensors)
     for (device, _), idx in groups.items():
         group = tensors if len(groups) == 1 else [tensors[i] for i in idx]
-        c = coef.to(device)
+        c = coef.to(device) if isinstance(coef, Tensor) else float(coef)  # a float is a kernel argument
         if per_tensor:
             parts = c.unbind()  # views: indexing with a Python list would copy an index tensor to the device
             torch._foreach_mul_(group, [parts[i] for i in idx])

@@ -176,9 +176,12 @@ FACTORIES = {
 }
 
 
+@pytest.mark.parametrize("nonfinite", ["skip", "ignore"], ids=["host", "device"])
 @pytest.mark.parametrize("kind", list(FACTORIES))
-def test_each_step_equals_the_reference_on_the_probed_gradients(tmp_path, kind):
-    cb = FACTORIES[kind]()
+def test_each_step_equals_the_reference_on_the_probed_gradients(tmp_path, kind, nonfinite):
+    # "skip" reads each step's norm, and AutoClip/ZClip keep their statistics on the host;
+    # "ignore" reads nothing, and they stay on the device
+    cb = FACTORIES[kind](nonfinite=nonfinite)
     logger = CSVLogger(tmp_path)
     _, before, after = run(tmp_path, cb, logger=logger)
     assert len(before.steps) == len(after.steps) == len(SCALES)
@@ -209,8 +212,10 @@ def test_each_step_equals_the_reference_on_the_probed_gradients(tmp_path, kind):
     # every branch is exercised (AutoClip at the 10th percentile clips every step but the first)
     assert changed and unchanged, f"{changed} clipped, {unchanged} untouched: a weak test"
     if isinstance(cb, ZClip):
-        assert metrics["grad_clip/spikes"][len(SCALES) - 1] == cb._states[0].spikes.item() > 0
-        assert 0 < cb._states[0].spikes.item() < len(SCALES) - cb.warmup_steps
+        assert metrics["grad_clip/spikes"][len(SCALES) - 1] == int(cb._states[0].spikes) > 0
+        assert 0 < int(cb._states[0].spikes) < len(SCALES) - cb.warmup_steps
+    if not isinstance(cb, AdaptiveGradientClipping):
+        assert cb._states[0].on_host == (nonfinite == "skip")
 
 
 def test_agc_zero_initialised_bias_is_clipped_to_clip_factor_times_eps(tmp_path):
@@ -246,17 +251,18 @@ def test_a_nan_step_never_enters_the_statistics(tmp_path, kind, nonfinite):
     state = cb._states[0]
     finite_steps = len(SCALES) - len(nan_steps)
     assert int(state.count) == finite_steps
-    # where the base class reads each step's finiteness anyway, the count stays on the host
-    assert isinstance(state.count, int) == (nonfinite != "ignore")
+    # where the base class reads each step's norm anyway, the state is kept on the host
+    assert state.on_host == isinstance(state.count, int) == (nonfinite != "ignore")
     if isinstance(cb, AutoClip):  # recorded norms are finite, unused slots +inf, nothing NaN
-        kept = min(finite_steps, state.history.numel())
-        assert torch.isfinite(state.history).sum() == kept and not state.history.isnan().any()
-        recorded = sorted(state.history[torch.isfinite(state.history)].tolist())
+        history = torch.as_tensor(state.history)
+        kept = min(finite_steps, history.numel())
+        assert torch.isfinite(history).sum() == kept and not history.isnan().any()
+        recorded = sorted(history[torch.isfinite(history)].tolist())
         assert recorded == pytest.approx(sorted(ref.history if ref.k is None else ref.history[-ref.k :]), rel=1e-5)
     else:
-        assert all(torch.isfinite(f).all() for f in state if isinstance(f, torch.Tensor)), state
-        assert state.mean.item() == pytest.approx(ref.ref.mean, rel=1e-5)
-        assert state.var.item() == pytest.approx(ref.ref.var, rel=1e-4)
+        assert all(torch.isfinite(torch.as_tensor(f)).all() for f in state), state
+        assert float(state.mean) == pytest.approx(ref.ref.mean, rel=1e-5)
+        assert float(state.var) == pytest.approx(ref.ref.var, rel=1e-4)
 
 
 class _no_warning:
@@ -272,15 +278,16 @@ class _no_warning:
 RESUME_CASES = [("agc", 6), ("autoclip", 6), ("autoclip-window", 6), ("zclip", 6), ("zclip-maxnorm", 2)]
 
 
+@pytest.mark.parametrize("nonfinite", ["skip", "ignore"], ids=["host", "device"])
 @pytest.mark.parametrize("kind,save_at", RESUME_CASES)
-def test_resumed_run_clips_exactly_as_the_uninterrupted_run(tmp_path, kind, save_at):
-    _, _, full = run(tmp_path / "full", FACTORIES[kind]())
+def test_resumed_run_clips_exactly_as_the_uninterrupted_run(tmp_path, kind, save_at, nonfinite):
+    _, _, full = run(tmp_path / "full", FACTORIES[kind](nonfinite=nonfinite))
 
     torch.manual_seed(0)
-    trainer, _, _ = run(tmp_path / "first", FACTORIES[kind](), max_steps=save_at)
+    trainer, _, _ = run(tmp_path / "first", FACTORIES[kind](nonfinite=nonfinite), max_steps=save_at)
     path = tmp_path / "mid.ckpt"
     trainer.save_checkpoint(path)
-    cb = FACTORIES[kind]()
+    cb = FACTORIES[kind](nonfinite=nonfinite)
     _, _, resumed = run(tmp_path / "resumed", cb, ckpt_path=path)
     assert len(resumed.steps) == len(SCALES) - save_at
     for t, step in enumerate(resumed.steps, start=save_at):
@@ -294,10 +301,40 @@ def test_resumed_run_clips_exactly_as_the_uninterrupted_run(tmp_path, kind, save
     assert cb.state_key in ckpt["callbacks"]
     del ckpt["callbacks"][cb.state_key]
     torch.save(ckpt, tmp_path / "stateless.ckpt")
-    _, _, fresh = run(tmp_path / "fresh", FACTORIES[kind](), ckpt_path=tmp_path / "stateless.ckpt")
+    _, _, fresh = run(tmp_path / "fresh", FACTORIES[kind](nonfinite=nonfinite), ckpt_path=tmp_path / "stateless.ckpt")
     assert any(
         not torch.equal(g, full.steps[t][n]) for t, step in enumerate(fresh.steps, start=save_at) for n, g in step.items()
     )
+
+
+@pytest.mark.parametrize("kind", ["autoclip", "autoclip-window", "zclip"])
+def test_a_host_state_moves_to_the_device_when_a_loss_scaler_appears(tmp_path, kind):
+    # Saved by a float32 run (the norm read every step: statistics on the host), resumed under a 16-mixed
+    # loss scaler (nothing read): the same callback and state key, the statistics move to the device once.
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    trainer, _, _ = run(tmp_path / "first", FACTORIES[kind](), max_steps=6)
+    saved = next(cb for cb in trainer.callbacks if isinstance(cb, (AutoClip, ZClip)))._states[0]
+    assert saved.on_host
+    path = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(path)
+    cb = FACTORIES[kind]()
+    scaler = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1.0))
+    _, before, after = run(tmp_path / "resumed", cb, ckpt_path=path, plugins=[scaler])
+    state = cb._states[0]
+    assert not state.on_host and int(state.count) == len(SCALES)
+    # the statistics went on from the saved ones (float64 on the host, float32 on the device)
+    ref = reference_for(cb)
+    for b in _reference_steps(tmp_path / "replay", kind, 6):
+        ref.threshold(norm64(b.values()))
+    for b, a in zip(before.steps, after.steps):
+        assert_grads_close(a, expected_grads(cb, ref, b, {}, norm64(b.values())))
+
+
+def _reference_steps(tmp_path, kind, steps):
+    """The probed pre-clip gradients of the first ``steps`` steps of ``kind``'s run."""
+    _, before, _ = run(tmp_path, FACTORIES[kind](), max_steps=steps)
+    return before.steps
 
 
 def test_state_dict_round_trip_and_device_of_the_saved_state(tmp_path):
@@ -336,12 +373,12 @@ def test_two_instances_keep_separate_state_in_one_checkpoint(tmp_path):
     trainer.save_checkpoint(path)
     ckpt = torch.load(path, weights_only=False)
     assert {conv.state_key, lin.state_key} <= set(ckpt["callbacks"])
-    assert not torch.equal(conv._states[0].history, lin._states[0].history)
+    assert conv._states[0].history != lin._states[0].history  # on the host: tuples
     conv2, lin2 = AutoClip(percentile=30.0, include=["conv.*"]), AutoClip(percentile=30.0, include=["lin.*"])
     trainer = make_trainer(tmp_path, [conv2, lin2], max_steps=5)
     trainer.fit(SpikeModel(), make_loader(), ckpt_path=path)  # max_steps reached: restore only
-    assert torch.equal(conv2._states[0].history, conv._states[0].history)
-    assert torch.equal(lin2._states[0].history, lin._states[0].history)
+    assert conv2._states[0].history == conv._states[0].history
+    assert lin2._states[0].history == lin._states[0].history
 
 
 # ---------------------------------------------------------------------- several optimizers
@@ -363,7 +400,7 @@ def test_each_optimizer_has_its_own_history(tmp_path):
     assert seen == {0: 8, 1: 8}
     assert int(cb._states[0].count) == int(cb._states[1].count) == 8
     for idx in (0, 1):
-        assert sorted(cb._states[idx].history[:8].tolist()) == pytest.approx(sorted(refs[idx].history), rel=1e-5)
+        assert sorted(cb._states[idx].history[:8]) == pytest.approx(sorted(refs[idx].history), rel=1e-5)
         assert f"grad_clip/opt{idx}/threshold" in metrics
 
 
@@ -386,7 +423,7 @@ def test_zclip_skips_the_step_on_a_severe_spike_and_logs_it(tmp_path):
         else:
             assert all(v is not None for v in a.values())
     metrics = read_metrics(logger)
-    spikes = cb._states[0].spikes.item()
+    spikes = int(cb._states[0].spikes)
     assert 0 < len(skipped) < spikes, "some spikes are only clipped, the severe ones are skipped"
     assert metrics["grad_clip/skipped_steps"][len(SCALES) - 1] == len(skipped)
     assert cb.state_dict()["skipped_steps"] == {0: len(skipped)}

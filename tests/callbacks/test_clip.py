@@ -355,3 +355,33 @@ def test_norm_type_accepts_positive_numbers_and_inf(cls, good, value):
 def test_clip_value_is_stored_as_float():
     cb = ClipByValue(3)
     assert cb.clip_value == 3.0 and isinstance(cb.clip_value, float)
+
+
+# ---------------------------------------------------------------------- the norm read on the host
+@pytest.mark.parametrize("kind", ["ClipByValue", "ClipByNorm", "ClipByGlobalNorm"])
+@pytest.mark.parametrize("nonfinite, threshold, scaled_steps", [
+    ("skip", 1e6, 0),  # the norm read for the policy is under the threshold: no pass over the gradients
+    ("skip", 1e-6, 4),
+    ("ignore", 1e6, 4),  # nothing read: the device scales by exactly 1
+])  # fmt: skip
+def test_a_step_known_to_be_under_the_threshold_scales_nothing(tmp_path, monkeypatch, kind, nonfinite, threshold,
+                                                               scaled_steps):
+    from gradclip_plugin.callbacks import clip as module
+
+    calls = []
+    for name in ("scale_", "clip_by_value_"):
+        op = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _op=op, **k: calls.append(1) or _op(*a, **k))
+    cb = {"ClipByValue": ClipByValue, "ClipByNorm": ClipByNorm, "ClipByGlobalNorm": ClipByGlobalNorm}[kind](
+        threshold, nonfinite=nonfinite
+    )
+    before, after, callbacks = probe_around(cb)
+    trainer = make_trainer(tmp_path, callbacks, max_steps=4)
+    trainer.fit(TinyModel(), make_loader())
+    assert len(calls) == scaled_steps
+    for b, a in zip(before.steps, after.steps):
+        for n in b:
+            if threshold > 1:
+                assert torch.equal(a[n], b[n])
+            else:
+                assert not torch.equal(a[n], b[n])

@@ -274,7 +274,7 @@ class ReferenceZClip:
                 self.mean = sum(self.buffer) / len(self.buffer)
                 self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
             return cap, 0.0, False
-        std = math.sqrt(self.var)
+        std = self.var ** 0.5  # as the zclip package (not always math.sqrt to the last bit)
         z = (g - self.mean) / (std + self.eps)
         clip = None
         if self.mode == "zscore" and z > self.z_thresh:
@@ -436,6 +436,120 @@ def test_autoclip_with_finiteness_known_on_the_host_is_bit_identical(history_siz
         _same(device.count, host.count)
         assert device.steps == host.steps
         assert isinstance(host.count, int) == all_known
+
+
+class _TorchCalls(torch.overrides.TorchFunctionMode):
+    """Counts the torch functions and tensor methods called inside the block (grad-mode switches aside)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is not torch._C._set_grad_enabled:  # the functions' @torch.no_grad(), no kernel
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[str(c) for c in CONFIGS])
+def test_zclip_on_the_host_is_the_reference_bit_for_bit_with_no_kernel(cfg):
+    # A norm the caller has read (a Python float) updates a host state in float64, in the reference's
+    # own order of operations: the same numbers exactly, and no torch call at all.
+    ref = ReferenceZClip(**cfg)
+    kwargs = {k: v for k, v in cfg.items() if k != "warmup_steps"}
+    state = zclip_init(cfg.get("warmup_steps", 25), on_host=True)
+    spikes, mode = 0, _TorchCalls()
+    for g in spiky_norms(len(str(cfg))):
+        with mode:
+            state, thr, z, spike = zclip_update(state, g, **kwargs)
+        assert (thr, z, spike) == ref.step(g)
+        spikes += spike
+        if ref.mean is not None:
+            assert (state.mean, state.var) == (ref.mean, ref.var)
+    assert mode.calls == 0
+    assert state.on_host and state.spikes == spikes > 0 and isinstance(state.count, int)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[str(c) for c in CONFIGS])
+def test_zclip_on_the_host_is_the_zclip_package_bit_for_bit(cfg):
+    # The published implementation itself (bluorion-com/ZClip, `zclip` on PyPI), fed the same norms.
+    zclip = pytest.importorskip("zclip")
+
+    class Fed(zclip.ZClip):
+        def _compute_grad_norm(self, model):
+            return self.norm
+
+        def apply_in_place_clipping(self, pl_module, global_norm, max_global_norm):
+            self.threshold = max_global_norm  # the threshold in force; its own scaling adds an epsilon
+
+    kwargs = {k: v for k, v in cfg.items() if k != "warmup_steps"}
+    package = Fed(warmup_steps=cfg.get("warmup_steps", 25),
+                  **{("max_grad_norm" if k == "max_norm" else k): v for k, v in kwargs.items()})  # fmt: skip
+    model = torch.nn.Linear(2, 2)  # its warm-up clips a model's gradients: give it one
+    state = zclip_init(cfg.get("warmup_steps", 25), on_host=True)
+    for g in spiky_norms(len(str(cfg)) + 1):
+        package.norm, package.threshold = g, None
+        package.step(model)
+        state, thr, _, _ = zclip_update(state, g, **kwargs)
+        if package.initialized and package.threshold is not None:
+            assert thr == package.threshold
+        if package.initialized:
+            assert (state.mean, state.var) == (package.mean, package.var)
+
+
+@pytest.mark.parametrize("history_size", [None, 1, 5])
+@pytest.mark.parametrize("percentile", [0.0, 10.0, 37.5, 100.0])
+def test_autoclip_on_the_host_matches_numpy_and_the_device_form(percentile, history_size):
+    norms = _with_nonfinite(spiky_norms(5, n=150), seed=10)
+    host = autoclip_init(history_size, on_host=True, capacity=4)
+    device = autoclip_init(history_size, dtype=torch.float64, capacity=4)
+    finite, mode = [], _TorchCalls()
+    for g in norms:
+        with mode:
+            host, thr = autoclip_update(host, g, percentile, history_size)
+        device, thr_device = autoclip_update(device, torch.tensor(g, dtype=torch.float64), percentile, history_size)
+        finite += [g] if math.isfinite(g) else []
+        hist = finite if history_size is None else finite[-history_size:]
+        assert isinstance(thr, float)
+        assert thr == pytest.approx(float(np.percentile(hist, percentile)), rel=1e-12)
+        assert thr == thr_device.item()  # float64 on both sides, the same operations
+        assert host.history == tuple(device.history.tolist()) and host.count == int(device.count)
+    assert mode.calls == 0
+
+
+def test_host_state_records_nothing_for_a_norm_it_must_not_count():
+    # nonfinite="zero": the zeroed gradients' finite norm is clipped against but kept out of the statistics
+    z = zclip_init(2, on_host=True)
+    for g in (1.0, 2.0, 2.0):
+        z, *_ = zclip_update(z, g, max_norm=None)
+    before = z
+    z, thr, score, spike = zclip_update(z, 50.0, max_norm=None, finite=False)
+    assert z == before and not spike and thr == pytest.approx(before.mean + 2.5 * before.var**0.5)
+    a, _ = autoclip_update(autoclip_init(on_host=True), 3.0)
+    b, thr = autoclip_update(a, 1.0, finite=False)
+    assert b.history == a.history and b.count == 1 and b.steps == 2 and thr == 3.0
+
+
+def test_states_move_between_host_and_device_and_refuse_the_other_form():
+    z = zclip_init(3, dtype=torch.float64)
+    for g in (1.0, 2.0, 4.0, 3.0):
+        z, *_ = zclip_update(z, torch.tensor(g, dtype=torch.float64))
+    host = z.to_host()
+    assert host.on_host and isinstance(host.buffer, tuple) and isinstance(host.spikes, int)
+    back = host.to_device(dtype=torch.float64)
+    for a, b in zip(z, back):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    with pytest.raises(TypeError, match=r"state.to_host\(\)"):
+        zclip_update(z, 2.0)
+    with pytest.raises(TypeError, match=r"state.to_device"):
+        zclip_update(host, torch.tensor(2.0))
+    a = autoclip_init(3)
+    a, _ = autoclip_update(a, torch.tensor(2.0), history_size=3)
+    assert a.to_host().history == (2.0, math.inf, math.inf)
+    with pytest.raises(TypeError, match=r"state.to_host\(\)"):
+        autoclip_update(a, 2.0, history_size=3)
+    with pytest.raises(TypeError, match="`norm`"):
+        autoclip_update(a.to_host(), "2.0", history_size=3)
 
 
 def test_finite_must_be_a_flag():
