@@ -240,11 +240,13 @@ def test_nonfinite_policies_read_the_norm_once_per_step(tmp_path, monkeypatch, n
 
 
 @pytest.mark.parametrize("name", list(CLIPPERS))
-def test_nonfinite_policies_on_logging_steps_read_twice(tmp_path, monkeypatch, name):
-    """The norm, then every other metric of the step in one batched copy."""
+def test_nonfinite_policies_on_logging_steps_read_at_most_twice(tmp_path, monkeypatch, name):
+    """The norm, then the step's other metrics that are still on the device in one batched copy (none
+    when the host already holds them all, as an adaptive rule's statistics on an unclipped step)."""
     counter = HostReadCounter(monkeypatch)
     run(tmp_path, CLIPPERS[name](nonfinite="skip"), counter, log_every_n_steps=1)
-    assert sum(counter.counts.values()) == 2 * STEPS, dict(counter.counts)
+    assert counter.counts["item"] == STEPS and counter.counts["tolist"] <= STEPS, dict(counter.counts)
+    assert set(counter.counts) <= {"item", "tolist"}, dict(counter.counts)
 
 
 # ------------------------------------------------------------------------------------ CUDA

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from helpers import TinyModel, TwoOptimizerModel, make_loader, make_trainer
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -156,3 +157,44 @@ def test_callbacks_log_through_the_overridden_log_metrics(tmp_path):
     _, logger = fit(tmp_path, [ClipByGlobalNorm(1.0)], logger=Custom(tmp_path, name="run", version=0))
     logger.finalize("success")
     assert "grad_clip/norm_custom" in scalar_tags(logger.log_dir)
+
+
+# --- one event per step for every gradclip callback and optimizer --------------------------------
+
+
+def _events_with_scalars(log_dir) -> list[tuple[int, set[str]]]:
+    """(step, tags) of each event file record holding scalar summaries, in order."""
+    import glob
+
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    out = []
+    for path in sorted(glob.glob(str(log_dir / "events.out.tfevents.*"))):
+        for event in EventFileLoader(path).Load():
+            tags = {v.tag for v in event.summary.value if v.metadata.plugin_data.plugin_name == "scalars"}
+            if tags:
+                out.append((event.step, tags))
+    return out
+
+
+def test_a_steps_metrics_of_every_callback_and_optimizer_are_one_event(tmp_path, monkeypatch):
+    # A monitor, then two clippers (one reads the norm for nonfinite="skip"), two optimizers: every
+    # metric of a step reaches TensorBoard as one event, and the device values in one copy.
+    reads = []
+    monkeypatch.setattr("torch.Tensor.tolist", lambda t, _orig=torch.Tensor.tolist: reads.append(1) or _orig(t))
+    callbacks = [GradientNormMonitor(), ClipByGlobalNorm(1.0, nonfinite="ignore"), ClipByValue(0.1, log_prefix="value")]
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    trainer = make_trainer(tmp_path, callbacks, logger=logger, max_steps=6, log_every_n_steps=1)
+    trainer.fit(TwoOptimizerModel(), make_loader())  # 3 batches, each stepping both optimizers
+    logger.finalize("success")
+    events = _events_with_scalars(tmp_path / "run" / "version_0")
+    per_step: dict[int, list[set[str]]] = {}
+    for step, tags in events:
+        per_step.setdefault(step, []).append(tags)
+    assert sorted(per_step) == [0, 1, 2]
+    for step, records in per_step.items():
+        assert len(records) == 1, f"step {step}: {len(records)} events"
+        prefixes = {tag.split("/")[0] for tag in records[0]}
+        assert prefixes == {"grad_norm", "grad_clip", "value"}, records[0]
+        assert any("/opt0/" in t for t in records[0]) and any("/opt1/" in t for t in records[0])
+    assert len(reads) == len(per_step)  # one device-to-host copy per logged step, for all of it

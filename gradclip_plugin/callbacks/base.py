@@ -105,6 +105,11 @@ def preceding_monitor(trainer: pl.Trainer, callback: Callback) -> Optional[Any]:
     return None
 
 
+def _total(metric: SumMetric) -> Number:
+    """A count's value: ``compute()``, or 0 with no kernel for one not updated since its reset."""
+    return metric.compute() if metric.update_count else 0.0
+
+
 def check_positive(name: str, value: Any, allow_none: bool = False) -> None:
     """Raise ``ValueError`` unless ``value`` is a positive finite number (or ``None`` if allowed)."""
     if value is None and allow_none:
@@ -135,23 +140,44 @@ def metric_key(prefix: str, name: str, idx: int, trainer: pl.Trainer) -> str:
     return f"{prefix}/opt{idx}/{name}" if len(trainer.optimizers) > 1 else f"{prefix}/{name}"
 
 
+# Metrics written by the gradclip callbacks during a batch, per Trainer: {logger step: [(keys, values)]}.
+# They reach the loggers together at the batch's end (`flush_metrics`): one device-to-host copy and one
+# logger call (one TensorBoard event) for all of a step's callbacks and optimizers, however many log.
+_pending: weakref.WeakKeyDictionary[pl.Trainer, dict[int, list[tuple[list[str], Any]]]] = weakref.WeakKeyDictionary()
+
+
 def write_metrics(trainer: pl.Trainer, keys: list[str], values: Union[Tensor, list[Number]], step: int) -> None:
-    """Log ``values`` under ``keys`` to every logger: a 1-D tensor, or numbers and 0-dim tensors, the
-    tensors read back to the host in one copy."""
+    """Log ``values`` under ``keys`` at ``step`` (a 1-D tensor, or numbers and 0-dim tensors), at the end of
+    the batch with every other gradclip metric (see :func:`flush_metrics`). Nothing is read here."""
+    _pending.setdefault(trainer, {}).setdefault(step, []).append((keys, values))
+
+
+def flush_metrics(trainer: pl.Trainer) -> None:
+    """Write the metrics pending for ``trainer``: the device values read in one copy, one call per logger and step."""
     from gradclip_plugin.tensorboard import log_scalars
 
-    if isinstance(values, Tensor):
-        values = values.tolist()  # the one device-to-host copy of a logging step
-    else:
-        on_device = [v for v in values if isinstance(v, Tensor)]
-        if on_device:
-            device = on_device[0].device
-            read = iter(torch.stack([v.to(device, torch.float32) for v in on_device]).tolist())  # the one copy
-            values = [next(read) if isinstance(v, Tensor) else float(v) for v in values]
-    metrics = dict(zip(keys, values))
-    for logger in trainer.loggers:
-        if not log_scalars(logger, metrics, step):  # a TensorBoardLogger: one event for all of them
-            logger.log_metrics(metrics, step=step)
+    pending = _pending.pop(trainer, None)
+    if not pending:
+        return
+    # each value: a float, or a slice of one 1-D tensor gathering every device value (one copy for all)
+    parts: list[Tensor] = []
+    for entries in pending.values():
+        for _, values in entries:
+            parts += [values] if isinstance(values, Tensor) else [v for v in values if isinstance(v, Tensor)]
+    read = iter(())
+    if parts:
+        device = parts[0].device
+        read = iter(torch.cat([p.reshape(-1).to(device) for p in parts]).tolist())  # dtypes promote: nothing lost
+    for step, entries in pending.items():
+        metrics: dict[str, float] = {}
+        for keys, values in entries:
+            if isinstance(values, Tensor):
+                metrics.update((k, next(read)) for k in keys)
+            else:
+                metrics.update((k, next(read) if isinstance(v, Tensor) else float(v)) for k, v in zip(keys, values))
+        for logger in trainer.loggers:
+            if not log_scalars(logger, metrics, step):  # a TensorBoardLogger: one event for all of them
+                logger.log_metrics(metrics, step=step)
 
 
 def log_step(trainer: pl.Trainer) -> int:
@@ -334,6 +360,12 @@ class GradientClipCallback(Callback):
 
         write_layout(trainer)  # one chart layout for all gradclip callbacks; no-op without TensorBoard
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        flush_metrics(trainer)  # this batch's metrics of every gradclip callback, written together
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        flush_metrics(trainer)
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -403,7 +435,7 @@ class GradientClipCallback(Callback):
             if isinstance(stats.clipped, Tensor):
                 clipped_steps.update(stats.clipped)
             elif stats.clipped:
-                clipped_steps.update(torch.ones((), device=device))
+                clipped_steps.update(self.constant_like(1.0, measured[0]))
         self._steps_since_log[idx] = self._steps_since_log.get(idx, 0) + 1
         if should_log(trainer):
             self._log(trainer, idx, stats)
@@ -412,9 +444,9 @@ class GradientClipCallback(Callback):
         # The clip-rate counts since the last log are kept too, so that the first rate logged after a
         # resume in the middle of a logging interval still covers the whole interval.
         return {
-            "nonfinite_steps": {i: float(m.compute()) for i, m in self._nonfinite_steps.items()},
+            "nonfinite_steps": {i: float(_total(m)) for i, m in self._nonfinite_steps.items()},
             "clip_rate": {
-                i: (float(self._clipped_steps[i].compute()), float(self._finite_count(i)), n)
+                i: (float(_total(self._clipped_steps[i])), float(self._finite_count(i)), n)
                 for i, n in self._steps_since_log.items()
                 if n
             },
@@ -474,21 +506,22 @@ class GradientClipCallback(Callback):
             values.update(norm=stats.norm, norm_clipped=stats.norm_clipped, threshold=stats.threshold)
             values.update(self.extra_metrics())
         if self._steps_since_log.get(idx):
-            clipped = self._clipped_steps[idx]
+            clipped, finite = _total(self._clipped_steps[idx]), self._finite_count(idx)
             # 0 when every step since the last log was non-finite (none could be clipped)
-            values["clip_rate"] = clipped.compute() / self._finite_count(idx).clamp(min=1)
-            self._restart(clipped)
-            self._restart(self._count(self._finite_steps, idx, clipped.device))
+            values["clip_rate"] = clipped / (finite.clamp(min=1) if isinstance(finite, Tensor) else max(finite, 1))
+            self._restart(self._clipped_steps[idx])
+            if idx in self._finite_steps:
+                self._restart(self._finite_steps[idx])
             self._known_finite_steps[idx] = 0
             self._steps_since_log[idx] = 0
-        values["nonfinite_steps"] = self._nonfinite_steps[idx].compute()
+        values["nonfinite_steps"] = _total(self._nonfinite_steps[idx])
         keys = [self.metric_key(k, idx, trainer) for k in values]
         write_metrics(trainer, keys, list(values.values()), log_step(trainer))
 
-    def _finite_count(self, idx: int) -> Tensor:
+    def _finite_count(self, idx: int) -> Number:
         """Finite steps since the last log: those counted on the device plus those the host read as finite."""
-        device = self._clipped_steps[idx].device
-        return self._count(self._finite_steps, idx, device).compute() + self._known_finite_steps.get(idx, 0)
+        known = self._known_finite_steps.get(idx, 0)
+        return _total(self._finite_steps[idx]) + known if idx in self._finite_steps else known
 
     @classmethod
     def _count(cls, store: dict[int, SumMetric], idx: int, device: torch.device) -> SumMetric:
@@ -501,16 +534,16 @@ class GradientClipCallback(Callback):
         metric = store.get(idx)
         if metric is None:
             metric = store[idx] = SumMetric(nan_strategy="disable", sync_on_compute=False).to(device)
-            cls._restart(metric)
         elif metric.device != device:
             metric.to(device)
         return metric
 
     @staticmethod
     def _restart(metric: SumMetric, value: float = 0.0) -> None:
-        """Reset a count to ``value`` (an update, so that ``compute()`` never warns)."""
+        """Reset a count to ``value``."""
         metric.reset()
-        metric.update(torch.full((), float(value), device=metric.device))
+        if value:
+            metric.update(torch.full((), float(value), device=metric.device))
 
     def _warn_nonfinite(self, action: str) -> None:
         if not self._warned_nonfinite:

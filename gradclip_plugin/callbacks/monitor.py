@@ -24,6 +24,7 @@ from gradclip_plugin.callbacks.base import (
     log_step,
     optimizer_index,
     should_log,
+    flush_metrics,
     write_metrics,
 )
 from gradclip_plugin.functional import subset_norms, tensor_norms
@@ -182,6 +183,12 @@ class GradientNormMonitor(Callback):
         from gradclip_plugin.tensorboard import write_layout
 
         write_layout(trainer)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        flush_metrics(trainer)  # this batch's metrics of every gradclip callback, written together
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        flush_metrics(trainer)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
