@@ -304,6 +304,7 @@ def section_ops(args: argparse.Namespace, report: Report, timer: Timer, device: 
             )
             report.add(Row("ops", "global_norm vs torch get_total_norm(foreach=True)", dtype_name, a_ms, b_ms, r, lo, hi))
         # accuracy against the float64 norms (torch's half-precision kernels round each norm to the dtype)
+        restore()  # the timed calls above left clipped gradients
         ours_err = ((tensor_norms(grads).double().cpu() - exact) / exact).abs().max()
         ref_total = get_total_norm(grads, foreach=True) if get_total_norm is not None else clip_grad_norm_(params, math.inf)
         report.notes.append(
@@ -720,13 +721,16 @@ def interleaved(args: argparse.Namespace, timer: Timer, device: torch.device, da
 
             return timed
 
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            self.others = [cb for cb in trainer.callbacks if cb is not self and cb not in self.cbs]  # Lightning's own
+
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
             timer.sync()
             self.starts.append(timer.now())
             self.inside.append(0.0)
             pair, second = divmod(batch_idx, 2)
             self.kinds.append("ab"[(pair + second) % 2])
-            trainer.callbacks[:] = [self] + (self.cbs if self.kinds[-1] == "a" else [])
+            trainer.callbacks[:] = [self, *self.others] + (self.cbs if self.kinds[-1] == "a" else [])
 
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
             timer.sync()
@@ -948,7 +952,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--target-ops", type=float, default=1.05, help="clip_by_global_norm_ / torch target")
     p.add_argument("--target-train", type=float, default=1.03, help="end-to-end target")
     p.add_argument("--max-norm", type=float, default=1.0, help="clipping threshold in the `train` section")
-    p.add_argument("--train-rounds", type=int, default=7, help="paired rounds (one run of each variant per round)")
+    p.add_argument("--train-rounds", type=int, default=7, help="rounds: one run of each variant, and one run of alternating steps, per round")
     p.add_argument("--train-steps", type=int, default=40, help="timed optimizer steps per run")
     p.add_argument("--train-warmup-steps", type=int, default=5, help="untimed steps at the start of each run")
     p.add_argument("--precision", default=None, help="Trainer precision in `train`; default 32-true on CPU, 16-mixed on CUDA")

@@ -22,3 +22,16 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
         except Exception as err:  # name the block in the failure
             raise AssertionError(f"README python block {i} failed:\n{block}") from err
     assert (tmp_path / "lightning_logs").is_dir()
+
+
+def test_every_test_the_readme_cites_exists():
+    """The Guarantees tables name tests as `tests/<file>.py::<name>` (and `::<name>` for the same file)."""
+    text = (ROOT / "README.md").read_text()
+    cited = 0
+    for cell in re.findall(r"`(tests/[\w/]+\.py)::(\w+)`((?:, `::\w+`)*)", text):
+        path, first, more = cell
+        source = (ROOT / path).read_text()
+        for name in [first, *re.findall(r"`::(\w+)`", more)]:
+            cited += 1
+            assert re.search(rf"^def {name}\(", source, flags=re.M), f"README cites {path}::{name}, which does not exist"
+    assert cited > 30

@@ -25,7 +25,7 @@ from gradclip_plugin.functional import combine_norms, scale_
 from gradclip_plugin.functional.norms import check_norm_type
 from gradclip_plugin.functional.adaptive import (
     AutoClipState,
-    Number,
+    Value,
     ZClipMode,
     ZClipOption,
     ZClipState,
@@ -122,12 +122,14 @@ class AdaptiveGradientClipping(GradientClipCallback):
 
 
 class _StatefulClipCallback(GradientClipCallback):
-    """Per-optimizer adaptive state: created on first use on the gradients' device, saved in checkpoints.
+    """Per-optimizer adaptive state: created on first use where the step's norm is, saved in checkpoints.
 
-    The state of optimizer ``i`` is a ``NamedTuple`` (``_state_type``) of tensors and host integers;
-    ``state_dict`` saves it with tensors on the CPU, ``load_state_dict`` restores it, and it moves back
-    to the gradients' device on first use. The checkpoint entry is keyed by ``state_key`` (class name
-    and init arguments), so two instances in one Trainer keep separate state.
+    The state of optimizer ``i`` is a ``NamedTuple`` (``_state_type``): Python numbers on the host when
+    the base class read the step's norm (``step.norm``, the ``skip``/``error``/``zero`` policies), else
+    tensors on the gradients' device. ``state_dict`` saves it (tensors on the CPU), ``load_state_dict``
+    restores it, and on first use it moves to where the norm is, if it is not there already. The
+    checkpoint entry is keyed by ``state_key`` (class name and init arguments), so two instances in
+    one Trainer keep separate state.
 
     The statistics take a step's norm only if the first measured norm was finite (``step.finite``,
     a host bool where the base class read it): under ``nonfinite="zero"`` the base class zeroes the
@@ -141,12 +143,12 @@ class _StatefulClipCallback(GradientClipCallback):
         super().__init__(**kwargs)
         self._states: dict[int, Any] = {}
 
-    def _norm(self, measured: tuple[Tensor, Any]) -> Number:
+    def _norm(self, measured: tuple[Tensor, Any]) -> Value:
         """The step's norm: the Python float the base class read (the state is then kept on the host,
         in float64, with no kernel), else the 0-dim tensor (the state stays on its device)."""
         return self.read_norm if self.read_norm is not None else measured[0]
 
-    def _state(self, norm: Number) -> Any:
+    def _state(self, norm: Value) -> Any:
         """This optimizer's state, where ``norm`` is: on the host for a float, else on its device.
 
         A state moves only when that changes: restored from a checkpoint (on the CPU), or resumed
@@ -162,7 +164,7 @@ class _StatefulClipCallback(GradientClipCallback):
         self._states[self.step.idx] = state
         return state
 
-    def _clip_to(self, threshold: Number, grads: list[Tensor], norm: Number) -> ClipStats:
+    def _clip_to(self, threshold: Value, grads: list[Tensor], norm: Value) -> ClipStats:
         """Scale ``grads`` so that their global norm ``norm`` is at most ``threshold``; a coefficient the
         host knows to be 1 scales nothing."""
         coef = threshold_coefficient(threshold, norm)
@@ -252,7 +254,7 @@ class AutoClip(_StatefulClipCallback):
         self.percentile = float(percentile)
         self.history_size = history_size
 
-    def _init_state(self, norm: Number) -> AutoClipState:
+    def _init_state(self, norm: Value) -> AutoClipState:
         if isinstance(norm, float):
             return autoclip_init(self.history_size, on_host=True)
         return autoclip_init(self.history_size, device=norm.device, dtype=norm.dtype)
@@ -385,7 +387,7 @@ class ZClip(_StatefulClipCallback):
         self._z: dict[int, Tensor] = {}
         self._skipped: dict[int, int] = {}
 
-    def _init_state(self, norm: Number) -> ZClipState:
+    def _init_state(self, norm: Value) -> ZClipState:
         if isinstance(norm, float):
             return zclip_init(self.warmup_steps, on_host=True)
         return zclip_init(self.warmup_steps, device=norm.device, dtype=norm.dtype)
@@ -425,7 +427,7 @@ class ZClip(_StatefulClipCallback):
                 self.skip_step(self.step.optimizer)
         return stats
 
-    def extra_metrics(self) -> dict[str, Number]:
+    def extra_metrics(self) -> dict[str, Value]:
         state = self._states.get(self.step.idx)
         if state is None:
             return {}

@@ -17,6 +17,7 @@ with no kernel for them.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import inspect
 import math
@@ -32,7 +33,7 @@ from torch import Tensor
 from torchmetrics.aggregation import SumMetric
 
 from gradclip_plugin.functional import tensor_norms
-from gradclip_plugin.functional.adaptive import Number
+from gradclip_plugin.functional.adaptive import Value
 from gradclip_plugin.functional.distributed import sharded_over
 
 NonFinitePolicy = Literal["skip", "error", "zero", "ignore"]
@@ -45,9 +46,9 @@ class ClipStats(NamedTuple):
     """What one clipping step reports: 0-dim tensors on the gradients' device, or Python numbers
     where the host knows them (``step.norm`` was read)."""
 
-    norm: Number  #: pre-clip norm of the selected gradients
-    norm_clipped: Number  #: post-clip norm, derived from the same measurement
-    threshold: Number  #: the threshold in force at this step
+    norm: Value  #: pre-clip norm of the selected gradients
+    norm_clipped: Value  #: post-clip norm, derived from the same measurement
+    threshold: Value  #: the threshold in force at this step
     clipped: Union[bool, Tensor]  #: whether clipping changed the gradients
 
 
@@ -105,7 +106,7 @@ def preceding_monitor(trainer: pl.Trainer, callback: Callback) -> Optional[Any]:
     return None
 
 
-def _total(metric: SumMetric) -> Number:
+def _total(metric: SumMetric) -> Value:
     """A count's value: ``compute()``, or 0 with no kernel for one not updated since its reset."""
     return metric.compute() if metric.update_count else 0.0
 
@@ -146,7 +147,7 @@ def metric_key(prefix: str, name: str, idx: int, trainer: pl.Trainer) -> str:
 _pending: weakref.WeakKeyDictionary[pl.Trainer, dict[int, list[tuple[list[str], Any]]]] = weakref.WeakKeyDictionary()
 
 
-def write_metrics(trainer: pl.Trainer, keys: list[str], values: Union[Tensor, list[Number]], step: int) -> None:
+def write_metrics(trainer: pl.Trainer, keys: list[str], values: Union[Tensor, list[Value]], step: int) -> None:
     """Log ``values`` under ``keys`` at ``step`` (a 1-D tensor, or numbers and 0-dim tensors), at the end of
     the batch with every other gradclip metric (see :func:`flush_metrics`). Nothing is read here."""
     _pending.setdefault(trainer, {}).setdefault(step, []).append((keys, values))
@@ -167,7 +168,7 @@ def flush_metrics(trainer: pl.Trainer) -> None:
     read = iter(())
     if parts:
         device = parts[0].device
-        read = iter(torch.cat([p.reshape(-1).to(device) for p in parts]).tolist())  # dtypes promote: nothing lost
+        read = iter(torch.cat([p.reshape(-1).to(device) for p in parts]).tolist())  # to the widest float dtype
     for step, entries in pending.items():
         metrics: dict[str, float] = {}
         for keys, values in entries:
@@ -178,6 +179,26 @@ def flush_metrics(trainer: pl.Trainer) -> None:
         for logger in trainer.loggers:
             if not log_scalars(logger, metrics, step):  # a TensorBoardLogger: one event for all of them
                 logger.log_metrics(metrics, step=step)
+
+
+class MetricWriter(Callback):
+    """A callback whose metrics, queued by :func:`write_metrics` during a batch, are written at its end.
+
+    Every gradclip callback flushes whatever is queued for the Trainer (the first to run writes it
+    all). If the batch raises, what it measured is written too: often what explains the failure.
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        flush_metrics(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        flush_metrics(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # the values can fail to read for the same reason (a device error): then they are dropped,
+        # and the training's own exception is the one raised
+        with contextlib.suppress(Exception):
+            flush_metrics(trainer)
 
 
 def log_step(trainer: pl.Trainer) -> int:
@@ -255,7 +276,7 @@ def optimizer_index(trainer: pl.Trainer, optimizer: Any) -> int:
     return 0
 
 
-class GradientClipCallback(Callback):
+class GradientClipCallback(MetricWriter):
     """Base class of the clipping callbacks; not used on its own.
 
     Args:
@@ -359,12 +380,6 @@ class GradientClipCallback(Callback):
         from gradclip_plugin.tensorboard import write_layout
 
         write_layout(trainer)  # one chart layout for all gradclip callbacks; no-op without TensorBoard
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        flush_metrics(trainer)  # this batch's metrics of every gradclip callback, written together
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        flush_metrics(trainer)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -501,7 +516,7 @@ class GradientClipCallback(Callback):
         return {}
 
     def _log(self, trainer: pl.Trainer, idx: int, stats: Optional[ClipStats]) -> None:
-        values: dict[str, Number] = {}
+        values: dict[str, Value] = {}
         if stats is not None:
             values.update(norm=stats.norm, norm_clipped=stats.norm_clipped, threshold=stats.threshold)
             values.update(self.extra_metrics())
@@ -518,7 +533,7 @@ class GradientClipCallback(Callback):
         keys = [self.metric_key(k, idx, trainer) for k in values]
         write_metrics(trainer, keys, list(values.values()), log_step(trainer))
 
-    def _finite_count(self, idx: int) -> Number:
+    def _finite_count(self, idx: int) -> Value:
         """Finite steps since the last log: those counted on the device plus those the host read as finite."""
         known = self._known_finite_steps.get(idx, 0)
         return _total(self._finite_steps[idx]) + known if idx in self._finite_steps else known

@@ -6,7 +6,6 @@ from typing import Any, Literal, Optional, Union
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
@@ -24,7 +23,7 @@ from gradclip_plugin.callbacks.base import (
     log_step,
     optimizer_index,
     should_log,
-    flush_metrics,
+    MetricWriter,
     write_metrics,
 )
 from gradclip_plugin.functional import subset_norms, tensor_norms
@@ -68,7 +67,7 @@ def auto_depth(names: list[str], max_groups: int = AUTO_MAX_GROUPS) -> int:
     return best
 
 
-class GradientNormMonitor(Callback):
+class GradientNormMonitor(MetricWriter):
     """Log the total gradient norm and one norm per group of parameters, on logging steps only.
 
     Logs ``grad_norm/total`` and ``grad_norm/<group>`` (``grad_norm/opt<i>/...`` when the Trainer has
@@ -183,12 +182,6 @@ class GradientNormMonitor(Callback):
         from gradclip_plugin.tensorboard import write_layout
 
         write_layout(trainer)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        flush_metrics(trainer)  # this batch's metrics of every gradclip callback, written together
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        flush_metrics(trainer)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

@@ -42,7 +42,8 @@ __all__ = [
     "zclip_update",
 ]
 
-Number = Union[float, Tensor]
+#: a Python float (a value the host holds) or a 0-dim tensor (one that stays on the device)
+Value = Union[float, Tensor]
 ZClipMode = Literal["zscore", "percentile"]
 ZClipOption = Literal["adaptive_scaling", "mean"]
 
@@ -76,7 +77,7 @@ def unitwise_norm(x: Tensor, norm_type: float = 2.0) -> Tensor:
 
 
 def unit_counts(tensors: Tensors) -> list[int]:
-    """Number of units of each tensor: ``t.shape[0]`` for two or more dimensions, else 1 (host shapes only)."""
+    """Value of units of each tensor: ``t.shape[0]`` for two or more dimensions, else 1 (host shapes only)."""
     return [t.shape[0] if t.dim() > 1 else 1 for t in as_tensor_list(tensors)]
 
 
@@ -213,7 +214,7 @@ def adaptive_clip_grad_(
 
 
 @torch.no_grad()
-def threshold_coefficient(threshold: Number, norm: Number) -> Number:
+def threshold_coefficient(threshold: Value, norm: Value) -> Value:
     """``threshold / norm`` where ``norm > threshold``, else exactly 1 (for Python floats too).
 
     Unlike ``min(1, threshold / norm)`` this is never NaN for a finite norm: an adaptive threshold
@@ -235,7 +236,7 @@ def threshold_coefficient(threshold: Number, norm: Number) -> Number:
 Flag = Union[bool, Tensor]
 
 
-def _select(cond: Flag, a: Number, b: Number) -> Number:
+def _select(cond: Flag, a: Value, b: Value) -> Value:
     """``torch.where(cond, a, b)``, or ``a`` or ``b`` itself when the host knows ``cond``."""
     if isinstance(cond, bool):
         return a if cond else b
@@ -251,15 +252,15 @@ def _add_flag(count: Union[int, Tensor], flag: Flag) -> Union[int, Tensor]:
     return count + (flag if isinstance(flag, bool) else flag.to(torch.int64))
 
 
-def _sqrt(x: Number) -> Number:
+def _sqrt(x: Value) -> Value:
     return x**0.5 if isinstance(x, float) else x.sqrt()  # the references' `var ** 0.5`
 
 
-def _square(x: Number) -> Number:
+def _square(x: Value) -> Value:
     return x**2 if isinstance(x, float) else x.square()
 
 
-def _at_most(x: Number, cap: Optional[float]) -> Number:
+def _at_most(x: Value, cap: Optional[float]) -> Value:
     """``min(x, cap)`` keeping NaN (``clamp``'s rule); ``x`` if ``cap`` is ``None``."""
     if cap is None:
         return x
@@ -268,11 +269,11 @@ def _at_most(x: Number, cap: Optional[float]) -> Number:
     return x.clamp(max=cap)
 
 
-def _constant(like: Number, value: float) -> Number:
+def _constant(like: Value, value: float) -> Value:
     return value if isinstance(like, float) else torch.full_like(like, value)
 
 
-def _host_norm(norm: Union[Number, int]) -> Number:
+def _host_norm(norm: Union[Value, int]) -> Value:
     """A Python number as a float (the host form), a tensor as it is."""
     if isinstance(norm, Tensor):
         return norm
@@ -281,7 +282,7 @@ def _host_norm(norm: Union[Number, int]) -> Number:
     return float(norm)
 
 
-def _finite_flag(norm: Number, finite: Optional[Flag]) -> Flag:
+def _finite_flag(norm: Value, finite: Optional[Flag]) -> Flag:
     if finite is None:
         return math.isfinite(norm) if isinstance(norm, float) else torch.isfinite(norm)
     if not isinstance(finite, (bool, Tensor)) or (isinstance(norm, float) and not isinstance(finite, bool)):
@@ -289,7 +290,7 @@ def _finite_flag(norm: Number, finite: Optional[Flag]) -> Flag:
     return finite
 
 
-def _check_form(state: Any, norm: Number) -> None:
+def _check_form(state: Any, norm: Value) -> None:
     if isinstance(norm, float) != state.on_host:
         have, want = ("a Python float", "to_host()") if isinstance(norm, float) else ("a tensor", "to_device(device)")
         raise TypeError(
@@ -333,7 +334,8 @@ class AutoClipState(NamedTuple):
         return AutoClipState(_to_host(self.history), _to_host(self.count), self.steps)
 
     def to_device(self, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> AutoClipState:
-        """This state as tensors on ``device`` (the history in ``dtype``; a host count stays a host integer)."""
+        """This state as tensors on ``device`` (the history in ``dtype``; a host count stays a host integer).
+        A copy from the host: once, e.g. when a resumed run gets a loss scaler."""
         count = self.count.to(device) if isinstance(self.count, Tensor) else self.count
         return AutoClipState(torch.as_tensor(self.history, dtype=dtype, device=device), count, self.steps)
 
@@ -364,11 +366,12 @@ def autoclip_init(
     """
     _check_history_size(history_size)
     size = history_size if history_size is not None else capacity
-    state = AutoClipState(history=(math.inf,) * size, count=0, steps=0)
-    return state if on_host else state.to_device(device, dtype)
+    if on_host:
+        return AutoClipState(history=(math.inf,) * size, count=0, steps=0)
+    return AutoClipState(torch.full((size,), math.inf, device=device, dtype=dtype), 0, 0)  # fill kernels, no copy
 
 
-def _percentile(ranked: Any, n: Union[int, Tensor], percentile: float) -> Number:
+def _percentile(ranked: Any, n: Union[int, Tensor], percentile: float) -> Value:
     """The ``percentile`` of the ``n`` smallest entries of the sorted ``ranked``, interpolated linearly at
     position ``(n - 1) * percentile / 100`` (in float64) as ``numpy.percentile``; ``ranked[0]`` (+inf) if ``n`` is 0."""
     if isinstance(n, int):
@@ -380,7 +383,8 @@ def _percentile(ranked: Any, n: Union[int, Tensor], percentile: float) -> Number
         # torch rounds the Python float `frac` to a tensor's dtype, as `frac.to(a.dtype)` below
         return a if hi == lo or frac == 0.0 else a + frac * (b - a)
     last = (n - 1).clamp(min=0)
-    position = last.to(torch.float64) * (percentile / 100.0)
+    wide = torch.float32 if ranked.device.type == "mps" else torch.float64  # MPS has no float64
+    position = last.to(wide) * (percentile / 100.0)
     lo = position.floor()
     frac = (position - lo).to(ranked.dtype)
     lo_i = lo.to(torch.int64).reshape(1)
@@ -392,12 +396,12 @@ def _percentile(ranked: Any, n: Union[int, Tensor], percentile: float) -> Number
 @torch.no_grad()
 def autoclip_update(
     state: AutoClipState,
-    norm: Number,
+    norm: Value,
     percentile: float = 10.0,
     history_size: Optional[int] = None,
     *,
     finite: Optional[Flag] = None,
-) -> tuple[AutoClipState, Number]:
+) -> tuple[AutoClipState, Value]:
     """Record ``norm`` and return the clipping threshold: the ``percentile``-th percentile of the history.
 
     The history includes this step's norm (the paper's order: append, then take the percentile),
@@ -485,8 +489,8 @@ class ZClipState(NamedTuple):
     #: finite norms seen so far (warm-up ends when it reaches ``warmup_steps``): a host integer while
     #: the host knew every update's finiteness, else a 0-dim int64 tensor
     count: Union[int, Tensor]
-    mean: Number  #: EMA of the norm (0 until warm-up ends)
-    var: Number  #: EMA of the squared deviation (0 until warm-up ends)
+    mean: Value  #: EMA of the norm (0 until warm-up ends)
+    var: Value  #: EMA of the squared deviation (0 until warm-up ends)
     spikes: Union[int, Tensor]  #: steps detected as spikes so far (int64)
 
     @property
@@ -498,7 +502,8 @@ class ZClipState(NamedTuple):
         return ZClipState(*(_to_host(v) for v in self))
 
     def to_device(self, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> ZClipState:
-        """This state as tensors on ``device`` (floats in ``dtype``; a host count stays a host integer)."""
+        """This state as tensors on ``device`` (floats in ``dtype``; a host count stays a host integer).
+        A copy from the host: once, e.g. when a resumed run gets a loss scaler."""
         buffer, mean, var = (torch.as_tensor(v, dtype=dtype, device=device) for v in (self.buffer, self.mean, self.var))
         count = self.count.to(device) if isinstance(self.count, Tensor) else self.count
         return ZClipState(buffer, count, mean, var, torch.as_tensor(self.spikes, dtype=torch.int64, device=device))
@@ -518,11 +523,16 @@ def zclip_init(
     """
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
         raise ValueError(f"`warmup_steps` must be a positive integer, got {warmup_steps!r}")
-    state = ZClipState((0.0,) * warmup_steps, 0, 0.0, 0.0, 0)
-    return state if on_host else state.to_device(device, dtype)
+    if on_host:
+        return ZClipState((0.0,) * warmup_steps, 0, 0.0, 0.0, 0)
+    zero = torch.zeros((), device=device, dtype=dtype)  # fill kernels: no host-to-device copy (a sync on CUDA)
+    spikes = torch.zeros((), device=device, dtype=torch.int64)
+    return ZClipState(torch.zeros(warmup_steps, device=device, dtype=dtype), 0, zero, zero.clone(), spikes)
 
 
-def _zclip_collect(state: ZClipState, norm: Number, counts: Flag, max_norm: Optional[float]):
+def _zclip_collect(
+    state: ZClipState, norm: Value, counts: Flag, max_norm: Optional[float]
+) -> tuple[ZClipState, Value, Value, Flag]:
     """Warm-up: record ``norm`` where ``counts``; when the buffer fills, start the EMA at its mean and
     population variance. The threshold is ``max_norm`` (``+inf`` if ``None``), ``z`` 0, no spike."""
     buffer, count, mean, var, spikes = state
@@ -552,10 +562,11 @@ def _zclip_collect(state: ZClipState, norm: Number, counts: Flag, max_norm: Opti
     return ZClipState(buffer, count, mean, var, spikes), threshold, _constant(norm, 0.0), no_spike
 
 
-def _zclip_track(state: ZClipState, norm: Number, counts: Flag, alpha: float, z_thresh: float,
+def _zclip_track(state: ZClipState, norm: Value, counts: Flag, alpha: float, z_thresh: float,
                  max_norm: Optional[float], eps: float, mode: str, clip_option: str, clip_factor: float,
-                 skip_update_on_spike: bool):  # fmt: skip
-    """After warm-up: z-score, spike, clip value and threshold; the EMA takes the norm where ``counts``."""
+                 skip_update_on_spike: bool) -> tuple[ZClipState, Value, Value, Flag]:  # fmt: skip
+    """After warm-up: z-score, spike, clip value and threshold; the EMA takes the norm where ``counts``.
+    A norm that does not count has z-score NaN: it is not a sample of the statistics."""
     buffer, count, mean, var, spikes = state
     std = _sqrt(var)
     z = (norm - mean) / (std + eps)
@@ -583,13 +594,15 @@ def _zclip_track(state: ZClipState, norm: Number, counts: Flag, alpha: float, z_
         new_var = alpha * var + (1 - alpha) * _square(x - new_mean)
         mean, var = _select(update, new_mean, mean), _select(update, new_var, var)
     spikes = _add_flag(spikes, spike)
+    if counts is not True:
+        z = _select(counts, z, _constant(norm, math.nan))
     return ZClipState(buffer, _add_flag(count, counts), mean, var, spikes), threshold, z, spike
 
 
 @torch.no_grad()
 def zclip_update(
     state: ZClipState,
-    norm: Number,
+    norm: Value,
     *,
     alpha: float = 0.97,
     z_thresh: float = 2.5,
@@ -600,7 +613,7 @@ def zclip_update(
     clip_factor: float = 1.0,
     skip_update_on_spike: bool = False,
     finite: Optional[Flag] = None,
-) -> tuple[ZClipState, Number, Number, Flag]:
+) -> tuple[ZClipState, Value, Value, Flag]:
     """One ZClip step: the threshold for this norm, its z-score, whether it is a spike, and the new state.
 
     The reference algorithm (``bluorion-com/ZClip``, ``ZClip.step``):

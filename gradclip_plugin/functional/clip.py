@@ -186,7 +186,9 @@ def scale_(tensors: Tensors, coef: Union[Tensor, float]) -> None:
     groups = group_by_device_and_dtype(tensors)
     for (device, _), idx in groups.items():
         group = tensors if len(groups) == 1 else [tensors[i] for i in idx]
-        c = coef.to(device) if isinstance(coef, Tensor) else float(coef)  # a float is a kernel argument
+        # a float becomes a float32 0-dim tensor (a fill kernel, no copy): torch's CPU foreach kernels
+        # round a Python-float factor to the tensors' dtype first, which for float16 can overshoot
+        c = coef.to(device) if isinstance(coef, Tensor) else torch.full((), coef, dtype=torch.float32, device=device)
         if per_tensor:
             parts = c.unbind()  # views: indexing with a Python list would copy an index tensor to the device
             torch._foreach_mul_(group, [parts[i] for i in idx])

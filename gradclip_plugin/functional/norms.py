@@ -101,8 +101,8 @@ def _cpu_half_l2_norms(group: list[Tensor]) -> list[Tensor]:
     """float32 2-norms of CPU float16/bfloat16 tensors from per-row batch-norm statistics (no float32 copy)."""
     flats = [t.reshape(-1) for t in group]
     rows = [f.numel() // _BN_ROW for f in flats]
-    stats = torch.empty(2, sum(rows))  # per row: mean, population variance
-    running = torch.zeros(2, sum(rows))  # float32 running stats select the float32 kernel; never read
+    stats = torch.empty(2, sum(rows), dtype=torch.float32)  # per row: mean, population variance
+    running = torch.zeros(2, sum(rows), dtype=torch.float32)  # float32 running stats select the float32 kernel; never read
     r = 0
     for f, k in zip(flats, rows):
         if k:
@@ -129,9 +129,9 @@ def _cpu_half_norms(group: list[Tensor], norm_type: float) -> list[Tensor]:
     small = [t for t, is_large in zip(group, large) if not is_large]
     small_norms = iter(torch._foreach_norm(small, norm_type, dtype=torch.float32) if small else [])
     rows_per_tensor = [-(-t.numel() // _ROW) for t, is_large in zip(group, large) if is_large]
-    rows = torch.empty(sum(rows_per_tensor))
+    rows = torch.empty(sum(rows_per_tensor), dtype=torch.float32)
     # as large as the largest chunk needs: a 64K-element gradient does not fault in 8 MiB every step
-    scratch = torch.empty(min(_CHUNK, max(rows_per_tensor, default=0) * _ROW))
+    scratch = torch.empty(min(_CHUNK, max(rows_per_tensor, default=0) * _ROW), dtype=torch.float32)
     r = 0
     for t in (t for t, is_large in zip(group, large) if is_large):
         for chunk in t.reshape(-1).split(_CHUNK):
@@ -170,7 +170,10 @@ def tensor_norms(tensors: Tensors, norm_type: float = 2.0, *, shard_group: Optio
         every rank; the result is a plain tensor on the local device. A tensor holding inf has
         norm inf, and one holding NaN has norm NaN, except one corner: a CPU float16/bfloat16
         tensor whose ``+inf`` and ``-inf`` fall in the same row of 8192 elements (and no NaN) has
-        2-norm NaN (its row statistics are NaN). Both are non-finite to every caller here.
+        2-norm NaN (its row statistics are NaN). Both are non-finite to every caller here. Where
+        squares overflow float32 (entries past ~1.8e19) a norm is inf, as torch's float32
+        accumulation gives, except such a CPU half-precision row of near-equal entries, whose
+        variance does not overflow: its finite (true) norm is returned.
 
     Raises:
         ValueError: for a ``DTensor`` with a ``Partial`` placement (see :func:`shard_groups`).
@@ -178,7 +181,7 @@ def tensor_norms(tensors: Tensors, norm_type: float = 2.0, *, shard_group: Optio
     tensors = as_tensor_list(tensors)
     norm_type = check_norm_type(norm_type)
     if not tensors:
-        return torch.zeros(0)
+        return torch.zeros(0, dtype=torch.float32)
     if shard_group is None:
         shard_group = ambient_shard_group()
     keys: Optional[list[Any]] = None

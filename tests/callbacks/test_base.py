@@ -181,6 +181,39 @@ def test_error_raises_naming_the_parameters_with_nonfinite_gradients(tmp_path, m
     assert "nonfinite='skip'" in str(excinfo.value)
 
 
+def test_a_failing_step_still_logs_what_it_measured(tmp_path):
+    # Metrics reach the loggers at the end of the batch; a batch that raises (here nonfinite="error")
+    # still writes what it measured: the monitor's per-group norms show where the NaN is.
+    from pytorch_lightning.loggers import Logger
+
+    from gradclip_plugin import GradientNormMonitor
+    from gradclip_plugin.callbacks import base
+
+    class Recorder(Logger):
+        name, version = "recorder", 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple[int, dict]] = []
+
+        def log_metrics(self, metrics, step=None):
+            self.calls.append((step, dict(metrics)))
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    logger = Recorder()
+    trainer = make_trainer(tmp_path, [GradientNormMonitor(), ClipByGlobalNorm(5.0, nonfinite="error")], max_steps=3,
+                           logger=logger, log_every_n_steps=1)  # fmt: skip
+    with pytest.raises(RuntimeError, match="non-finite gradients at global step 1"):
+        trainer.fit(NonFiniteModel("bias-nan", bad_steps=(1,)), make_loader())
+    steps = {step: metrics for step, metrics in logger.calls}
+    assert sorted(steps) == [0, 1]
+    assert steps[1]["grad_norm/total"] != steps[1]["grad_norm/total"]  # NaN, written before the error
+    assert "grad_clip/norm" not in steps[1]  # the clipper raised before logging
+    assert trainer not in base._pending  # nothing left to leak into a later fit
+
+
 def test_excluded_nonfinite_gradients_are_not_checked(tmp_path):
     cb = ClipByGlobalNorm(5.0, nonfinite="error", exclude=["head.bias"])
     before, after, metrics = fit(tmp_path, cb, model=NonFiniteModel("bias-nan", bad_steps=(1,)), max_steps=2)

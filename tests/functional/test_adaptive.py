@@ -525,6 +525,7 @@ def test_host_state_records_nothing_for_a_norm_it_must_not_count():
     before = z
     z, thr, score, spike = zclip_update(z, 50.0, max_norm=None, finite=False)
     assert z == before and not spike and thr == pytest.approx(before.mean + 2.5 * before.var**0.5)
+    assert math.isnan(score)  # not a sample of the statistics: no z-score
     a, _ = autoclip_update(autoclip_init(on_host=True), 3.0)
     b, thr = autoclip_update(a, 1.0, finite=False)
     assert b.history == a.history and b.count == 1 and b.steps == 2 and thr == 3.0

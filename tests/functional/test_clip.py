@@ -21,6 +21,7 @@ from gradclip_plugin.functional import (
     clip_by_norm_,
     clip_by_value,
     clip_by_value_,
+    scale_,
 )
 
 NORM_TYPES = [1.0, 2.0, 3.0, math.inf]
@@ -662,3 +663,17 @@ def test_property_clip_by_value_in_place_matches_torch(dtype, tensors, value):
     for t, p in zip(ts, params):
         _exact(t, p.grad)
         assert (t.abs() <= value).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scale_by_a_float_applies_it_in_float32(dtype):
+    # A tiny coefficient rounded to float16 first would overshoot the threshold by 19%: a Python float
+    # coefficient (what the adaptive callbacks pass when the norm was read on the host) is applied as a
+    # float32 one, like a float32 tensor coefficient.
+    g = torch.full((4,), 50000.0).to(dtype)
+    norm = torch.linalg.vector_norm(g.float()).item()
+    by_float, by_tensor = g.clone(), g.clone()
+    scale_([by_float], 0.015 / norm)
+    scale_([by_tensor], torch.tensor(0.015 / norm))
+    assert torch.equal(by_float, by_tensor)
+    assert torch.linalg.vector_norm(by_float.float()).item() == pytest.approx(0.015, rel=2 * torch.finfo(dtype).eps)

@@ -230,6 +230,22 @@ def test_half_two_norms_on_cpu_keep_inf_and_nan(dtype):
     torch.testing.assert_close(out[5], torch.linalg.vector_norm(ones.float()), rtol=1e-6, atol=0.0)
 
 
+def test_half_norms_on_cpu_do_not_depend_on_the_default_dtype():
+    from gradclip_plugin.functional import norms
+
+    g = torch.Generator().manual_seed(6)
+    tensors = [(torch.randn(norms._BN_ROW * 2 + 3, generator=g)).bfloat16(), torch.randn(norms._CHUNKED_MIN, generator=g).half()]
+    before = tensor_norms(tensors, 2.0), tensor_norms(tensors, 1.0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        after = tensor_norms(tensors, 2.0), tensor_norms(tensors, 1.0)
+    finally:
+        torch.set_default_dtype(default)
+    for a, b in zip(before, after):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
+
+
 # --- combine_norms --------------------------------------------------------------------------------
 
 
