@@ -152,7 +152,7 @@ class _StatefulClipCallback(GradientClipCallback):
         """This optimizer's state, where ``norm`` is: on the host for a float, else on its device.
 
         A state moves only when that changes: restored from a checkpoint (on the CPU), or resumed
-        with another ``nonfinite`` policy.
+        under a loss scaler (which reads nothing) after a run without one.
         """
         state = self._states.get(self.step.idx)
         if state is None:
@@ -384,7 +384,7 @@ class ZClip(_StatefulClipCallback):
         self.clip_factor = float(clip_factor)
         self.skip_update_on_spike = skip_update_on_spike
         self.skip_step_z_thresh = None if skip_step_z_thresh is None else float(skip_step_z_thresh)
-        self._z: dict[int, Tensor] = {}
+        self._z: dict[int, Value] = {}
         self._skipped: dict[int, int] = {}
 
     def _init_state(self, norm: Value) -> ZClipState:

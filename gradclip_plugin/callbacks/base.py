@@ -407,19 +407,20 @@ class GradientClipCallback(MetricWriter):
         self._step_key = (trainer.global_step, idx)
         device = grads[0].device
         measured = self.measure(grads)
-        finite: Union[bool, Tensor] = torch.isfinite(measured[0])
         counter = self._count(self._nonfinite_steps, idx, device)
-        # `counted`: whether the norm clipped against is finite (after `zero`), for the clip rate
+        # `finite`: whether the first measured norm is finite, for the statistics; `counted`: whether the
+        # norm clipped against is (after `zero`), for the clip rate
+        finite: Union[bool, Tensor]
         norm: Optional[float] = None
         if scaler is not None or self.nonfinite == "ignore":
             # sync-free: the host does not know; under a scaler the scaler skips the step. Count on the device.
+            finite = counted = torch.isfinite(measured[0])
             counter.update(~finite)
-            counted = finite
         elif math.isfinite(norm := measured[0].item()):  # the one host read of a step: the norm itself
             finite = counted = True
         else:
             finite = False
-            counter.update(torch.ones((), device=device))
+            counter.update(self.constant_like(1.0, measured[0]))
             if self.nonfinite == "error":
                 bad = [self._names.get(id(p), "?") for p, g in pairs if not torch.isfinite(g).all()]
                 raise RuntimeError(
@@ -493,6 +494,14 @@ class GradientClipCallback(MetricWriter):
         if cached is None:
             cached = self._constants[key] = torch.full_like(like, value)
         return cached
+
+    def unclipped(self, norm: Tensor, threshold: float) -> Optional[ClipStats]:
+        """The stats of a step that changes nothing, if the host knows it is one: the norm it read (of
+        the same order as the fixed ``threshold``) is at most ``threshold``; ``None`` otherwise."""
+        read = self.read_norm
+        if read is None or not read <= threshold:
+            return None
+        return ClipStats(read, read, self.constant_like(threshold, norm), False)
 
     @property
     def read_norm(self) -> Optional[float]:

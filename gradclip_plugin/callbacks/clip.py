@@ -62,14 +62,12 @@ class ClipByValue(GradientClipCallback):
         return combine_norms(self.tensor_norms(grads, _INF), _INF), None
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
-        norm, largest = measured[0], self.read_norm
-        threshold = self.constant_like(self.clip_value, norm)
-        if largest is not None:  # read on the host: clamp only if some entry is out of bounds
-            clipped = largest > self.clip_value
-            if clipped:
-                clip_by_value_(grads, self.clip_value)
-            return ClipStats(largest, min(largest, self.clip_value), threshold, clipped)
+        norm = measured[0]
+        unclipped = self.unclipped(norm, self.clip_value)  # every entry within bounds: no clamping pass
+        if unclipped is not None:
+            return unclipped
         clip_by_value_(grads, self.clip_value)
+        threshold = self.constant_like(self.clip_value, norm)
         return ClipStats(norm, torch.minimum(norm, threshold), threshold, norm > threshold)
 
 
@@ -90,14 +88,6 @@ class _MaxNormCallback(GradientClipCallback):
         super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, log_prefix=log_prefix)
         self.max_norm = float(max_norm)
         self.norm_type = check_norm_type(norm_type)
-
-    def unclipped(self, norm: Tensor) -> Optional[ClipStats]:
-        """The stats of a step that scales nothing, if the host knows it is one: the norm it read is at
-        most ``max_norm`` (then so is every tensor's, and every coefficient is exactly 1)."""
-        read = self.read_norm
-        if read is None or not read <= self.max_norm:
-            return None
-        return ClipStats(read, read, self.constant_like(self.max_norm, norm), False)
 
 
 class ClipByNorm(_MaxNormCallback):
@@ -130,7 +120,7 @@ class ClipByNorm(_MaxNormCallback):
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
         norm, norms = measured
-        unclipped = self.unclipped(norm)
+        unclipped = self.unclipped(norm, self.max_norm)  # then so is every tensor's norm: all coefficients 1
         if unclipped is not None:
             return unclipped
         threshold = self.constant_like(self.max_norm, norm)
@@ -169,7 +159,7 @@ class ClipByGlobalNorm(_MaxNormCallback):
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
         norm = measured[0]
-        unclipped = self.unclipped(norm)
+        unclipped = self.unclipped(norm, self.max_norm)  # the coefficient is exactly 1
         if unclipped is not None:
             return unclipped
         threshold = self.constant_like(self.max_norm, norm)

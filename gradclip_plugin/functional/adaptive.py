@@ -77,7 +77,7 @@ def unitwise_norm(x: Tensor, norm_type: float = 2.0) -> Tensor:
 
 
 def unit_counts(tensors: Tensors) -> list[int]:
-    """Value of units of each tensor: ``t.shape[0]`` for two or more dimensions, else 1 (host shapes only)."""
+    """Number of units of each tensor: ``t.shape[0]`` for two or more dimensions, else 1 (host shapes only)."""
     return [t.shape[0] if t.dim() > 1 else 1 for t in as_tensor_list(tensors)]
 
 
