@@ -8,9 +8,12 @@ per-step hooks is running (the hook methods are wrapped on the instance), over a
 
 What is asserted:
 
-* with ``nonfinite="ignore"``, on steps that do not log: **zero** reads, for every clipping
-  callback, the monitor and the adaptive callbacks;
+* with ``nonfinite="ignore"``, on steps that do not log: **zero** reads, for the fixed-threshold
+  clipping callbacks, AGC and the monitor;
 * on logging steps: exactly **one** read per step and callback (all metrics in one batched copy);
+* AutoClip and ZClip: exactly **one** read per step whatever the policy, the norm itself, from
+  which their statistics (Python floats, as in their reference implementations) are updated; their
+  metrics are then all on the host, and a logging step reads nothing more;
 * with ``nonfinite`` = ``"skip"``, ``"error"`` or ``"zero"``: exactly **one** read per step, of the
   norm itself (``.item()``). Whether the optimizer step happens (skip), raises (error) or needs a
   second pass (zero) is a decision Python has to take before ``optimizer.step()``, so it needs to
@@ -127,17 +130,23 @@ def adaptive_factory(name: str, **kwargs: Any) -> Callable[..., Callback]:
     return make
 
 
-CLIPPERS: dict[str, Callable[..., Callback]] = {
+#: the rules that read nothing with nonfinite="ignore"
+FIXED: dict[str, Callable[..., Callback]] = {
     "ClipByValue": lambda **kw: ClipByValue(0.5, **kw),
     "ClipByNorm": lambda **kw: ClipByNorm(1.0, **kw),
     "ClipByGlobalNorm": lambda **kw: ClipByGlobalNorm(1.0, **kw),
     "ClipByGlobalNorm-inf": lambda **kw: ClipByGlobalNorm(1.0, norm_type=float("inf"), **kw),
+    "ClipByGlobalNorm-groups": lambda **kw: ClipByGlobalNorm(1.0, group_depth=1, **kw),
     "AdaptiveGradientClipping": adaptive_factory("AdaptiveGradientClipping"),
+}
+#: the rules whose statistics are Python floats from the norm, read every step
+HISTORY: dict[str, Callable[..., Callback]] = {
     "AutoClip": adaptive_factory("AutoClip", percentile=10.0),
     "AutoClip-history": adaptive_factory("AutoClip", percentile=50.0, history_size=3),
     "ZClip": adaptive_factory("ZClip", warmup_steps=2),  # past its warm-up within the run
     "ZClip-percentile": adaptive_factory("ZClip", warmup_steps=2, mode="percentile", max_norm=None),
 }
+CLIPPERS = {**FIXED, **HISTORY}
 
 
 def run(tmp_path, cb: Callback, counter: HostReadCounter, log_every_n_steps: int) -> Counter[str]:
@@ -159,9 +168,9 @@ def test_counter_sees_an_inserted_read(tmp_path, monkeypatch):
 
     class ReadsTheNorm(ClipByGlobalNorm):
         def measure(self, grads):
-            norm, aux = super().measure(grads)
-            norm.item()  # the kind of line these tests exist to catch
-            return norm, aux
+            norms, aux = super().measure(grads)
+            norms.sum().item()  # the kind of line these tests exist to catch
+            return norms, aux
 
     counter = HostReadCounter(monkeypatch)
     run(tmp_path, ReadsTheNorm(1.0, nonfinite="ignore"), counter, log_every_n_steps=1000)
@@ -207,7 +216,7 @@ def test_functional_ops_read_nothing(monkeypatch):
 # ------------------------------------------------------------------------------------ callbacks
 
 
-@pytest.mark.parametrize("name", list(CLIPPERS))
+@pytest.mark.parametrize("name", list(FIXED))
 def test_clipping_callbacks_read_nothing_on_non_logging_steps(tmp_path, monkeypatch, name):
     counter = HostReadCounter(monkeypatch)
     run(tmp_path, CLIPPERS[name](nonfinite="ignore"), counter, log_every_n_steps=1000)
@@ -221,7 +230,7 @@ def test_monitor_reads_nothing_on_non_logging_steps(tmp_path, monkeypatch, kwarg
     assert counter.counts == Counter()
 
 
-@pytest.mark.parametrize("name", list(CLIPPERS) + ["GradientNormMonitor"])
+@pytest.mark.parametrize("name", list(FIXED) + ["GradientNormMonitor"])
 def test_logging_steps_read_once(tmp_path, monkeypatch, name):
     """Every metric of a step (norms, threshold, clip rate, counts) reaches the host in one copy."""
     cb = monitor_factory()() if name == "GradientNormMonitor" else CLIPPERS[name](nonfinite="ignore")
@@ -239,7 +248,16 @@ def test_nonfinite_policies_read_the_norm_once_per_step(tmp_path, monkeypatch, n
     assert counter.counts == Counter(item=STEPS)
 
 
-@pytest.mark.parametrize("name", list(CLIPPERS))
+@pytest.mark.parametrize("log_every_n_steps", [1, 1000])
+@pytest.mark.parametrize("policy", ["skip", "ignore"])
+@pytest.mark.parametrize("name", list(HISTORY))
+def test_history_rules_read_the_norm_once_per_step_and_nothing_more(tmp_path, monkeypatch, name, policy, log_every_n_steps):
+    counter = HostReadCounter(monkeypatch)
+    run(tmp_path, HISTORY[name](nonfinite=policy), counter, log_every_n_steps=log_every_n_steps)
+    assert counter.counts == Counter(item=STEPS)
+
+
+@pytest.mark.parametrize("name", list(FIXED))
 def test_nonfinite_policies_on_logging_steps_read_at_most_twice(tmp_path, monkeypatch, name):
     """The norm, then the step's other metrics that are still on the device in one batched copy (none
     when the host already holds them all, as an adaptive rule's statistics on an unclipped step)."""
@@ -254,7 +272,7 @@ def test_nonfinite_policies_on_logging_steps_read_at_most_twice(tmp_path, monkey
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name", list(CLIPPERS) + ["GradientNormMonitor"])
+@pytest.mark.parametrize("name", list(FIXED) + ["GradientNormMonitor"])
 def test_cuda_sync_debug_mode(tmp_path, name):
     """On a GPU, the hooks run under ``set_sync_debug_mode("error")``: any sync raises."""
     cb = monitor_factory()() if name == "GradientNormMonitor" else CLIPPERS[name](nonfinite="ignore")

@@ -1,7 +1,7 @@
 """Lightning callbacks: thin layers over :mod:`gradclip_plugin.functional`."""
 
 from gradclip_plugin.callbacks.adaptive import AdaptiveGradientClipping, AutoClip, ZClip
-from gradclip_plugin.callbacks.base import ClipStats, GradientClipCallback
+from gradclip_plugin.callbacks.base import ClipStats, GradientClipCallback, Step
 from gradclip_plugin.callbacks.clip import ClipByGlobalNorm, ClipByNorm, ClipByValue
 from gradclip_plugin.callbacks.monitor import GradientNormMonitor
 
@@ -14,5 +14,6 @@ __all__ = [
     "ClipStats",
     "GradientClipCallback",
     "GradientNormMonitor",
+    "Step",
     "ZClip",
 ]

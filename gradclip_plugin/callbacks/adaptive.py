@@ -1,43 +1,43 @@
 """Adaptive clipping callbacks: AGC (unit-wise, relative to the weights), AutoClip and ZClip (thresholds
 that follow the history of the gradient norm).
 
-The arithmetic lives in :mod:`gradclip_plugin.functional.adaptive`; these classes hold the per-optimizer
-state, save it in checkpoints and log it. Nothing here reads a value back to the host on a step
-that does not log, except ZClip's optional ``skip_step_z_thresh`` (one boolean per step, only when set).
+The arithmetic lives in :mod:`gradclip_plugin.functional.adaptive`. AutoClip and ZClip keep one state
+per optimizer, Python numbers updated from the step's norm read to the host (as their reference
+implementations do), and save it in checkpoints under their ``state_key``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Optional
 
-import pytorch_lightning as pl
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+import torch
 from torch import Tensor
 
+from gradclip_plugin.callbacks import _lightning as L
 from gradclip_plugin.callbacks.base import (
     ClipStats,
     GradientClipCallback,
+    GroupDepth,
     NonFinitePolicy,
     NormType,
+    Step,
     check_positive,
 )
-from gradclip_plugin.functional import combine_norms, scale_
-from gradclip_plugin.functional.norms import check_norm_type
+from gradclip_plugin.functional import combine_norms, scale_, tensor_norms
 from gradclip_plugin.functional.adaptive import (
     AutoClipState,
-    Value,
     ZClipMode,
     ZClipOption,
     ZClipState,
     agc_coefficients,
-    autoclip_init,
     autoclip_update,
     scale_units_,
     threshold_coefficient,
     unitwise_norms,
-    zclip_init,
     zclip_update,
 )
+from gradclip_plugin.functional.norms import check_norm_type
 
 __all__ = ["AdaptiveGradientClipping", "AutoClip", "ZClip"]
 
@@ -61,7 +61,8 @@ class AdaptiveGradientClipping(GradientClipCallback):
             size 4096 in the paper, larger for smaller batches).
         eps: floor on the weight norm, a positive number.
         norm_type: order of the unit-wise norms (the paper uses 2).
-        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``log_prefix`` (see :class:`GradientClipCallback`).
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``group_depth``, ``log_prefix`` (see
+            :class:`GradientClipCallback`).
 
     Example YAML::
 
@@ -87,119 +88,111 @@ class AdaptiveGradientClipping(GradientClipCallback):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         nonfinite: NonFinitePolicy = "skip",
+        group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
     ) -> None:
         check_positive("clip_factor", clip_factor)
         check_positive("eps", eps)
-        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, log_prefix=log_prefix)
+        super().__init__(
+            include=include, exclude=exclude, nonfinite=nonfinite, group_depth=group_depth, log_prefix=log_prefix
+        )
         self.clip_factor = float(clip_factor)
         self.eps = float(eps)
         self.norm_type = check_norm_type(norm_type)
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_fit_start(trainer, pl_module)
         if self._shard_group is not None:
-            raise MisconfigurationException(
+            raise L.misconfiguration(
+                trainer,
                 "AdaptiveGradientClipping does not support FSDP's flat-sharded gradients: a unit split across "
                 "ranks would be measured by its local piece. Use ClipByGlobalNorm, AutoClip or ZClip, which "
-                "reduce the norms of sharded gradients across ranks."
+                "reduce the norms of sharded gradients across ranks.",
             )
 
     def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
-        unit_norms = unitwise_norms(grads, self.norm_type)
-        return combine_norms(unit_norms, self.norm_type), unit_norms
+        units = unitwise_norms(grads, self.norm_type)
+        # the units' total is the gradients' total; per-tensor norms (a second pass) only for the group norms
+        return (units if self.group_depth is None else tensor_norms(grads, self.norm_type)), units
 
-    def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
-        norm, grad_norms = measured
-        coefs, limits = agc_coefficients(grad_norms, unitwise_norms(params, self.norm_type), self.clip_factor, self.eps)
+    def clip_(self, grads: list[Tensor], params: list[Tensor], step: Step) -> ClipStats:
+        units = step.extra
+        coefs, limits = agc_coefficients(units, unitwise_norms(params, self.norm_type), self.clip_factor, self.eps)
         scale_units_(grads, coefs)
-        return ClipStats(
-            norm,
-            combine_norms(grad_norms * coefs, self.norm_type),
-            combine_norms(limits, self.norm_type),
-            (coefs < 1).any(),
-        )
+        p = self.norm_type
+        return ClipStats(step.norm, combine_norms(units * coefs, p), combine_norms(limits, p), (coefs < 1).any())
 
 
-class _StatefulClipCallback(GradientClipCallback):
-    """Per-optimizer adaptive state: created on first use where the step's norm is, saved in checkpoints.
+class _HistoryClip(GradientClipCallback):
+    """A threshold from the history of the global 2-norm: one state per optimizer, checkpointed.
 
-    The state of optimizer ``i`` is a ``NamedTuple`` (``_state_type``): Python numbers on the host when
-    the base class read the step's norm (``step.norm``, the ``skip``/``error``/``zero`` policies), else
-    tensors on the gradients' device. ``state_dict`` saves it (tensors on the CPU), ``load_state_dict``
-    restores it, and on first use it moves to where the norm is, if it is not there already. The
-    checkpoint entry is keyed by ``state_key`` (class name and init arguments), so two instances in
-    one Trainer keep separate state.
-
-    The statistics take a step's norm only if the first measured norm was finite (``step.finite``,
-    a host bool where the base class read it): under ``nonfinite="zero"`` the base class zeroes the
-    bad entries and measures again, and that finite norm is clipped against but is not the
-    gradient's true size, so it stays out of the history as the non-finite norm itself would.
+    The state of optimizer ``i`` is a ``NamedTuple`` of Python numbers (``state_type``), updated by a
+    pure function of the step's norm (read to the host: ``reads_norm``). Under ``nonfinite="zero"``
+    the re-measured norm of the zeroed gradients is clipped against but kept out of the statistics,
+    as the non-finite norm itself would be.
     """
 
-    _state_type: type[NamedTuple]
+    reads_norm = True
+    state_type: type[NamedTuple]
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def _reset(self) -> None:
+        super()._reset()
         self._states: dict[int, Any] = {}
 
-    def _norm(self, measured: tuple[Tensor, Any]) -> Value:
-        """The step's norm: the Python float the base class read (the state is then kept on the host,
-        in float64, with no kernel), else the 0-dim tensor (the state stays on its device)."""
-        return self.read_norm if self.read_norm is not None else measured[0]
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_fit_start(trainer, pl_module)
+        for opt in trainer.optimizers:
+            if isinstance(opt, torch.optim.LBFGS):
+                raise L.misconfiguration(
+                    trainer,
+                    f"{type(self).__name__} keeps statistics of one gradient norm per optimizer step, but `LBFGS` "
+                    "evaluates its closure, and so this hook, several times per step. Use ClipByGlobalNorm (which "
+                    "clips every evaluation) or another optimizer.",
+                )
 
-    def _state(self, norm: Value) -> Any:
-        """This optimizer's state, where ``norm`` is: on the host for a float, else on its device.
+    def sample(self, step: Step) -> float:
+        """The norm the statistics take: the one read, or NaN (not recorded) after ``nonfinite="zero"``."""
+        return step.host if step.sample else math.nan
 
-        A state moves only when that changes: restored from a checkpoint (on the CPU), or resumed
-        under a loss scaler (which reads nothing) after a run without one.
-        """
-        state = self._states.get(self.step.idx)
-        if state is None:
-            state = self._init_state(norm)
-        elif isinstance(norm, float):
-            state = state if state.on_host else state.to_host()
-        elif state.on_host or state[0].device != norm.device:
-            state = state.to_device(norm.device, norm.dtype)
-        self._states[self.step.idx] = state
-        return state
-
-    def _clip_to(self, threshold: Value, grads: list[Tensor], norm: Value) -> ClipStats:
-        """Scale ``grads`` so that their global norm ``norm`` is at most ``threshold``; a coefficient the
-        host knows to be 1 scales nothing."""
-        coef = threshold_coefficient(threshold, norm)
-        if not isinstance(coef, float) or coef < 1.0:
+    def clip_to(self, threshold: float, grads: list[Tensor], step: Step) -> ClipStats:
+        """Scale ``grads`` so that their global norm ``step.host`` is at most ``threshold``."""
+        coef = threshold_coefficient(threshold, step.host)
+        if coef < 1.0:
             scale_(grads, coef)
-        return ClipStats(norm, norm * coef, threshold, coef < 1)
+        return ClipStats(step.host, step.host * coef, threshold, coef < 1.0)
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        if self.state_key not in checkpoint.get("callbacks", {}):
+            L.rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint holds no state for `{self.state_key}`; its statistics "
+                "start afresh."
+            )
 
     def state_dict(self) -> dict[str, Any]:
-        out = super().state_dict()
-        out["state"] = {
-            i: {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in s._asdict().items()}
-            for i, s in self._states.items()
-        }
-        return out
+        return {**super().state_dict(), "states": {i: s._asdict() for i, s in self._states.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        fields = set(self._state_type._fields)
-        for i, saved in state_dict.get("state", {}).items():
-            if set(saved) != fields:
-                raise ValueError(
-                    f"{type(self).__name__}: the checkpoint's state for optimizer {i} has fields {sorted(saved)}, "
-                    f"expected {sorted(fields)}; it was not written by this version of {type(self).__name__}"
+        for i, saved in state_dict.get("states", {}).items():
+            try:
+                state = self.state_type(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in saved.items()})
+                if not self.fits(state):
+                    raise ValueError(state)
+            except (TypeError, ValueError):
+                L.rank_zero_warn(
+                    f"{type(self).__name__}: the checkpoint's state for optimizer {i} does not fit a "
+                    f"{self.state_type.__name__} (fields {sorted(saved) if isinstance(saved, dict) else saved!r}); "
+                    "its statistics start afresh."
                 )
-            # the count back on the host (a CPU tensor in older checkpoints): updates whose finiteness the
-            # host knows keep it there and branch on it instead of selecting on the device
-            state = self._state_type(**{**saved, "count": int(saved["count"])})
-            self._check_loaded(state)
+                continue
             self._states[int(i)] = state
 
-    def _check_loaded(self, state: Any) -> None:
-        """Raise ``ValueError`` if a restored state does not fit this instance's arguments."""
+    def fits(self, state: Any) -> bool:
+        """Whether a restored state is one this rule can continue from."""
+        return True
 
 
-class AutoClip(_StatefulClipCallback):
+class AutoClip(_HistoryClip):
     """AutoClip: clip the global norm to a percentile of the norms seen so far.
 
     Each step the pre-clip global L2 norm is appended to the history, then all gradients are
@@ -209,12 +202,14 @@ class AutoClip(_StatefulClipCallback):
 
     Non-finite norms never enter the history: the step is handled by ``nonfinite``, and under
     ``"ignore"`` or a loss scaler the history simply skips it. The history is saved in checkpoints:
-    a resumed run clips exactly as the uninterrupted run would.
+    a resumed run clips exactly as the uninterrupted run would. As in the reference, the history is
+    Python floats, from the step's norm read to the host once per step.
 
     Args:
         percentile: in [0, 100]; the paper finds 10 works across tasks.
         history_size: number of most recent norms kept, or ``None`` for all.
-        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``log_prefix`` (see :class:`GradientClipCallback`).
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``group_depth``, ``log_prefix`` (see
+            :class:`GradientClipCallback`).
 
     Example YAML::
 
@@ -230,7 +225,7 @@ class AutoClip(_StatefulClipCallback):
         Networks", IEEE MLSP; github.com/pseeth/autoclip.
     """
 
-    _state_type = AutoClipState
+    state_type = AutoClipState
 
     def __init__(
         self,
@@ -240,45 +235,28 @@ class AutoClip(_StatefulClipCallback):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         nonfinite: NonFinitePolicy = "skip",
+        group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
     ) -> None:
-        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 <= percentile <= 100:
-            raise ValueError(f"`percentile` must be a number in [0, 100] (10 in the paper), got {percentile!r}")
-        if history_size is not None and (
-            isinstance(history_size, bool) or not isinstance(history_size, int) or history_size < 1
-        ):
-            raise ValueError(
-                f"`history_size` must be a positive integer or None (keep every norm), got {history_size!r}"
-            )
-        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, log_prefix=log_prefix)
+        autoclip_update(AutoClipState(), math.nan, percentile, history_size)  # validates both
+        super().__init__(
+            include=include, exclude=exclude, nonfinite=nonfinite, group_depth=group_depth, log_prefix=log_prefix
+        )
         self.percentile = float(percentile)
         self.history_size = history_size
 
-    def _init_state(self, norm: Value) -> AutoClipState:
-        if isinstance(norm, float):
-            return autoclip_init(self.history_size, on_host=True)
-        return autoclip_init(self.history_size, device=norm.device, dtype=norm.dtype)
+    def fits(self, state: AutoClipState) -> bool:
+        values = [*state.history, *state.ranked]
+        return all(isinstance(v, float) and math.isfinite(v) for v in values) and sorted(state.history) == list(state.ranked)
 
-    def _check_loaded(self, state: AutoClipState) -> None:
-        if self.history_size is not None and len(state.history) != self.history_size:
-            raise ValueError(
-                f"AutoClip: the checkpoint holds a history of {len(state.history)} norms but "
-                f"`history_size={self.history_size}`; resume with the `history_size` the run was started with"
-            )
-
-    def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
-        return combine_norms(self.tensor_norms(grads, 2.0), 2.0), None
-
-    def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
-        norm = self._norm(measured)
-        state, threshold = autoclip_update(
-            self._state(norm), norm, self.percentile, self.history_size, finite=self.step.finite
-        )
-        self._states[self.step.idx] = state
-        return self._clip_to(threshold, grads, norm)
+    def clip_(self, grads: list[Tensor], params: list[Tensor], step: Step) -> ClipStats:
+        state = self._states.get(step.idx, AutoClipState())
+        state, threshold = autoclip_update(state, self.sample(step), self.percentile, self.history_size)
+        self._states[step.idx] = state
+        return self.clip_to(threshold, grads, step)
 
 
-class ZClip(_StatefulClipCallback):
+class ZClip(_HistoryClip):
     """ZClip: detect gradient-norm spikes by their z-score against an EMA and clip them adaptively.
 
     The reference algorithm (``bluorion-com/ZClip``) exactly: the first ``warmup_steps`` steps
@@ -290,11 +268,10 @@ class ZClip(_StatefulClipCallback):
     is clipped to it. The threshold in force is never above ``max_norm``. The EMA is updated with
     the clipped value on a spike (skipped if ``skip_update_on_spike``) and with ``g`` otherwise.
 
-    Beyond the reference: non-finite norms never enter the statistics; the state lives on the
-    gradients' device (no host read per step) and is saved in checkpoints; and
-    ``skip_step_z_thresh`` skips the optimizer step entirely when ``z`` exceeds it (the gradients
-    are dropped as by ``nonfinite="skip"``). That option reads one boolean per step to the host, so
-    it is off by default.
+    Beyond the reference: non-finite norms never enter the statistics; the state is saved in
+    checkpoints; and ``skip_step_z_thresh`` skips the optimizer step entirely when ``z`` exceeds it
+    (as ``nonfinite="skip"`` does). As in the reference, the statistics are Python floats updated
+    from the step's norm, read to the host once per step.
 
     Logged besides the base metrics: ``z`` (this step's z-score, 0 during warm-up), ``spikes``
     (spikes so far) and, with ``skip_step_z_thresh``, ``skipped_steps``.
@@ -312,7 +289,8 @@ class ZClip(_StatefulClipCallback):
         skip_update_on_spike: keep spikes out of the EMA.
         skip_step_z_thresh: skip the optimizer step when ``z`` exceeds this (at least ``z_thresh``);
             ``None`` (default) never skips.
-        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``log_prefix`` (see :class:`GradientClipCallback`).
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``group_depth``, ``log_prefix`` (see
+            :class:`GradientClipCallback`).
 
     Example YAML::
 
@@ -332,8 +310,7 @@ class ZClip(_StatefulClipCallback):
         github.com/bluorion-com/ZClip.
     """
 
-    _state_type = ZClipState
-    metric_names = GradientClipCallback.metric_names + ("z", "spikes", "skipped_steps")
+    state_type = ZClipState
 
     def __init__(
         self,
@@ -351,6 +328,7 @@ class ZClip(_StatefulClipCallback):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         nonfinite: NonFinitePolicy = "skip",
+        group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
     ) -> None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
@@ -373,7 +351,9 @@ class ZClip(_StatefulClipCallback):
                 f"`skip_step_z_thresh` must be at least `z_thresh` ({z_thresh}): it marks the severe spikes "
                 f"among those clipped, got {skip_step_z_thresh!r}"
             )
-        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, log_prefix=log_prefix)
+        super().__init__(
+            include=include, exclude=exclude, nonfinite=nonfinite, group_depth=group_depth, log_prefix=log_prefix
+        )
         self.alpha = float(alpha)
         self.z_thresh = float(z_thresh)
         self.max_norm = None if max_norm is None else float(max_norm)
@@ -384,63 +364,28 @@ class ZClip(_StatefulClipCallback):
         self.clip_factor = float(clip_factor)
         self.skip_update_on_spike = skip_update_on_spike
         self.skip_step_z_thresh = None if skip_step_z_thresh is None else float(skip_step_z_thresh)
-        self._z: dict[int, Value] = {}
-        self._skipped: dict[int, int] = {}
 
-    def _init_state(self, norm: Value) -> ZClipState:
-        if isinstance(norm, float):
-            return zclip_init(self.warmup_steps, on_host=True)
-        return zclip_init(self.warmup_steps, device=norm.device, dtype=norm.dtype)
+    def metric_names(self) -> tuple[str, ...]:
+        skips = ("skipped_steps",) if self.skip_step_z_thresh is not None else ()
+        return super().metric_names() + ("z", "spikes") + skips
 
-    def _check_loaded(self, state: ZClipState) -> None:
-        if len(state.buffer) != self.warmup_steps:
-            raise ValueError(
-                f"ZClip: the checkpoint holds a warm-up buffer of {len(state.buffer)} norms but "
-                f"`warmup_steps={self.warmup_steps}`; resume with the `warmup_steps` the run was started with"
-            )
+    def fits(self, state: ZClipState) -> bool:
+        return (state.mean is None) == (state.var is None) and all(isinstance(v, float) for v in state.buffer)
 
-    def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
-        return combine_norms(self.tensor_norms(grads, 2.0), 2.0), None
-
-    def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
-        norm = self._norm(measured)
+    def clip_(self, grads: list[Tensor], params: list[Tensor], step: Step) -> ClipStats:
         state, threshold, z, spike = zclip_update(
-            self._state(norm),
-            norm,
+            self._states.get(step.idx, ZClipState()),
+            self.sample(step),
             alpha=self.alpha,
             z_thresh=self.z_thresh,
             max_norm=self.max_norm,
             eps=self.eps,
+            warmup_steps=self.warmup_steps,
             mode=self.mode,
             clip_option=self.clip_option,
             clip_factor=self.clip_factor,
             skip_update_on_spike=self.skip_update_on_spike,
-            finite=self.step.finite,
         )
-        self._states[self.step.idx] = state
-        self._z[self.step.idx] = z
-        stats = self._clip_to(threshold, grads, norm)
-        if self.skip_step_z_thresh is not None:
-            # a host read per step where the state is on the device (nonfinite="ignore", a loss scaler)
-            if bool(spike & (z > self.skip_step_z_thresh)):
-                self._skipped[self.step.idx] = self._skipped.get(self.step.idx, 0) + 1
-                self.skip_step(self.step.optimizer)
-        return stats
-
-    def extra_metrics(self) -> dict[str, Value]:
-        state = self._states.get(self.step.idx)
-        if state is None:
-            return {}
-        out = {"z": self._z.get(self.step.idx, 0.0), "spikes": state.spikes}
-        if self.skip_step_z_thresh is not None:
-            out["skipped_steps"] = self._skipped.get(self.step.idx, 0)
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        out = super().state_dict()
-        out["skipped_steps"] = dict(self._skipped)
-        return out
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._skipped = {int(i): int(n) for i, n in state_dict.get("skipped_steps", {}).items()}
+        self._states[step.idx] = state
+        skip = self.skip_step_z_thresh is not None and spike and z > self.skip_step_z_thresh
+        return self.clip_to(threshold, grads, step)._replace(extra={"z": z, "spikes": state.spikes}, skip=skip)

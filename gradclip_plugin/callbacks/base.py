@@ -1,116 +1,50 @@
-"""What every clipping callback shares: parameter selection, the non-finite policy, metrics, state.
+"""What every gradclip callback shares, and the clipping pipeline of one optimizer step.
 
-A subclass implements two methods, following "measure, then clip":
+A clipping callback follows one optimizer step's gradients in ``on_before_optimizer_step``:
 
-* ``measure(grads)`` returns the pre-clip total norm (a 0-dim tensor) and whatever the rule needs
-  again to clip (per-tensor norms, say), from one pass over the gradients;
-* ``clip_(grads, params, measured)`` clips the gradients in place and returns a :class:`ClipStats`
-  computed from the same numbers, with no second pass.
-
-Everything runs on the gradients' device. With ``nonfinite="ignore"``, or under a loss scaler, the
-base class reads values back to the host only on logging steps (one batched copy). The
-``skip``/``error``/``zero`` policies decide the step's fate on the host, so they read one number
-per optimizer step: the norm itself (``step.norm``). Having it, the rules use it: a fixed threshold
-that is not exceeded scales nothing, and the adaptive rules keep their statistics in Python floats,
-with no kernel for them.
+1. **select**: the optimizer's parameters that pass ``include``/``exclude`` (resolved once per fit,
+   :class:`Plan`) and have a gradient;
+2. **measure**: the rule's ``measure(grads)`` gives one norm per gradient, in one fused pass; they
+   combine into the step's total norm;
+3. **policy**: with ``nonfinite="skip"``/``"error"``/``"zero"`` the total norm is read to the host
+   (the one read of a step), and a non-finite one is acted on; with ``"ignore"``, or under a loss
+   scaler (which skips such steps itself), nothing is read;
+4. **clip**: the rule's ``clip_(grads, params, step)`` scales the gradients in place and returns the
+   step's :class:`ClipStats`, computed from the same numbers;
+5. **tally**: the step is added to the optimizer's :class:`Tally` (Python numbers where the host knows
+   them, device tensors where it does not: the same arithmetic either way);
+6. **log**: at the end of the batch, on logging steps, each tally becomes the metrics ``norm``,
+   ``norm_clipped``, ``threshold`` (of the last step), ``clip_rate`` (over every step since the last
+   log) and ``nonfinite_steps``, read in one device-to-host copy and written to every logger.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import inspect
 import math
-import weakref
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Optional, Union
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
-from torchmetrics.aggregation import SumMetric
 
-from gradclip_plugin.functional import tensor_norms
-from gradclip_plugin.functional.adaptive import Value
-from gradclip_plugin.functional.distributed import sharded_over
+from gradclip_plugin import tensorboard
+from gradclip_plugin.callbacks import _lightning as L
+from gradclip_plugin.functional import combine_norms, subset_norms, tensor_norms
 
 NonFinitePolicy = Literal["skip", "error", "zero", "ignore"]
 #: a norm order: any positive number, or ``inf`` (``"inf"`` in YAML, which LightningCLI passes as a string)
 NormType = Union[float, Literal["inf"]]
-_POLICIES = ("skip", "error", "zero", "ignore")
+#: how parameters are grouped for per-group norms (see :func:`group_of`)
+GroupDepth = Union[int, Literal["auto", "parameter"]]
+#: a number the host knows, or a 0-dim tensor that stays on the device until the metrics are read
+Value = Union[float, int, bool, Tensor]
+
+#: ``group_depth="auto"`` keeps at most this many groups (unless depth 1 already has more)
+AUTO_MAX_GROUPS = 10
 
 
-class ClipStats(NamedTuple):
-    """What one clipping step reports: 0-dim tensors on the gradients' device, or Python numbers
-    where the host knows them (``step.norm`` was read)."""
-
-    norm: Value  #: pre-clip norm of the selected gradients
-    norm_clipped: Value  #: post-clip norm, derived from the same measurement
-    threshold: Value  #: the threshold in force at this step
-    clipped: Union[bool, Tensor]  #: whether clipping changed the gradients
-
-
-class StepInfo(NamedTuple):
-    """The optimizer step being clipped, set by the base class before ``clip_`` runs."""
-
-    idx: int  #: index of the optimizer in ``trainer.optimizers`` (keys per-optimizer state)
-    optimizer: Any  #: the optimizer about to step
-    #: whether the first measured norm was finite (before ``zero``): a Python bool where the host read
-    #: it (the ``skip``/``error``/``zero`` policies without a loss scaler), else a bool 0-dim tensor
-    finite: Union[bool, Tensor]
-    #: the measured norm (after ``zero``) as a Python float where the host read it, else ``None``
-    norm: Optional[float] = None
-
-
-class MeasuredNorms(NamedTuple):
-    """Per-tensor gradient norms taken by a ``GradientNormMonitor``, for the clipping callback after it."""
-
-    key: tuple[int, int]  #: (trainer.global_step, optimizer index) of the step they were taken at
-    norm_type: float
-    grads: list[Any]  #: weak references to the gradients measured, in order
-    versions: tuple[int, ...]  #: their version counters then (any in-place change bumps them)
-    norms: Tensor  #: 1-D, one norm per gradient
-
-    def norms_for(self, key: tuple[int, int], norm_type: float, grads: list[Tensor]) -> Optional[Tensor]:
-        """``norms`` if they are the ``norm_type``-norms of exactly ``grads``, unchanged since, at step ``key``."""
-        same = (
-            key == self.key
-            and norm_type == self.norm_type
-            and len(grads) == len(self.grads)
-            and all(r() is g and g._version == v for r, g, v in zip(self.grads, grads, self.versions))
-        )
-        return self.norms if same else None
-
-
-def measured_norms(key: tuple[int, int], norm_type: float, grads: list[Tensor], norms: Tensor) -> MeasuredNorms:
-    return MeasuredNorms(key, norm_type, [weakref.ref(g) for g in grads], tuple(g._version for g in grads), norms)
-
-
-def preceding_monitor(trainer: pl.Trainer, callback: Callback) -> Optional[Any]:
-    """The ``GradientNormMonitor`` whose ``on_before_optimizer_step`` runs right before ``callback``'s.
-
-    Callbacks in between that do not override the hook run no code there; any other one (which
-    might change the gradients) makes the answer ``None``.
-    """
-    from gradclip_plugin.callbacks.monitor import GradientNormMonitor
-
-    callbacks = list(trainer.callbacks)
-    at = next((i for i, cb in enumerate(callbacks) if cb is callback), 0)
-    for cb in reversed(callbacks[:at]):
-        if isinstance(cb, GradientNormMonitor):
-            return cb
-        if type(cb).on_before_optimizer_step is not Callback.on_before_optimizer_step:
-            return None
-    return None
-
-
-def _total(metric: SumMetric) -> Value:
-    """A count's value: ``compute()``, or 0 with no kernel for one not updated since its reset."""
-    return metric.compute() if metric.update_count else 0.0
-
-
+# ---------------------------------------------------------------------------------------------- validation
 def check_positive(name: str, value: Any, allow_none: bool = False) -> None:
     """Raise ``ValueError`` unless ``value`` is a positive finite number (or ``None`` if allowed)."""
     if value is None and allow_none:
@@ -119,7 +53,8 @@ def check_positive(name: str, value: Any, allow_none: bool = False) -> None:
         raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
 
 
-def _check_patterns(name: str, patterns: Any) -> list[str]:
+def check_patterns(name: str, patterns: Any) -> list[str]:
+    """``patterns`` as a list of fnmatch patterns (``[]`` for ``None``), or ``ValueError`` naming ``name``."""
     if patterns is None:
         return []
     if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
@@ -127,170 +62,311 @@ def _check_patterns(name: str, patterns: Any) -> list[str]:
     return list(patterns)
 
 
-def should_log(trainer: pl.Trainer) -> bool:
-    """Whether this optimizer step is one whose metrics Lightning writes (``log_every_n_steps``).
-
-    Uses the logger connector's private ``should_update_logs``, as Lightning's own
-    ``LearningRateMonitor`` does: there is no public equivalent, so it is isolated here.
-    """
-    return bool(trainer.loggers) and trainer._logger_connector.should_update_logs
-
-
-def metric_key(prefix: str, name: str, idx: int, trainer: pl.Trainer) -> str:
-    """``<prefix>/<name>``, or ``<prefix>/opt<i>/<name>`` when the Trainer has several optimizers."""
-    return f"{prefix}/opt{idx}/{name}" if len(trainer.optimizers) > 1 else f"{prefix}/{name}"
-
-
-# Metrics written by the gradclip callbacks during a batch, per Trainer: {logger step: [(keys, values)]}.
-# They reach the loggers together at the batch's end (`flush_metrics`): one device-to-host copy and one
-# logger call (one TensorBoard event) for all of a step's callbacks and optimizers, however many log.
-_pending: weakref.WeakKeyDictionary[pl.Trainer, dict[int, list[tuple[list[str], Any]]]] = weakref.WeakKeyDictionary()
-
-
-def write_metrics(trainer: pl.Trainer, keys: list[str], values: Union[Tensor, list[Value]], step: int) -> None:
-    """Log ``values`` under ``keys`` at ``step`` (a 1-D tensor, or numbers and 0-dim tensors), at the end of
-    the batch with every other gradclip metric (see :func:`flush_metrics`). Nothing is read here."""
-    _pending.setdefault(trainer, {}).setdefault(step, []).append((keys, values))
-
-
-def flush_metrics(trainer: pl.Trainer) -> None:
-    """Write the metrics pending for ``trainer``: the device values read in one copy, one call per logger and step."""
-    from gradclip_plugin.tensorboard import log_scalars
-
-    pending = _pending.pop(trainer, None)
-    if not pending:
+def check_group_depth(group_depth: Any, allow_none: bool = False) -> None:
+    if group_depth is None and allow_none:
         return
-    # each value: a float, or a slice of one 1-D tensor gathering every device value (one copy for all)
-    parts: list[Tensor] = []
-    for entries in pending.values():
-        for _, values in entries:
-            parts += [values] if isinstance(values, Tensor) else [v for v in values if isinstance(v, Tensor)]
-    read = iter(())
-    if parts:
-        device = parts[0].device
-        read = iter(torch.cat([p.reshape(-1).to(device) for p in parts]).tolist())  # to the widest float dtype
-    for step, entries in pending.items():
-        metrics: dict[str, float] = {}
-        for keys, values in entries:
-            if isinstance(values, Tensor):
-                metrics.update((k, next(read)) for k in keys)
-            else:
-                metrics.update((k, next(read) if isinstance(v, Tensor) else float(v)) for k, v in zip(keys, values))
-        for logger in trainer.loggers:
-            if not log_scalars(logger, metrics, step):  # a TensorBoardLogger: one event for all of them
-                logger.log_metrics(metrics, step=step)
+    if group_depth not in ("auto", "parameter") and (
+        isinstance(group_depth, bool) or not isinstance(group_depth, int) or group_depth < 1
+    ):
+        raise ValueError(f"`group_depth` must be a positive int, 'auto' or 'parameter', got {group_depth!r}")
 
 
-class MetricWriter(Callback):
-    """A callback whose metrics, queued by :func:`write_metrics` during a batch, are written at its end.
+# ---------------------------------------------------------------------------------------------- groups
+def group_of(name: str, depth: Union[int, Literal["parameter"]]) -> str:
+    """The group of parameter ``name``: its module path cut at ``depth``, or the name itself.
 
-    Every gradclip callback flushes whatever is queued for the Trainer (the first to run writes it
-    all). If the batch raises, what it measured is written too: often what explains the failure.
+    ``group_of("encoder.layers.0.weight", 2) == "encoder.layers"``. A parameter that belongs to no
+    submodule (``"scale"`` on the LightningModule itself) is its own group.
+    """
+    path = name.split(".")[:-1]
+    return name if depth == "parameter" or not path else ".".join(path[:depth])
+
+
+def auto_depth(names: list[str], max_groups: int = AUTO_MAX_GROUPS) -> int:
+    """The depth giving the most groups not above ``max_groups`` (the smallest such depth; at least 1)."""
+    deepest = max((n.count(".") for n in names), default=1)
+    best, best_count = 1, len({group_of(n, 1) for n in names})
+    for depth in range(2, deepest + 1):
+        count = len({group_of(n, depth) for n in names})
+        if count > max_groups:
+            break
+        if count > best_count:
+            best, best_count = depth, count
+    return best
+
+
+class Plan(NamedTuple):
+    """Which of an optimizer's parameters a callback takes, and their groups: resolved once per fit."""
+
+    size: int  #: how many parameters the optimizer had (one added later, e.g. by fine-tuning, re-plans)
+    params: list[Tensor]  #: the selected parameters, in the optimizer's order
+    names: list[str]  #: their names in the module (``"?"`` for one the module does not name)
+    groups: list[int]  #: the group of each, an index into ``group_names``
+    group_names: list[str]
+
+
+def plan_params(
+    params: list[Tensor], named: dict[int, str], include: list[str], exclude: list[str], depth: Any
+) -> Plan:
+    """The :class:`Plan` for ``params`` given the module's names (``id(param) -> name``).
+
+    A parameter passes when its name matches an ``include`` pattern (any, if there are none) and no
+    ``exclude`` pattern; one the module does not name passes only when ``include`` is empty.
+    """
+    chosen, names, groups, group_names = [], [], [], []
+    for p in params:
+        name = named.get(id(p))
+        if name is None:
+            if include:
+                continue
+        elif (include and not any(fnmatch.fnmatchcase(name, pat) for pat in include)) or any(
+            fnmatch.fnmatchcase(name, pat) for pat in exclude
+        ):
+            continue
+        group = "unnamed" if name is None or depth is None else group_of(name, depth)
+        if group not in group_names:
+            group_names.append(group)
+        chosen.append(p)
+        names.append("?" if name is None else name)
+        groups.append(group_names.index(group))
+    return Plan(len(params), chosen, names, groups, group_names)
+
+
+def read_values(values: list[Value]) -> list[float]:
+    """``values`` as Python floats: every tensor among them read in one device-to-host copy."""
+    tensors = [v for v in values if isinstance(v, Tensor)]
+    if not tensors:
+        return [float(v) for v in values]
+    device = tensors[0].device
+    read = iter(torch.cat([t.reshape(-1).to(device, torch.float64) for t in tensors]).tolist())
+    return [next(read) if isinstance(v, Tensor) else float(v) for v in values]
+
+
+# ---------------------------------------------------------------------------------------------- shared base
+class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
+    """What the clipping callbacks and :class:`GradientNormMonitor` share: selection, names, writing.
+
+    Subclasses fill :meth:`metrics` (the values to write at the end of a logging batch) and
+    :meth:`charts` (what they log, for the TensorBoard layout).
     """
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        flush_metrics(trainer)
+    def __init__(
+        self,
+        *,
+        include: Optional[list[str]],
+        exclude: Optional[list[str]],
+        group_depth: Optional[GroupDepth],
+        log_prefix: str,
+    ) -> None:
+        self.include = check_patterns("include", include)
+        self.exclude = check_patterns("exclude", exclude)
+        check_group_depth(group_depth, allow_none=True)
+        self.group_depth = group_depth
+        if not isinstance(log_prefix, str) or not log_prefix:
+            raise ValueError(f"`log_prefix` must be a non-empty string, got {log_prefix!r}")
+        self.log_prefix = log_prefix
+        self.key_prefix = log_prefix  #: the prefix of the metric names (see ``setup``)
+        self._reset()
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        flush_metrics(trainer)
+    def _reset(self) -> None:
+        """Forget everything tied to a fit (called at each fit's ``setup``)."""
+        self._plans: dict[int, Plan] = {}  # id(optimizer) -> its plan
+        self._members: dict[tuple[int, ...], Tensor] = {}  # group rows of the gradients present
+        self._named: Optional[dict[int, str]] = None
+        self._shard_group: Optional[Any] = None
+        self._n_optimizers = 1
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # the values can fail to read for the same reason (a device error): then they are dropped,
-        # and the training's own exception is the one raised
-        with contextlib.suppress(Exception):
-            flush_metrics(trainer)
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self._reset()
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        # after `configure_model` and the strategy's wrapping: the parameters and the shard group are final
+        names = [n for n, _ in pl_module.named_parameters()]
+        for pat in self.include:
+            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+                raise L.misconfiguration(
+                    trainer,
+                    f"{type(self).__name__}: the `include` pattern {pat!r} matches no parameter of "
+                    f"{type(pl_module).__name__}; names look like {names[:3]}",
+                )
+        self._named = {id(p): n for n, p in pl_module.named_parameters()}
+        self._shard_group = L.flat_shard_group(trainer)
+        self._n_optimizers = len(trainer.optimizers)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # one layout for all gradclip callbacks, written by the first of them
+        ours = [cb for cb in trainer.callbacks if isinstance(cb, GradientCallback)]
+        if ours[0] is not self or not trainer.is_global_zero:
+            return
+        charts: dict[str, list[str]] = {}
+        for cb in ours:  # a title two callbacks share (`clip_rate`) is one chart of both
+            for title, names in cb.charts(self._n_optimizers).items():
+                charts.setdefault(title, []).extend(names)
+        for writer, tag_prefix in L.tensorboard_writers(trainer):
+            tensorboard.write_layout(writer, charts, tag_prefix)
+            for cb in ours:
+                cb.describe(writer)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        if L.should_log(trainer):
+            self._write(trainer)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        # the raising batch's numbers often explain the failure; a device error can make them unreadable too
+        try:
+            self._write(trainer)
+        except Exception:  # noqa: S110 - the training's own exception is the one to raise
+            pass
+
+    # ------------------------------------------------------------------ for subclasses
+    def metrics(self) -> dict[str, Value]:
+        """The values to log at the end of a logging batch, by metric name; forgets them."""
+        raise NotImplementedError
+
+    def charts(self, n_optimizers: int) -> dict[str, list[str]]:
+        """What this callback logs, for the TensorBoard layout: ``{chart title: [metric names]}`` (a name
+        ending in ``/*`` stands for every name one level below it)."""
+        return {}
+
+    def describe(self, writer: Any) -> None:
+        """Write what this callback is to a TensorBoard ``SummaryWriter`` (for ``gradclip report``)."""
+
+    def metric_key(self, name: str, idx: int, n_optimizers: Optional[int] = None) -> str:
+        """``<prefix>/<name>``, or ``<prefix>/opt<idx>/<name>`` when there are several optimizers."""
+        n = self._n_optimizers if n_optimizers is None else n_optimizers
+        return f"{self.key_prefix}/opt{idx}/{name}" if n > 1 else f"{self.key_prefix}/{name}"
+
+    def plan(self, optimizer: torch.optim.Optimizer, named: Optional[dict[int, str]] = None) -> Plan:
+        """This callback's :class:`Plan` for ``optimizer`` in this fit (made at its first step)."""
+        size = sum(len(group["params"]) for group in optimizer.param_groups)
+        plan = self._plans.get(id(optimizer))
+        if plan is None or plan.size != size:
+            named = self._named if named is None else named
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            named = named or {}
+            depth = auto_depth(list(named.values())) if self.group_depth == "auto" else self.group_depth
+            plan = self._plans[id(optimizer)] = plan_params(params, named, self.include, self.exclude, depth)
+        return plan
+
+    def gradients(self, plan: Plan) -> tuple[list[Tensor], list[Tensor], list[int]]:
+        """``(params, grads, positions)`` of the planned parameters that have a gradient.
+
+        Under FSDP1 a rank holding no piece of a parameter has an empty parameter and no gradient: it
+        gets an empty gradient, so that the tensor lists, hence the collectives that reduce their
+        norms, stay aligned across ranks.
+        """
+        flat = self._shard_group is not None
+        found = [
+            (i, p, p.grad if p.grad is not None else torch.zeros_like(p))
+            for i, p in enumerate(plan.params)
+            if p.grad is not None or (flat and p.numel() == 0)
+        ]
+        return [p for _, p, _ in found], [g for _, _, g in found], [i for i, _, _ in found]
+
+    def group_norms(self, plan: Plan, positions: list[int], norms: Tensor, norm_type: float) -> dict[str, Tensor]:
+        """``{group name: norm}`` of the gradients at ``positions`` of ``plan``, from their per-tensor ``norms``."""
+        groups = tuple(plan.groups[i] for i in positions)
+        present = sorted(set(groups))
+        members = self._members.get(groups)
+        if members is None or members.device != norms.device:  # a host-to-device copy, once per layout
+            rows = [[g == k for g in groups] for k in present]
+            members = self._members[groups] = torch.tensor(rows, dtype=torch.bool, device=norms.device)
+        return dict(zip((plan.group_names[k] for k in present), subset_norms(norms, members, norm_type).unbind()))
+
+    def _write(self, trainer: Any) -> None:
+        metrics = self.metrics()
+        if metrics and trainer.is_global_zero:
+            values = dict(zip(metrics, read_values(list(metrics.values()))))
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=L.log_step(trainer))
 
 
-def log_step(trainer: pl.Trainer) -> int:
-    """The step index Lightning's loggers use for this batch (``LearningRateMonitor``'s choice)."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
+# ---------------------------------------------------------------------------------------------- clipping
+class ClipStats(NamedTuple):
+    """What one clipping step reports: Python numbers the host knows, or 0-dim tensors on the device."""
+
+    norm: Value  #: pre-clip norm of the selected gradients
+    norm_clipped: Value  #: post-clip norm, derived from the same measurement
+    threshold: Value  #: the threshold in force at this step
+    clipped: Union[bool, Tensor]  #: whether clipping changed the gradients
+    extra: Optional[dict[str, Value]] = None  #: more metrics of the rule (ZClip's ``z``)
+    skip: bool = False  #: the rule asks to skip this optimizer step (ZClip's ``skip_step_z_thresh``)
 
 
-def loss_scaler(trainer: pl.Trainer) -> Optional[torch.amp.GradScaler]:
-    """The precision plugin's enabled loss scaler (``16-mixed``), or ``None``."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return scaler if scaler is not None and scaler.is_enabled() else None
+class Step(NamedTuple):
+    """One optimizer step as a rule's ``clip_`` sees it (all of it measured by the base class)."""
+
+    idx: int  #: the optimizer's index (keys per-optimizer state)
+    norms: Tensor  #: per-tensor norms of the gradients, of the rule's order (from ``measure``)
+    norm: Tensor  #: their total, 0-dim
+    host: Optional[float]  #: ``norm`` read to the host, where it was read (else ``None``)
+    sample: bool = True  #: whether ``norm`` measures the true gradients (not after ``nonfinite="zero"``)
+    extra: Any = None  #: what ``measure`` returned besides the norms (AGC's unit norms)
 
 
-def flat_shard_group(trainer: pl.Trainer) -> Optional[Any]:
-    """The process group FSDP1 (``FSDPStrategy``) shards flat parameters over, or ``None``.
+@dataclass
+class Tally:
+    """One optimizer's numbers between two logs, and its count of non-finite steps over the fit."""
 
-    Under FSDP1 a gradient is this rank's piece of a flat parameter, a plain tensor: the norms
-    must be reduced over this group. FSDP2 gradients are DTensors and need no help.
+    steps: int = 0  #: optimizer steps since the last log
+    finite: Value = 0  #: those with a finite norm
+    clipped: Value = 0  #: those, among the finite, that clipping changed
+    skipped: int = 0  #: steps skipped by the rule (not for non-finite gradients), over the fit
+    nonfinite: Value = 0  #: steps with non-finite gradients, over the fit (checkpointed)
+    last: Optional[ClipStats] = None  #: the last step's numbers (``None`` if it was skipped)
+    groups: Optional[dict[str, Tensor]] = None  #: per-group pre-clip norms of the last logging step
+
+
+def skip_step(optimizer: torch.optim.Optimizer) -> None:
+    """Make the coming ``optimizer.step()`` a no-op for this optimizer alone.
+
+    The gradients are hidden (torch optimizers pass over a parameter without one, so weights and state,
+    Adam's step count included, stay untouched) and put back right after that step, so that a parameter
+    shared with another optimizer keeps its gradient for that optimizer's step.
     """
-    from pytorch_lightning.strategies import FSDPStrategy
+    hidden = [(p, p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    for p, _ in hidden:
+        p.grad = None
 
-    if not isinstance(trainer.strategy, FSDPStrategy):
-        return None
-    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    def restore(*_: Any) -> None:
+        handle.remove()
+        for p, g in hidden:
+            if p.grad is None:
+                p.grad = g
 
-    model = trainer.strategy.model
-    if not isinstance(model, FullyShardedDataParallel) or model.sharding_strategy == ShardingStrategy.NO_SHARD:
-        return None
-    return model.process_group
-
-
-def selects(name: Optional[str], include: list[str], exclude: list[str]) -> bool:
-    """Whether a parameter name passes the ``include``/``exclude`` fnmatch patterns.
-
-    A parameter the module does not name is selected only when no ``include`` pattern restricts the set.
-    """
-    if name is None:
-        return not include
-    if include and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
-        return False
-    return not any(fnmatch.fnmatchcase(name, pat) for pat in exclude)
+    handle = optimizer.register_step_post_hook(restore)
 
 
-def check_include(owner: str, include: list[str], pl_module: pl.LightningModule) -> None:
-    """Raise ``MisconfigurationException`` naming an ``include`` pattern that matches no parameter."""
-    names = [n for n, _ in pl_module.named_parameters()]
-    for pat in include:
-        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-            raise MisconfigurationException(
-                f"{owner}: the `include` pattern {pat!r} matches no parameter of "
-                f"{type(pl_module).__name__}; names look like {names[:3]}"
-            )
-
-
-def gradient_pairs(params: list[Tensor], shard_group: Optional[Any]) -> list[tuple[Tensor, Tensor]]:
-    """``(param, grad)`` for the parameters that have a gradient.
-
-    Under FSDP1 (``shard_group`` set) a rank holding no piece of a parameter has an empty parameter
-    and no gradient: it gets an empty gradient, so that the tensor lists, hence the collectives
-    that reduce their norms, stay aligned across ranks.
-    """
-    if shard_group is None:
-        return [(p, p.grad) for p in params if p.grad is not None]
-    return [
-        (p, p.grad if p.grad is not None else torch.zeros_like(p))
-        for p in params
-        if p.grad is not None or p.numel() == 0
-    ]
-
-
-def optimizer_index(trainer: pl.Trainer, optimizer: Any) -> int:
-    for i, opt in enumerate(trainer.optimizers):
-        if opt is optimizer:
-            return i
-    return 0
-
-
-class GradientClipCallback(MetricWriter):
+class GradientClipCallback(GradientCallback):
     """Base class of the clipping callbacks; not used on its own.
+
+    A rule is a subclass with two methods, "measure, then clip":
+
+    * ``measure(grads)`` returns one norm per gradient (a 1-D tensor of order ``self.norm_type``) and
+      anything ``clip_`` needs again, from one pass over the gradients;
+    * ``clip_(grads, params, step)`` clips the gradients in place and returns the :class:`ClipStats`.
 
     Args:
         include: fnmatch patterns on ``named_parameters()`` names; only matching parameters are
             clipped and counted. ``None`` selects every parameter.
         exclude: fnmatch patterns of parameters left alone (neither clipped nor counted).
         nonfinite: what to do when the selected gradients hold inf or NaN: ``"skip"`` the optimizer
-            step (weights and optimizer state untouched), raise an ``"error"``, ``"zero"`` the
-            non-finite entries then clip, or ``"ignore"`` (torch's behaviour: unsafe, NaN reaches
-            the weights). Under a ``16-mixed`` loss scaler the scaler skips such steps itself.
+            step (its weights and state untouched; other optimizers step as usual), raise an
+            ``"error"``, ``"zero"`` the non-finite entries and clip the rest, or ``"ignore"`` (clip as
+            torch would, NaN included). Under a ``16-mixed`` loss scaler such steps are the scaler's
+            to skip, whatever the policy.
+        group_depth: also log the pre-clip norm of each group of parameters,
+            ``<log_prefix>/norm/<group>``, on logging steps, from the norms the rule measured anyway
+            (groups as in :class:`GradientNormMonitor`); ``None`` for none.
         log_prefix: prefix of the logged metric names.
     """
 
-    metric_names = ("norm", "norm_clipped", "threshold", "clip_rate", "nonfinite_steps")
+    #: the order of the norms ``measure`` returns
+    norm_type: float = 2.0
+    #: whether the rule needs the step's norm on the host (its statistics are Python floats)
+    reads_norm: bool = False
 
     def __init__(
         self,
@@ -298,302 +374,188 @@ class GradientClipCallback(MetricWriter):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         nonfinite: NonFinitePolicy = "skip",
+        group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
     ) -> None:
-        self.include = _check_patterns("include", include)
-        self.exclude = _check_patterns("exclude", exclude)
-        if nonfinite not in _POLICIES:
-            raise ValueError(f"`nonfinite` must be one of {list(_POLICIES)}, got {nonfinite!r}")
+        if nonfinite not in ("skip", "error", "zero", "ignore"):
+            raise ValueError(f"`nonfinite` must be one of ['skip', 'error', 'zero', 'ignore'], got {nonfinite!r}")
         self.nonfinite = nonfinite
-        if not isinstance(log_prefix, str) or not log_prefix:
-            raise ValueError(f"`log_prefix` must be a non-empty string, got {log_prefix!r}")
-        self.log_prefix = log_prefix
-        self._key_prefix = log_prefix
-        self._selected: dict[int, bool] = {}  # id(param) -> selected?
-        self._names: dict[int, str] = {}  # id(param) -> name
-        # per optimizer, on the gradients' device: clipped finite steps and finite steps since the last
-        # log (their ratio is the clip rate), and the running count of non-finite steps
-        self._clipped_steps: dict[int, SumMetric] = {}
-        self._finite_steps: dict[int, SumMetric] = {}
-        self._nonfinite_steps: dict[int, SumMetric] = {}
-        self._steps_since_log: dict[int, int] = {}  # host-known: steps counted in the two above
-        # finite steps since the last log that the host read as finite (not counted in _finite_steps)
-        self._known_finite_steps: dict[int, int] = {}
-        self._warned_nonfinite = False
-        self._shard_group: Optional[Any] = None  # FSDP1's, set in on_fit_start
-        self._norm_source: Optional[Any] = None  # a GradientNormMonitor right before this callback
-        self._step_key = (-1, -1)  # (global step, optimizer index) of the step being clipped
-        self.step: Optional[StepInfo] = None  # the step in progress, for ``clip_``/``extra_metrics``
-        self._constants: dict[tuple[float, torch.device, torch.dtype], Tensor] = {}  # see `constant_like`
+        super().__init__(include=include, exclude=exclude, group_depth=group_depth, log_prefix=log_prefix)
+        # Lightning checks at `Trainer(...)` that state keys are unique, before any hook runs: until
+        # `setup` settles the key, it is unique to this instance
+        self._state_key = self._generate_state_key(log_prefix=log_prefix, instance=id(self))
 
-    # ------------------------------------------------------------------ to implement
+    def _reset(self) -> None:
+        super()._reset()
+        self._tallies: dict[int, Tally] = {}
+        self._warned = False
+
+    # ------------------------------------------------------------------ the rule
     def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
-        """Return the pre-clip total norm (0-dim) and what ``clip_`` needs, from one pass."""
-        raise NotImplementedError
+        """One norm per gradient, of order ``self.norm_type``, and what ``clip_`` needs besides."""
+        return tensor_norms(grads, self.norm_type, shard_group=self._shard_group), None
 
-    def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
-        """Clip ``grads`` in place using ``measured``; update adaptive state; return the stats."""
-        raise NotImplementedError
+    def clip_(self, grads: list[Tensor], params: list[Tensor], step: Step) -> ClipStats:
+        """Clip ``grads`` in place from ``step``'s measurement; return the step's numbers."""
+        raise NotImplementedError(f"{type(self).__name__} is a base class: use one of its subclasses")
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics this callback logs per optimizer (group norms aside)."""
+        return ("norm", "norm_clipped", "threshold", "clip_rate", "nonfinite_steps")
 
     # ------------------------------------------------------------------ Lightning hooks
     @property
     def state_key(self) -> str:
-        """Class name, init arguments and metric prefix: two instances keep separate checkpoint entries.
+        """The class name and ``log_prefix``, plus a position when several callbacks of this class share
+        the prefix (as ``EarlyStopping`` keys on ``monitor`` and ``mode``): a threshold changed, or a
+        callback added, on resume does not orphan the saved state."""
+        return self._state_key
 
-        Built from the ``__init__`` signature (not ``vars(self)``: Lightning attaches ``log`` bound to
-        the model), so the key does not depend on the model.
-        """
-        # Lightning reads state_key on every hook call (profiler names): build it once per prefix.
-        cached = self.__dict__.get("_state_key_cache")
-        if cached is None or cached[0] != self._key_prefix:
-            names = sorted(inspect.signature(type(self).__init__).parameters.keys() - {"self", "args", "kwargs"})
-            key = {k: getattr(self, k) for k in names if hasattr(self, k)}
-            state_key = self._generate_state_key(key_prefix=self._key_prefix, **key)
-            cached = self._state_key_cache = (self._key_prefix, state_key)
-        return cached[1]
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        name = type(self).__name__
         if trainer.gradient_clip_val:
-            raise MisconfigurationException(
-                f"{type(self).__name__} clips the gradients itself, but `Trainer(gradient_clip_val="
-                f"{trainer.gradient_clip_val})` is also set and Lightning would clip them a second time. "
-                "Remove `gradient_clip_val` from the Trainer."
+            raise L.misconfiguration(
+                trainer,
+                f"{name} clips the gradients itself, but `Trainer(gradient_clip_val={trainer.gradient_clip_val})` "
+                "is also set and Lightning would clip them a second time. Remove `gradient_clip_val` from the Trainer.",
             )
-        from pytorch_lightning.strategies import DeepSpeedStrategy
+        L.refuse_deepspeed(trainer, name)
+        # metric names: `<log_prefix>/...`, or `<log_prefix>/<Class>[k]/...` when clipping callbacks share the prefix
+        shared = [cb for cb in trainer.callbacks if isinstance(cb, GradientClipCallback) and cb.log_prefix == self.log_prefix]
+        same = [cb for cb in shared if type(cb) is type(self)]
+        position = same.index(self) if len(same) > 1 else None
+        self._state_key = self._generate_state_key(
+            log_prefix=self.log_prefix, **({} if position is None else {"position": position})
+        )
+        self.key_prefix = self.log_prefix
+        if len(shared) > 1:
+            self.key_prefix = f"{self.log_prefix}/{name}{'' if position is None else position}"
 
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
-            raise MisconfigurationException(
-                f"{type(self).__name__} cannot clip under DeepSpeed: the engine partitions the gradients "
-                "and steps them itself. Use DeepSpeed's own `gradient_clipping` setting instead."
-            )
-        self._assign_key_prefix(trainer)
-        if any(True for _ in pl_module.parameters()):
-            check_include(type(self).__name__, self.include, pl_module)
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # again: `configure_model` may have created the parameters since `setup`
-        check_include(type(self).__name__, self.include, pl_module)
-        self._shard_group = flat_shard_group(trainer)  # the strategy has wrapped the model by now
-        self._norm_source = preceding_monitor(trainer, self)
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from gradclip_plugin.tensorboard import write_layout
-
-        write_layout(trainer)  # one chart layout for all gradclip callbacks; no-op without TensorBoard
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        # Under FSDP1 every norm below is reduced over the shard group, so all ranks see the
-        # norms of the full gradients and take the same decisions.
-        with sharded_over(self._shard_group):
-            self._clip_step(trainer, pl_module, optimizer)
-
-    def _clip_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        pairs = gradient_pairs(self._selected_params(pl_module, optimizer), self._shard_group)
-        if not pairs:
-            return
-        params, grads = [p for p, _ in pairs], [g for _, g in pairs]
-        idx = optimizer_index(trainer, optimizer)
-        scaler = loss_scaler(trainer)
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            raise MisconfigurationException(
-                f"{type(self).__name__} cannot clip for `{type(optimizer).__name__}` under a loss scaler: this "
-                "optimizer unscales inside `step()` (e.g. `fused=True`), so the gradients it sees here are still "
-                "scaled by the loss scale. Use `fused=False`, or `precision='bf16-mixed'` which needs no scaler."
-            )
-        self._step_key = (trainer.global_step, idx)
-        device = grads[0].device
-        measured = self.measure(grads)
-        counter = self._count(self._nonfinite_steps, idx, device)
-        # `finite`: whether the first measured norm is finite, for the statistics; `counted`: whether the
-        # norm clipped against is (after `zero`), for the clip rate
-        finite: Union[bool, Tensor]
-        norm: Optional[float] = None
-        if scaler is not None or self.nonfinite == "ignore":
-            # sync-free: the host does not know; under a scaler the scaler skips the step. Count on the device.
-            finite = counted = torch.isfinite(measured[0])
-            counter.update(~finite)
-        elif math.isfinite(norm := measured[0].item()):  # the one host read of a step: the norm itself
-            finite = counted = True
-        else:
-            finite = False
-            counter.update(self.constant_like(1.0, measured[0]))
-            if self.nonfinite == "error":
-                bad = [self._names.get(id(p), "?") for p, g in pairs if not torch.isfinite(g).all()]
-                raise RuntimeError(
-                    f"{type(self).__name__}: non-finite gradients at global step {trainer.global_step} in {bad}. "
-                    "Set `nonfinite='skip'` to skip such steps, or find the source (learning rate, loss, data)."
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_fit_start(trainer, pl_module)
+        for opt in trainer.optimizers if L.loss_scaler(trainer) is not None else []:
+            if getattr(opt, "_step_supports_amp_scaling", False):
+                raise L.misconfiguration(
+                    trainer,
+                    f"{type(self).__name__} cannot clip for `{type(opt).__name__}` under a loss scaler: this "
+                    "optimizer unscales inside `step()` (e.g. `fused=True`), so the gradients it sees here are still "
+                    "scaled by the loss scale. Use `fused=False`, or `precision='bf16-mixed'` which needs no scaler.",
                 )
-            if self.nonfinite == "skip":
-                self._warn_nonfinite("skipping the optimizer step")
-                self.skip_step(optimizer)
-                if should_log(trainer):
-                    self._log(trainer, idx, None)
-                return
-            self._warn_nonfinite("zeroing the non-finite entries")
-            for g in grads:
-                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-            measured = self.measure(grads)
-            norm = measured[0].item()  # a second read, at such a step only
-            counted = math.isfinite(norm)  # zeroed, the squares can still overflow
-        self.step = StepInfo(idx, optimizer, finite, norm)
-        stats = self.clip_(grads, params, measured)
-        # counts, not a weighted MeanMetric: with nan_strategy="disable" torchmetrics ignores weights
-        clipped_steps = self._count(self._clipped_steps, idx, device)
-        if isinstance(counted, Tensor):
-            clipped_steps.update(stats.clipped & counted)
-            self._count(self._finite_steps, idx, device).update(counted)
-        elif counted:  # known on the host: a host count, and an update only where a step was clipped
-            self._known_finite_steps[idx] = self._known_finite_steps.get(idx, 0) + 1
-            if isinstance(stats.clipped, Tensor):
-                clipped_steps.update(stats.clipped)
-            elif stats.clipped:
-                clipped_steps.update(self.constant_like(1.0, measured[0]))
-        self._steps_since_log[idx] = self._steps_since_log.get(idx, 0) + 1
-        if should_log(trainer):
-            self._log(trainer, idx, stats)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+        idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
+        self.clip_step(optimizer, self.plan(optimizer), idx, L.loss_scaler(trainer), L.should_log(trainer), trainer.global_step)
+
+    def metrics(self) -> dict[str, Value]:
+        out: dict[str, Value] = {}
+        for idx, t in self._tallies.items():
+            if not t.steps:
+                continue
+            values: dict[str, Value] = {}
+            if t.last is not None:
+                values.update(norm=t.last.norm, norm_clipped=t.last.norm_clipped, threshold=t.last.threshold)
+                values.update(t.last.extra or {})
+            # 0 when every step since the last log was non-finite (none could be clipped)
+            values["clip_rate"] = t.clipped / (t.finite.clamp(min=1) if isinstance(t.finite, Tensor) else max(t.finite, 1))
+            values["nonfinite_steps"] = t.nonfinite
+            if "skipped_steps" in self.metric_names():
+                values["skipped_steps"] = t.skipped
+            values.update({f"norm/{g}": n for g, n in (t.groups or {}).items()})
+            out.update((self.metric_key(k, idx), v) for k, v in values.items())
+            t.steps, t.finite, t.clipped, t.groups = 0, 0, 0, None
+        return out
+
+    def charts(self, n_optimizers: int) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {"clip_rate": []}
+        for i in range(n_optimizers):
+            keys = [self.metric_key(k, i, n_optimizers) for k in ("norm", "norm_clipped", "threshold")]
+            out[f"{keys[0][: -len('/norm')]}: norm, norm_clipped, threshold"] = keys
+            out["clip_rate"].append(self.metric_key("clip_rate", i, n_optimizers))
+        return out
+
+    def describe(self, writer: Any) -> None:
+        writer.add_text(f"{self.key_prefix}/callback", type(self).__name__)
 
     def state_dict(self) -> dict[str, Any]:
-        # The clip-rate counts since the last log are kept too, so that the first rate logged after a
-        # resume in the middle of a logging interval still covers the whole interval.
+        # the counts since the last log too: the first rate logged after a resume in the middle of a
+        # logging interval still covers the whole interval
+        tallies = self._tallies.items()
         return {
-            "nonfinite_steps": {i: float(_total(m)) for i, m in self._nonfinite_steps.items()},
-            "clip_rate": {
-                i: (float(_total(self._clipped_steps[i])), float(self._finite_count(i)), n)
-                for i, n in self._steps_since_log.items()
-                if n
-            },
+            "nonfinite_steps": {i: int(t.nonfinite) for i, t in tallies},
+            "skipped_steps": {i: t.skipped for i, t in tallies},
+            "since_last_log": {i: (t.steps, int(t.finite), int(t.clipped)) for i, t in tallies},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        cpu = torch.device("cpu")
-        for i, count in state_dict.get("nonfinite_steps", {}).items():
-            self._restart(self._count(self._nonfinite_steps, int(i), cpu), count)
-        for i, (clipped, finite, steps) in state_dict.get("clip_rate", {}).items():
-            self._restart(self._count(self._clipped_steps, int(i), cpu), clipped)
-            self._restart(self._count(self._finite_steps, int(i), cpu), finite)
-            self._known_finite_steps[int(i)] = 0
-            self._steps_since_log[int(i)] = int(steps)
+        for i, nonfinite in state_dict.get("nonfinite_steps", {}).items():
+            steps, finite, clipped = state_dict.get("since_last_log", {}).get(i, (0, 0, 0))
+            skipped = state_dict.get("skipped_steps", {}).get(i, 0)
+            self._tallies[int(i)] = Tally(steps, finite, clipped, skipped, nonfinite)
 
-    # ------------------------------------------------------------------ helpers
-    def tensor_norms(self, grads: list[Tensor], norm_type: float) -> Tensor:
-        """``tensor_norms(grads, norm_type)`` for ``measure``: on a step where the ``GradientNormMonitor``
-        right before this callback measured these very gradients (same tensors, unchanged since, same
-        ``norm_type``), its numbers, so that monitoring and clipping share one pass."""
-        measured = self._norm_source.measured if self._norm_source is not None else None
-        norms = measured.norms_for(self._step_key, norm_type, grads) if measured is not None else None
-        return norms if norms is not None else tensor_norms(grads, norm_type)
-
-    def constant_like(self, value: float, like: Tensor) -> Tensor:
-        """``value`` as a 0-dim tensor like ``like``, made once (not a fill kernel every step); read only."""
-        key = (value, like.device, like.dtype)
-        cached = self._constants.get(key)
-        if cached is None:
-            cached = self._constants[key] = torch.full_like(like, value)
-        return cached
-
-    def unclipped(self, norm: Tensor, threshold: float) -> Optional[ClipStats]:
-        """The stats of a step that changes nothing, if the host knows it is one: the norm it read (of
-        the same order as the fixed ``threshold``) is at most ``threshold``; ``None`` otherwise."""
-        read = self.read_norm
-        if read is None or not read <= threshold:
-            return None
-        return ClipStats(read, read, self.constant_like(threshold, norm), False)
-
-    @property
-    def read_norm(self) -> Optional[float]:
-        """The step's measured norm as a Python float, where the base class read it (``step.norm``)."""
-        return self.step.norm if self.step is not None else None
-
-    def metric_key(self, name: str, idx: int, trainer: pl.Trainer) -> str:
-        """This callback's key for metric ``name`` of optimizer ``idx`` (see :func:`metric_key`)."""
-        return metric_key(self._key_prefix, name, idx, trainer)
-
-    @staticmethod
-    def skip_step(optimizer: torch.optim.Optimizer) -> None:
-        """Make the coming ``optimizer.step()`` a no-op: with no gradient, torch optimizers pass
-        over a parameter, so weights and optimizer state (Adam's step count) stay untouched."""
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
-
-    def extra_metrics(self) -> dict[str, Tensor]:
-        """More 0-dim tensors to log for this step (adaptive callbacks); read with the rest."""
-        return {}
-
-    def _log(self, trainer: pl.Trainer, idx: int, stats: Optional[ClipStats]) -> None:
-        values: dict[str, Value] = {}
-        if stats is not None:
-            values.update(norm=stats.norm, norm_clipped=stats.norm_clipped, threshold=stats.threshold)
-            values.update(self.extra_metrics())
-        if self._steps_since_log.get(idx):
-            clipped, finite = _total(self._clipped_steps[idx]), self._finite_count(idx)
-            # 0 when every step since the last log was non-finite (none could be clipped)
-            values["clip_rate"] = clipped / (finite.clamp(min=1) if isinstance(finite, Tensor) else max(finite, 1))
-            self._restart(self._clipped_steps[idx])
-            if idx in self._finite_steps:
-                self._restart(self._finite_steps[idx])
-            self._known_finite_steps[idx] = 0
-            self._steps_since_log[idx] = 0
-        values["nonfinite_steps"] = _total(self._nonfinite_steps[idx])
-        keys = [self.metric_key(k, idx, trainer) for k in values]
-        write_metrics(trainer, keys, list(values.values()), log_step(trainer))
-
-    def _finite_count(self, idx: int) -> Value:
-        """Finite steps since the last log: those counted on the device plus those the host read as finite."""
-        known = self._known_finite_steps.get(idx, 0)
-        return _total(self._finite_steps[idx]) + known if idx in self._finite_steps else known
-
-    @classmethod
-    def _count(cls, store: dict[int, SumMetric], idx: int, device: torch.device) -> SumMetric:
-        """The count ``store[idx]`` on ``device``, created at 0.
-
-        ``nan_strategy="disable"``: the default NaN check reads a value back to the host.
-        ``sync_on_compute=False``: every rank takes the same decisions (they follow from reduced
-        norms), so the counts are equal on all ranks and a sum across ranks would multiply them.
-        """
-        metric = store.get(idx)
-        if metric is None:
-            metric = store[idx] = SumMetric(nan_strategy="disable", sync_on_compute=False).to(device)
-        elif metric.device != device:
-            metric.to(device)
-        return metric
-
-    @staticmethod
-    def _restart(metric: SumMetric, value: float = 0.0) -> None:
-        """Reset a count to ``value``."""
-        metric.reset()
-        if value:
-            metric.update(torch.full((), float(value), device=metric.device))
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def clip_step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        plan: Plan,
+        idx: int,
+        scaler: Optional[torch.amp.GradScaler],
+        log_groups: bool,
+        global_step: int,
+    ) -> None:
+        """Clip the gradients of ``plan``'s parameters for ``optimizer``'s coming step (the pipeline above)."""
+        params, grads, positions = self.gradients(plan)
+        if not grads:
+            return
+        tally = self._tallies.setdefault(idx, Tally())
+        norms, extra = self.measure(grads)
+        norm = combine_norms(norms, self.norm_type)
+        # the policy acts where the host reads the norm; under a loss scaler the scaler skips such steps
+        acts = scaler is None and self.nonfinite != "ignore"
+        host = norm.item() if acts or self.reads_norm else None  # the one host read of a step
+        finite: Union[bool, Tensor] = torch.isfinite(norm) if host is None else math.isfinite(host)
+        tally.steps += 1
+        tally.nonfinite = tally.nonfinite + (~finite if isinstance(finite, Tensor) else not finite)
+        tally.last, sample = None, True
+        if acts and not finite:
+            if self.nonfinite == "error":
+                bad = [plan.names[i] for i, g in zip(positions, grads) if not torch.isfinite(g).all()]
+                raise RuntimeError(
+                    f"{type(self).__name__}: non-finite gradients at global step {global_step} in {bad}. "
+                    "Set `nonfinite='skip'` to skip such steps, or find the source (learning rate, loss, data)."
+                )
+            self._warn_nonfinite("skipping the optimizer step" if self.nonfinite == "skip" else "zeroing the non-finite entries")
+            if self.nonfinite == "skip":
+                skip_step(optimizer)
+                return
+            for g in grads:
+                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+            norms, extra = self.measure(grads)
+            norm = combine_norms(norms, self.norm_type)
+            host, sample = norm.item(), False  # a second read, at such a step only
+            finite = math.isfinite(host)  # zeroed, the squares can still overflow
+        if log_groups and self.group_depth is not None:
+            tally.groups = self.group_norms(plan, positions, norms, self.norm_type)
+        stats = self.clip_(grads, params, Step(idx, norms, norm, host, sample, extra))
+        tally.last = stats
+        tally.finite = tally.finite + finite
+        tally.clipped = tally.clipped + (stats.clipped & finite)
+        if stats.skip:
+            tally.skipped += 1
+            skip_step(optimizer)
 
     def _warn_nonfinite(self, action: str) -> None:
-        if not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            rank_zero_warn(
+        if not self._warned:
+            self._warned = True
+            L.rank_zero_warn(
                 f"{type(self).__name__}: non-finite gradients found, {action} (nonfinite={self.nonfinite!r}). "
-                f"Such steps are counted in `{self._key_prefix}/nonfinite_steps`; this warning is shown once."
+                f"Such steps are counted in `{self.key_prefix}/nonfinite_steps`; this warning is shown once."
             )
 
-    def _selected_params(self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> list[Tensor]:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if any(id(p) not in self._selected for p in params):
-            self._names = {id(p): n for n, p in pl_module.named_parameters()}
-            for p in params:
-                name = self._names.get(id(p))
-                self._selected[id(p)] = selects(name, self.include, self.exclude)
-        return [p for p in params if self._selected[id(p)]]
-
-    def _assign_key_prefix(self, trainer: pl.Trainer) -> None:
-        """Keep metric names distinct when several clipping callbacks share a prefix."""
-        same = [cb for cb in trainer.callbacks if isinstance(cb, GradientClipCallback) and cb.log_prefix == self.log_prefix]
-        if len(same) < 2:
-            self._key_prefix = self.log_prefix
-            return
-        kinds = [type(cb).__name__ for cb in same]
-        name = type(self).__name__
-        k = sum(1 for cb in same[: same.index(self)] if type(cb) is type(self))
-        suffix = name if kinds.count(name) == 1 else f"{name}{k}"
-        self._key_prefix = f"{self.log_prefix}/{suffix}"
+    def unclipped(self, step: Step, threshold: float) -> Optional[ClipStats]:
+        """The numbers of a step that changes nothing, where the host knows it is one: its norm, read
+        (of the same order as the fixed ``threshold``), is at most ``threshold``; ``None`` otherwise."""
+        if step.host is None or not step.host <= threshold:
+            return None
+        return ClipStats(step.host, step.host, threshold, False)

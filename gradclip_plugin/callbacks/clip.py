@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
-import torch
 from torch import Tensor
 
 from gradclip_plugin.callbacks.base import (
     ClipStats,
     GradientClipCallback,
+    GroupDepth,
     NonFinitePolicy,
     NormType,
+    Step,
     check_positive,
 )
 from gradclip_plugin.functional import clip_by_value_, clip_coefficient, combine_norms, scale_
 from gradclip_plugin.functional.norms import check_norm_type
 
 __all__ = ["ClipByGlobalNorm", "ClipByNorm", "ClipByValue"]
-
-_INF = float("inf")
 
 
 class ClipByValue(GradientClipCallback):
@@ -31,7 +30,8 @@ class ClipByValue(GradientClipCallback):
 
     Args:
         clip_value: the bound, a positive finite number.
-        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``log_prefix`` (see :class:`GradientClipCallback`).
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``group_depth``, ``log_prefix`` (see
+            :class:`GradientClipCallback`).
 
     Example YAML::
 
@@ -45,6 +45,8 @@ class ClipByValue(GradientClipCallback):
         Mikolov 2012 (thesis); Pascanu et al. 2013; ``tf.clip_by_value``, ``torch.nn.utils.clip_grad_value_``.
     """
 
+    norm_type = float("inf")
+
     def __init__(
         self,
         clip_value: float,
@@ -52,23 +54,21 @@ class ClipByValue(GradientClipCallback):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         nonfinite: NonFinitePolicy = "skip",
+        group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
     ) -> None:
         check_positive("clip_value", clip_value)
-        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, log_prefix=log_prefix)
+        super().__init__(
+            include=include, exclude=exclude, nonfinite=nonfinite, group_depth=group_depth, log_prefix=log_prefix
+        )
         self.clip_value = float(clip_value)
 
-    def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
-        return combine_norms(self.tensor_norms(grads, _INF), _INF), None
-
-    def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
-        norm = measured[0]
-        unclipped = self.unclipped(norm, self.clip_value)  # every entry within bounds: no clamping pass
+    def clip_(self, grads: list[Tensor], params: list[Tensor], step: Step) -> ClipStats:
+        unclipped = self.unclipped(step, self.clip_value)  # every entry within bounds: no clamping pass
         if unclipped is not None:
             return unclipped
         clip_by_value_(grads, self.clip_value)
-        threshold = self.constant_like(self.clip_value, norm)
-        return ClipStats(norm, torch.minimum(norm, threshold), threshold, norm > threshold)
+        return ClipStats(step.norm, step.norm.clamp(max=self.clip_value), self.clip_value, step.norm > self.clip_value)
 
 
 class _MaxNormCallback(GradientClipCallback):
@@ -82,10 +82,13 @@ class _MaxNormCallback(GradientClipCallback):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         nonfinite: NonFinitePolicy = "skip",
+        group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
     ) -> None:
         check_positive("max_norm", max_norm)
-        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, log_prefix=log_prefix)
+        super().__init__(
+            include=include, exclude=exclude, nonfinite=nonfinite, group_depth=group_depth, log_prefix=log_prefix
+        )
         self.max_norm = float(max_norm)
         self.norm_type = check_norm_type(norm_type)
 
@@ -99,7 +102,8 @@ class ClipByNorm(_MaxNormCallback):
     Args:
         max_norm: the per-tensor threshold, a positive finite number.
         norm_type: order of the norm: any positive number, or ``inf``.
-        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``log_prefix`` (see :class:`GradientClipCallback`).
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``group_depth``, ``log_prefix`` (see
+            :class:`GradientClipCallback`).
 
     Example YAML::
 
@@ -114,19 +118,13 @@ class ClipByNorm(_MaxNormCallback):
         ``tf.clip_by_norm`` applied per tensor; Pascanu et al. 2013.
     """
 
-    def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
-        norms = self.tensor_norms(grads, self.norm_type)
-        return combine_norms(norms, self.norm_type), norms
-
-    def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
-        norm, norms = measured
-        unclipped = self.unclipped(norm, self.max_norm)  # then so is every tensor's norm: all coefficients 1
+    def clip_(self, grads: list[Tensor], params: list[Tensor], step: Step) -> ClipStats:
+        unclipped = self.unclipped(step, self.max_norm)  # then so is every tensor's norm: all coefficients 1
         if unclipped is not None:
             return unclipped
-        threshold = self.constant_like(self.max_norm, norm)
-        coefs = clip_coefficient(threshold, norms)
+        coefs = clip_coefficient(self.max_norm, step.norms)
         scale_(grads, coefs)
-        return ClipStats(norm, combine_norms(norms * coefs, self.norm_type), threshold, (coefs < 1).any())
+        return ClipStats(step.norm, combine_norms(step.norms * coefs, self.norm_type), self.max_norm, (coefs < 1).any())
 
 
 class ClipByGlobalNorm(_MaxNormCallback):
@@ -139,7 +137,8 @@ class ClipByGlobalNorm(_MaxNormCallback):
     Args:
         max_norm: the threshold on the global norm, a positive finite number.
         norm_type: order of the norm: any positive number, or ``inf``.
-        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``log_prefix`` (see :class:`GradientClipCallback`).
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``group_depth``, ``log_prefix`` (see
+            :class:`GradientClipCallback`).
 
     Example YAML::
 
@@ -154,15 +153,10 @@ class ClipByGlobalNorm(_MaxNormCallback):
         ``tf.clip_by_global_norm``, ``torch.nn.utils.clip_grad_norm_``.
     """
 
-    def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
-        return combine_norms(self.tensor_norms(grads, self.norm_type), self.norm_type), None
-
-    def clip_(self, grads: list[Tensor], params: list[Tensor], measured: tuple[Tensor, Any]) -> ClipStats:
-        norm = measured[0]
-        unclipped = self.unclipped(norm, self.max_norm)  # the coefficient is exactly 1
+    def clip_(self, grads: list[Tensor], params: list[Tensor], step: Step) -> ClipStats:
+        unclipped = self.unclipped(step, self.max_norm)  # the coefficient is exactly 1
         if unclipped is not None:
             return unclipped
-        threshold = self.constant_like(self.max_norm, norm)
-        coef = clip_coefficient(threshold, norm)
+        coef = clip_coefficient(self.max_norm, step.norm)
         scale_(grads, coef)
-        return ClipStats(norm, norm * coef, threshold, coef < 1)
+        return ClipStats(step.norm, step.norm * coef, self.max_norm, coef < 1)

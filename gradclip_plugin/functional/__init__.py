@@ -5,14 +5,12 @@ from gradclip_plugin.functional.adaptive import (
     ZClipState,
     adaptive_clip_grad_,
     agc_coefficients,
-    autoclip_init,
     autoclip_update,
     scale_units_,
     threshold_coefficient,
     unit_counts,
     unitwise_norm,
     unitwise_norms,
-    zclip_init,
     zclip_update,
 )
 from gradclip_plugin.functional.clip import (
@@ -26,21 +24,19 @@ from gradclip_plugin.functional.clip import (
     scale_,
 )
 from gradclip_plugin.functional.gradients import apply_gradients, compute_gradients
-from gradclip_plugin.functional.norms import combine_norms, global_norm, segment_norms, subset_norms, tensor_norms
+from gradclip_plugin.functional.norms import combine_norms, global_norm, subset_norms, tensor_norms
 
 __all__ = [
     "AutoClipState",
     "ZClipState",
     "adaptive_clip_grad_",
     "agc_coefficients",
-    "autoclip_init",
     "autoclip_update",
     "scale_units_",
     "threshold_coefficient",
     "unit_counts",
     "unitwise_norm",
     "unitwise_norms",
-    "zclip_init",
     "zclip_update",
     "apply_gradients",
     "clip_by_global_norm",
@@ -54,7 +50,6 @@ __all__ = [
     "compute_gradients",
     "global_norm",
     "scale_",
-    "segment_norms",
     "subset_norms",
     "tensor_norms",
 ]

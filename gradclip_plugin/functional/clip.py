@@ -6,7 +6,9 @@ same names, arguments and results, inputs never modified.
 In place (names ending in ``_``) follow ``torch.nn.utils.clip_grad_*_``, "measure, then clip": the
 norm is computed once and returned, the coefficient is ``min(1, max_norm / norm)`` with no epsilon
 (a tensor at or under the threshold is multiplied by exactly 1.0), and nothing reads a value back to
-the host, so the ops can run every step on a GPU without a sync.
+the host, so the ops can run every step on a GPU without a sync. They take what torch's take:
+parameters (tensors that require grad), whose ``.grad`` they clip, or the gradients themselves; a
+weight is never changed.
 """
 
 from __future__ import annotations
@@ -18,15 +20,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from gradclip_plugin.functional.distributed import local_tensor
-from gradclip_plugin.functional.norms import (
-    Tensors,
-    as_tensor_list,
-    global_norm,
-    group_by_device_and_dtype,
-    all_plain,
-    tensor_norms,
-)
+from gradclip_plugin.functional.distributed import is_dtensor, local_tensor
+from gradclip_plugin.functional.norms import Tensors, as_tensor_list, global_norm, group_by_device_and_dtype, tensor_norms
 
 __all__ = [
     "clip_by_global_norm",
@@ -145,9 +140,17 @@ def clip_by_global_norm(
     return [None if t is None else _scaled(t, scale) for t in t_list], norm
 
 
+def as_gradients(tensors: Tensors) -> list[Tensor]:
+    """The tensors to clip: a parameter (a tensor that requires grad) stands for its ``.grad``, skipped
+    if ``None``; any other tensor (a gradient) for itself. So ``model.parameters()`` clips the gradients,
+    as ``torch.nn.utils.clip_grad_norm_`` does, and never the weights."""
+    grads = (t.grad if t.requires_grad else t for t in as_tensor_list(tensors))
+    return [g for g in grads if g is not None]
+
+
 def _local(tensors: list[Tensor]) -> list[Tensor]:
     """This rank's shards of any DTensors (in-place ops on them reach the DTensors), the rest as they are."""
-    return tensors if all_plain(tensors) else [local_tensor(t) for t in tensors]
+    return [local_tensor(t) for t in tensors] if any(map(is_dtensor, tensors)) else tensors
 
 
 def _scaled(t: Tensor, scale: Tensor) -> Tensor:
@@ -200,11 +203,15 @@ def scale_(tensors: Tensors, coef: Union[Tensor, float]) -> None:
 def clip_by_value_(tensors: Tensors, clip_value: Number) -> None:
     """Clamp every entry to ``[-clip_value, clip_value]`` in place, as ``torch.nn.utils.clip_grad_value_``.
 
+    Args:
+        tensors: parameters (their ``.grad`` is clamped) or gradients, one or an iterable.
+        clip_value: the bound, a positive finite number.
+
     References:
         Mikolov 2012 (thesis), Pascanu et al. 2013: element-wise gradient clipping.
     """
     _check_threshold("clip_value", clip_value)
-    tensors = _local(as_tensor_list(tensors))
+    tensors = _local(as_gradients(tensors))
     for _, idx in group_by_device_and_dtype(tensors).items():
         group = [tensors[i] for i in idx]
         torch._foreach_clamp_min_(group, -clip_value)
@@ -215,6 +222,11 @@ def clip_by_value_(tensors: Tensors, clip_value: Number) -> None:
 def clip_by_norm_(tensors: Tensors, max_norm: Union[Number, Tensor], norm_type: float = 2.0) -> Tensor:
     """Clip each tensor to norm ``max_norm`` on its own, in place: ``t *= min(1, max_norm / ||t||)``.
 
+    Args:
+        tensors: parameters (their ``.grad`` is clipped) or gradients, one or an iterable.
+        max_norm: the per-tensor threshold, a positive number or a 0-dim tensor.
+        norm_type: order of the norm, positive or ``inf``.
+
     Returns:
         The pre-clip norm of each tensor, a 1-D float32 tensor.
 
@@ -222,7 +234,7 @@ def clip_by_norm_(tensors: Tensors, max_norm: Union[Number, Tensor], norm_type: 
         TensorFlow, ``tf.clip_by_norm`` (per tensor); Pascanu et al. 2013.
     """
     _check_threshold("max_norm", max_norm)
-    tensors = as_tensor_list(tensors)
+    tensors = as_gradients(tensors)
     norms = tensor_norms(tensors, norm_type)
     scale_(tensors, clip_coefficient(max_norm, norms))
     return norms
@@ -235,6 +247,11 @@ def clip_by_global_norm_(tensors: Tensors, max_norm: Union[Number, Tensor], norm
     Same as ``torch.nn.utils.clip_grad_norm_`` on the tensors themselves, without its ``1e-6``
     epsilon: a total norm at or under ``max_norm`` leaves the tensors bit-for-bit unchanged.
 
+    Args:
+        tensors: parameters (their ``.grad`` is clipped, as by torch) or gradients, one or an iterable.
+        max_norm: the threshold on the global norm, a positive number or a 0-dim tensor.
+        norm_type: order of the norm, positive or ``inf``.
+
     Returns:
         The pre-clip global norm, a 0-dim float32 tensor.
 
@@ -242,7 +259,7 @@ def clip_by_global_norm_(tensors: Tensors, max_norm: Union[Number, Tensor], norm
         Pascanu et al. 2013, "On the difficulty of training recurrent neural networks".
     """
     _check_threshold("max_norm", max_norm)
-    tensors = as_tensor_list(tensors)
+    tensors = as_gradients(tensors)
     norm = global_norm(tensors, norm_type)
     scale_(tensors, clip_coefficient(max_norm, norm))
     return norm

@@ -14,15 +14,13 @@ Torch only: ``torch.distributed`` is imported lazily, and a build without it see
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
-from typing import Any, Optional
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["ambient_shard_group", "is_dtensor", "local_tensor", "reduce_shard_norms", "shard_groups", "sharded_over"]
+__all__ = ["is_dtensor", "local_tensor", "reduce_shard_norms", "shard_groups"]
 
 ShardKey = tuple[Any, ...]  # the process groups of the mesh dims a tensor is sharded over; () if none
 
@@ -41,27 +39,6 @@ def _dtensor_type() -> Any:
 
 
 _DTENSOR = _dtensor_type()
-_SHARD_GROUP: ContextVar[Optional[Any]] = ContextVar("gradclip_shard_group", default=None)
-
-
-@contextmanager
-def sharded_over(group: Optional[Any]) -> Iterator[None]:
-    """Within the block, plain tensors given to the norm functions are shards over ``group``.
-
-    For callers that cannot pass ``shard_group=`` down to every norm (a callback base class under
-    FSDP1, whose flat-parameter gradients are plain tensors): the same contract as the argument,
-    which takes precedence. ``None`` means plain tensors are whole.
-    """
-    token = _SHARD_GROUP.set(group)
-    try:
-        yield
-    finally:
-        _SHARD_GROUP.reset(token)
-
-
-def ambient_shard_group() -> Optional[Any]:
-    """The group set by the innermost :func:`sharded_over`, or ``None``."""
-    return _SHARD_GROUP.get()
 
 
 def is_dtensor(t: Any) -> bool:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from gradclip_plugin import ClipByGlobalNorm, ClipByNorm, ClipByValue, GradientClipCallback
 from gradclip_plugin.callbacks import ClipStats
+import pytorch_lightning as pl
 from helpers import GradProbe, TinyModel, TwoOptimizerModel, make_loader, make_trainer
 
 from .test_clip import PARAM_NAMES, assert_close_float32, expected, fit, read_metrics, vec_norm
@@ -164,6 +165,94 @@ def test_skip_with_two_optimizers_skips_only_the_one_with_nonfinite_gradients(tm
     assert metrics["grad_clip/opt1/nonfinite_steps"] == {0: 1.0}
 
 
+class SharedParameterModel(pl.LightningModule):
+    """Manual optimization, `SGD([a, shared])` then `SGD([shared, b])`; `a`'s gradient is NaN, the others 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.a, self.shared, self.b = (nn.Parameter(torch.tensor(1.0)) for _ in range(3))
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(self.a * NAN + self.shared + self.b)
+        first.step()
+        second.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD([self.a, self.shared], lr=0.2), torch.optim.SGD([self.shared, self.b], lr=0.2)]
+
+
+def test_a_skipped_step_leaves_a_shared_parameter_its_gradient_for_the_other_optimizer(tmp_path):
+    # The first optimizer skips (NaN in `a`); the second, all finite, steps `shared` and `b` by lr * 1.
+    model = SharedParameterModel()
+    with pytest.warns(UserWarning, match="skipping the optimizer step"):
+        make_trainer(tmp_path, [ClipByGlobalNorm(1e9)], max_steps=2).fit(model, make_loader(n=4))
+    assert model.a.item() == 1.0  # the skipped optimizer's own parameter is untouched
+    assert model.shared.item() == pytest.approx(0.8) and model.b.item() == pytest.approx(0.8)
+
+
+class TwoStepsPerBatchModel(TinyModel):
+    """Manual optimization, one optimizer stepped twice per batch: first on a large loss, then on a small one."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.0)
+        self.automatic_optimization = False
+        self.norms: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        for scale in (100.0, 0.01):
+            opt.zero_grad()
+            self.manual_backward(nn.functional.mse_loss(self(x), y) * scale)
+            self.norms.append(vec_norm([p.grad for p in self.parameters()], 2.0))
+            opt.step()
+
+
+def test_two_steps_of_one_optimizer_in_a_batch_are_both_in_the_metrics(tmp_path):
+    model = TwoStepsPerBatchModel()
+    logger = CSVLogger(tmp_path)
+    make_trainer(tmp_path, [ClipByGlobalNorm(5.0)], logger=logger, max_steps=6).fit(model, make_loader())
+    assert all(big > 5.0 > small for big, small in zip(model.norms[::2], model.norms[1::2]))
+    metrics = read_metrics(logger)
+    assert metrics["grad_clip/clip_rate"] == {0: 0.5, 1: 0.5, 2: 0.5}  # one clipped step of the two, each batch
+    for batch, small in enumerate(model.norms[1::2]):  # the norm of the last step of the batch
+        assert_close_float32(metrics["grad_clip/norm"][batch], small)
+
+
+class Wrapped(pl.LightningModule):
+    """A TinyModel inside another module: its parameters are now named `model.encoder.*`, `model.head.*`."""
+
+    def __init__(self, model: TinyModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        return self.model.training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return self.model.configure_optimizers()
+
+
+def test_a_callback_reused_for_another_fit_selects_anew(tmp_path):
+    cb = ClipByGlobalNorm(1.0, exclude=["head.*"])
+    net = TinyModel()
+    before, after = GradProbe(), GradProbe()
+    make_trainer(tmp_path, [before, cb, after], max_steps=1).fit(net, make_loader())
+    assert torch.equal(before.steps[0]["head.weight"], after.steps[0]["head.weight"])  # excluded
+    before, after = GradProbe(), GradProbe()
+    make_trainer(tmp_path, [before, cb, after], max_steps=1).fit(Wrapped(net), make_loader())
+    # `head.*` matches nothing now: every gradient is clipped, by one coefficient
+    b, a = before.steps[0], after.steps[0]
+    coef = 1.0 / vec_norm(b.values(), 2.0)
+    assert coef < 1
+    for name in b:
+        torch.testing.assert_close(a[name], b[name] * coef)
+
+
 @pytest.mark.parametrize(
     "mode, names",
     [
@@ -207,11 +296,13 @@ def test_a_failing_step_still_logs_what_it_measured(tmp_path):
                            logger=logger, log_every_n_steps=1)  # fmt: skip
     with pytest.raises(RuntimeError, match="non-finite gradients at global step 1"):
         trainer.fit(NonFiniteModel("bias-nan", bad_steps=(1,)), make_loader())
-    steps = {step: metrics for step, metrics in logger.calls}
+    steps: dict[int, dict] = {}
+    for step, metrics in logger.calls:
+        steps.setdefault(step, {}).update(metrics)
     assert sorted(steps) == [0, 1]
     assert steps[1]["grad_norm/total"] != steps[1]["grad_norm/total"]  # NaN, written before the error
-    assert "grad_clip/norm" not in steps[1]  # the clipper raised before logging
-    assert trainer not in base._pending  # nothing left to leak into a later fit
+    assert "grad_clip/norm" not in steps[1]  # the clipper raised: no norm of its own...
+    assert steps[1]["grad_clip/nonfinite_steps"] == 1.0  # ...but the step is counted
 
 
 def test_excluded_nonfinite_gradients_are_not_checked(tmp_path):
@@ -312,7 +403,7 @@ def test_metrics_follow_log_every_n_steps_with_the_clip_rate_of_each_window(tmp_
         b, a = before.steps[step], after.steps[step]
         assert_close_float32(metrics["grad_clip/norm"][step], vec_norm(b.values(), 2.0))
         assert_close_float32(metrics["grad_clip/norm_clipped"][step], vec_norm(a.values(), 2.0))
-        assert metrics["grad_clip/threshold"][step] == torch.tensor(threshold, dtype=torch.float32).item()
+        assert metrics["grad_clip/threshold"][step] == threshold
         assert metrics["grad_clip/nonfinite_steps"][step] == 0
     # the rate: fraction of the window's steps at which clipping changed the gradients
     changed = [any(not torch.equal(a[n], b[n]) for n in PARAM_NAMES) for b, a in zip(before.steps, after.steps)]
@@ -375,18 +466,14 @@ class HalvingClip(GradientClipCallback):
 
     def measure(self, grads):
         self.measure_calls += 1
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])), "aux"
+        return torch.stack([torch.linalg.vector_norm(g) for g in grads]), "aux"
 
-    def clip_(self, grads, params, measured):
-        norm, aux = measured
-        assert aux == "aux"
+    def clip_(self, grads, params, step):
+        assert step.extra == "aux" and step.norms.shape == (len(grads),)
         self.clip_calls.append(all(g is p.grad for g, p in zip(grads, params)))
         for g in grads:
             g.mul_(0.5)
-        return ClipStats(norm, norm * 0.5, torch.tensor(7.0), torch.tensor(True))
-
-    def extra_metrics(self):
-        return {"extra": torch.tensor(3.0)}
+        return ClipStats(step.norm, step.norm * 0.5, torch.tensor(7.0), torch.tensor(True), {"extra": torch.tensor(3.0)})
 
 
 def test_base_class_measures_once_clips_in_place_and_logs_the_returned_stats(tmp_path):
@@ -406,8 +493,8 @@ def test_base_class_measures_once_clips_in_place_and_logs_the_returned_stats(tmp
 
 
 def test_base_class_alone_has_no_rule():
-    with pytest.raises(NotImplementedError):
-        GradientClipCallback().measure([torch.ones(2)])
+    with pytest.raises(NotImplementedError, match="base class"):
+        GradientClipCallback().clip_([torch.ones(2)], [torch.ones(2)], None)
 
 
 # ---------------------------------------------------------------------- argument and setup checks
@@ -494,16 +581,26 @@ def test_two_callbacks_of_one_type_keep_their_own_state_in_a_checkpoint(tmp_path
     assert head2.state_dict()["nonfinite_steps"] == {0: 1.0}
 
 
-def test_state_key_depends_on_the_configuration_only(tmp_path):
-    # A checkpoint must restore into an identically configured callback whatever the module is:
-    # the key may not pick up what Lightning attaches to callbacks (`log`, `log_dict`, bound to the module).
+def test_state_key_is_the_class_and_log_prefix(tmp_path):
+    # What identifies the state, as EarlyStopping's `monitor` and `mode`: not the thresholds (changed on a
+    # resume, they must not orphan the statistics), nor the module, nor the other callbacks.
     cb = ClipByGlobalNorm(5.0, include=["encoder.*"])
-    key_before_fit = cb.state_key
-    make_trainer(tmp_path, [cb], max_steps=1).fit(TinyModel(), make_loader())
-    assert cb.state_key == key_before_fit == ClipByGlobalNorm(5.0, include=["encoder.*"]).state_key
-    assert "TinyModel" not in cb.state_key
-    assert cb.state_key != ClipByGlobalNorm(5.0, include=["head.*"]).state_key
-    assert cb.state_key != ClipByNorm(5.0, include=["encoder.*"]).state_key
+    make_trainer(tmp_path, [cb, ClipByValue(1e9)], max_steps=1).fit(TinyModel(), make_loader())
+    assert cb.state_key == "ClipByGlobalNorm{'log_prefix': 'grad_clip'}"
+    other = ClipByGlobalNorm(0.5, norm_type=1.0, include=["head.*"])
+    make_trainer(tmp_path, [other], max_steps=1).fit(TinyModel(), make_loader())
+    assert other.state_key == cb.state_key
+    assert ClipByNorm(5.0).state_key != ClipByGlobalNorm(5.0).state_key  # before setup too: unique to each
+    prefixed = ClipByGlobalNorm(5.0, log_prefix="clip_a")
+    make_trainer(tmp_path, [prefixed], max_steps=1).fit(TinyModel(), make_loader())
+    assert prefixed.state_key == "ClipByGlobalNorm{'log_prefix': 'clip_a'}"
+
+
+def test_callbacks_of_one_class_sharing_a_prefix_get_a_position(tmp_path):
+    first, second = ClipByNorm(5.0, include=["encoder.*"]), ClipByNorm(1.0, include=["head.*"])
+    make_trainer(tmp_path, [first, second], max_steps=1).fit(TinyModel(), make_loader())
+    assert first.state_key == "ClipByNorm{'log_prefix': 'grad_clip', 'position': 0}"
+    assert second.state_key == "ClipByNorm{'log_prefix': 'grad_clip', 'position': 1}"
 
 
 def test_checkpoint_restores_into_another_module_class(tmp_path):

@@ -296,6 +296,23 @@ def _accumulated_grads(model: nn.Module, batches) -> dict[str, Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
+class LBFGSModel(TinyModel):
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=3)
+
+
+@pytest.mark.parametrize("kind", BASIC)
+def test_a_closure_optimizer_is_clipped_at_every_evaluation(tmp_path, kind):
+    # LBFGS evaluates its closure several times per step, and Lightning calls the hook after each one
+    cb = FACTORIES[kind]()
+    before, after, _ = fit(tmp_path, cb, model=LBFGSModel(), max_steps=2)
+    assert len(before.steps) > 2  # more evaluations than optimizer steps
+    for b, a in zip(before.steps, after.steps):
+        ref = expected(cb, b)
+        for name in PARAM_NAMES:
+            torch.testing.assert_close(a[name], ref[name])
+
+
 @pytest.mark.parametrize("kind", BASIC)
 def test_accumulation_clips_once_per_optimizer_step_on_the_accumulated_gradient(tmp_path, kind):
     cb = FACTORIES[kind]()

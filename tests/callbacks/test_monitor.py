@@ -15,8 +15,9 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from gradclip_plugin.callbacks import ClipByGlobalNorm, ClipByNorm, ZClip
-from gradclip_plugin.callbacks.monitor import GradientNormMonitor, auto_depth, group_of
+from gradclip_plugin.callbacks import ClipByGlobalNorm, ClipByNorm, ClipByValue
+from gradclip_plugin.callbacks.base import auto_depth, group_of
+from gradclip_plugin.callbacks.monitor import GradientNormMonitor
 
 NORM_TYPES = [1.0, 2.0, 3.0, math.inf]
 
@@ -357,7 +358,7 @@ def test_include_matching_nothing_is_refused(tmp_path):
         trainer.fit(TinyModel(), make_loader())
 
 
-# --- one norm pass for a monitor and the clipping callback right after it ------------------------
+# --- per-group norms from a clipping callback's own pass -----------------------------------------
 
 
 class CountNormPasses:
@@ -376,66 +377,36 @@ class CountNormPasses:
         monkeypatch.setattr(base, "tensor_norms", counted)
 
 
-class DoubleGradients(Callback):
-    """Changes the gradients in place between the monitor and the clipper."""
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        for p in pl_module.parameters():
-            p.grad.mul_(2.0)
-
-
-def _final_weights(tmp_path, callbacks, **kwargs):
-    torch.manual_seed(0)
-    model = TinyModel()
-    make_trainer(tmp_path, callbacks, max_steps=4, **kwargs).fit(model, make_loader())
-    return [p.detach().clone() for p in model.parameters()]
-
-
-@pytest.mark.parametrize("clip", [lambda: ClipByGlobalNorm(1.0), lambda: ClipByNorm(0.5), lambda: ZClip(warmup_steps=2)],
-                         ids=["global", "per-tensor", "zclip"])
-def test_clipper_after_a_monitor_reuses_its_norms_and_clips_the_same(tmp_path, monkeypatch, clip):
-    alone = _final_weights(tmp_path / "alone", [clip()])
-    passes = CountNormPasses(monkeypatch)
-    logger = CSVLogger(tmp_path, name="shared")
-    shared = _final_weights(tmp_path / "shared", [GradientNormMonitor(), clip()], logger=logger)
-    assert passes.calls == 0  # every step logs (log_every_n_steps=1): the clipper never measured again
-    for a, b in zip(alone, shared):
-        assert torch.equal(a, b)
-
-
-def test_clipper_measures_itself_on_steps_the_monitor_does_not_log(tmp_path, monkeypatch):
-    passes = CountNormPasses(monkeypatch)
-    logger = CSVLogger(tmp_path, name="run")
-    _final_weights(tmp_path, [GradientNormMonitor(), ClipByGlobalNorm(1.0)], logger=logger, log_every_n_steps=2)
-    assert passes.calls == 2  # steps 0 and 2 do not log; 1 and 3 reuse the monitor's norms
-
-
-def test_a_callback_between_monitor_and_clipper_stops_the_reuse(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "clip, norm_type",
+    [(lambda: ClipByGlobalNorm(1.0, group_depth=1), 2.0), (lambda: ClipByNorm(0.5, norm_type=1.0, group_depth=1), 1.0),
+     (lambda: ClipByValue(0.1, group_depth="parameter"), math.inf)],
+    ids=["global", "per-tensor-1", "value"],
+)
+def test_a_clipping_callback_logs_pre_clip_group_norms_from_its_one_pass(tmp_path, monkeypatch, clip, norm_type):
     passes = CountNormPasses(monkeypatch)
     logger = TensorBoardLogger(tmp_path, name="run", version=0)
-    probe = GradProbe()
-    clip = ClipByGlobalNorm(1.0)
-    _final_weights(tmp_path, [GradientNormMonitor(), DoubleGradients(), probe, clip], logger=logger)
-    assert passes.calls == 4
+    before, cb, after = GradProbe(), clip(), GradProbe()
+    make_trainer(tmp_path, [before, cb, after], logger=logger, max_steps=4).fit(TinyModel(), make_loader())
+    assert passes.calls == 4  # one pass per step, the group norms included
     logged = tb_scalars(logger.log_dir)
-    for step, (_, norm) in enumerate(logged["grad_clip/norm"]):  # the doubled gradients' norm, not the monitor's
-        assert norm == pytest.approx(reference_norm(list(probe.steps[step].values()), 2.0), rel=1e-6)
-        assert norm == pytest.approx(2 * logged["grad_norm/total"][step][1], rel=1e-6)
+    names_all = ["encoder.weight", "encoder.bias", "head.weight", "head.bias"]
+    groups = {"encoder": names_all[:2], "head": names_all[2:]}
+    if cb.group_depth == "parameter":
+        groups = {n: [n] for n in names_all}
+    for group, names in groups.items():
+        series = logged[f"grad_clip/norm/{group}"]
+        assert [s for s, _ in series] == [0, 1, 2, 3]
+        for step, value in series:
+            assert value == pytest.approx(reference_norm([before.steps[step][n] for n in names], norm_type), rel=1e-5)
+    assert not any(torch.equal(before.steps[0][n], after.steps[0][n]) for n in names_all)  # pre-clip: it clipped
 
 
-def test_gradients_changed_in_place_after_the_monitor_are_measured_again():
-    from gradclip_plugin.callbacks.base import measured_norms
-    from gradclip_plugin.functional import tensor_norms
-
-    grads = [torch.ones(3), torch.full((2,), 2.0)]
-    monitor, clip = GradientNormMonitor(), ClipByGlobalNorm(1.0)
-    clip._norm_source, clip._step_key = monitor, (5, 0)
-    monitor.measured = measured_norms((5, 0), 2.0, grads, tensor_norms(grads))
-    assert clip.tensor_norms(grads, 2.0) is monitor.measured.norms
-    assert clip.tensor_norms(grads, 1.0) is not monitor.measured.norms  # another norm order
-    assert clip.tensor_norms(grads[:1], 2.0) is not monitor.measured.norms  # other tensors
-    clip._step_key = (6, 0)
-    assert clip.tensor_norms(grads, 2.0) is not monitor.measured.norms  # another step
-    clip._step_key = (5, 0)
-    grads[1].mul_(3.0)
-    assert torch.equal(clip.tensor_norms(grads, 2.0), tensor_norms(grads))  # changed in place: measured again
+def test_clipping_group_norms_only_on_logging_steps_and_as_the_monitor_logs_them(tmp_path):
+    logger = CSVLogger(tmp_path, name="run")
+    callbacks = [GradientNormMonitor(group_depth=1), ClipByGlobalNorm(1.0, group_depth=1)]
+    make_trainer(tmp_path, callbacks, logger=logger, max_steps=4, log_every_n_steps=2).fit(TinyModel(), make_loader())
+    metrics = csv_scalars(logger.log_dir)
+    for group in ("encoder", "head"):
+        assert [s for s, _ in metrics[f"grad_clip/norm/{group}"]] == [1, 3]
+        assert metrics[f"grad_clip/norm/{group}"] == metrics[f"grad_norm/{group}"]

@@ -55,6 +55,10 @@ COMMON_BAD = (
     ]
     + [("nonfinite", v, f"`nonfinite` must be one of {POLICIES}, got {v!r}") for v in ("Skip", "nan", "", None, 1)]
     + [("log_prefix", v, f"`log_prefix` must be a non-empty string, got {v!r}") for v in ("", 3, None, ["a"])]
+    + [
+        ("group_depth", v, f"`group_depth` must be a positive int, 'auto' or 'parameter', got {v!r}")
+        for v in (0, -1, 1.5, True, "module", "")
+    ]
 )
 
 # (class, argument, bad value, exact message): every argument of every class

@@ -278,6 +278,46 @@ def test_in_place_forms_accept_a_single_tensor_and_skip_none():
     assert clip_by_norm_([], 1.0).shape == (0,)
 
 
+def _linear_with_gradients(seed: int = 0) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    (model(torch.randn(8, 4) * 10).pow(2).sum()).backward()
+    return model
+
+
+@pytest.mark.parametrize("op", ["global_norm", "norm", "value"])
+def test_in_place_forms_given_parameters_clip_their_gradients_never_the_weights(op):
+    # The torch habit: `clip_grad_norm_(model.parameters(), 0.1)`. Reference: the rule's formula in float64
+    # on the gradients as they were.
+    model = _linear_with_gradients()
+    weights = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.double() for p in model.parameters()]
+    if op == "global_norm":
+        norm = clip_by_global_norm_(model.parameters(), 0.1)
+        total = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
+        expected = [g * (0.1 / total) for g in grads]
+        torch.testing.assert_close(norm.double(), total)
+    elif op == "norm":
+        clip_by_norm_(model.parameters(), 0.1)
+        expected = [g * min(1.0, 0.1 / torch.linalg.vector_norm(g).item()) for g in grads]
+    else:
+        clip_by_value_(model.parameters(), 0.1)
+        expected = [g.clamp(-0.1, 0.1) for g in grads]
+    for p, w, e in zip(model.parameters(), weights, expected):
+        assert torch.equal(p.detach(), w), "a weight changed"
+        torch.testing.assert_close(p.grad.double(), e, rtol=1e-6, atol=1e-9)
+    bound = [p.grad.abs().max() if op == "value" else torch.linalg.vector_norm(p.grad) for p in model.parameters()]
+    assert max(bound).item() <= 0.1 * (1 + 1e-6)
+
+
+def test_in_place_forms_skip_parameters_without_gradient():
+    used, unused = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    used.grad = torch.tensor([3.0, 4.0])
+    _exact(clip_by_global_norm_([used, unused], 1.0), 5.0)
+    _exact(used.grad, [0.6, 0.8])
+    assert unused.grad is None and torch.equal(unused.detach(), torch.ones(2))
+
+
 def test_in_place_forms_accept_a_tensor_threshold():
     t = torch.tensor([3.0, 4.0])
     clip_by_global_norm_([t], torch.tensor(1.0))

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradclip_plugin.functional import combine_norms, global_norm, segment_norms, subset_norms, tensor_norms
+from gradclip_plugin.functional import combine_norms, global_norm, subset_norms, tensor_norms
 
 NORM_TYPES = [1.0, 2.0, 3.0, math.inf]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
@@ -172,81 +172,16 @@ def test_tensor_norms_of_large_float16_are_finite():
 
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_large_half_tensors_on_cpu_are_measured_in_float32_chunks(dtype, norm_type):
-    # Past _CHUNKED_MIN elements a CPU half tensor is cast chunk by chunk for orders other than 2
-    # (see norms._cpu_half_norms; the 2-norm is checked the same way below).
-    # These sizes cross chunk boundaries, end mid-row (the padded last row) and include a transposed
-    # (non-contiguous) tensor and a small one between them; squares of 300 overflow float16.
-    from gradclip_plugin.functional import norms
-
-    g = torch.Generator().manual_seed(4)
-    sizes = [norms._CHUNK * 2 + norms._ROW * 3 + 5, norms._CHUNKED_MIN, 7, norms._CHUNK]
-    tensors = [(torch.randn(n, generator=g) * 300).to(dtype) for n in sizes]
-    tensors.append((torch.randn(norms._ROW + 3, 97, generator=g) * 300).to(dtype).t())
+def test_half_tensor_norms_are_accumulated_in_float32(dtype, norm_type):
+    # A result rounded to the tensor's dtype is off by up to 2^-9 (bfloat16) or 2^-12 (float16); a float32
+    # sum of 2^18 terms by far less: the norms are float32 tensors, within 1e-4 of the float64 reference.
+    g = torch.Generator().manual_seed(3)
+    tensors = [(torch.randn(n, generator=g) * 3).to(dtype) for n in (1 << 18, 1000, 7)]
+    norms = tensor_norms(tensors, norm_type)
+    assert norms.dtype == torch.float32
     expected = torch.stack([torch.linalg.vector_norm(t.double(), norm_type) for t in tensors])
-    per_tensor = tensor_norms(tensors, norm_type)
-    assert per_tensor.dtype == torch.float32
-    torch.testing.assert_close(per_tensor.double(), expected, rtol=1e-6, atol=0.0)
-    torch.testing.assert_close(global_norm(tensors, norm_type).double(), _reference_norm(tensors, norm_type),
-                               rtol=1e-6, atol=0.0)
-
-
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_half_two_norms_on_cpu_come_from_float32_row_statistics(dtype):
-    # The 2-norm of a CPU half tensor is summed from rows of _BN_ROW elements (batch-norm statistics)
-    # plus the tail that fills no row. Sizes: whole rows, rows and a tail, a tail alone, one element,
-    # empty; a transposed (non-contiguous) tensor; squares of 300 overflow float16; an offset mean
-    # makes L * mean^2 dominate L * var.
-    from gradclip_plugin.functional import norms
-
-    row = norms._BN_ROW
-    g = torch.Generator().manual_seed(5)
-    sizes = [row * 3, row * 2 + 5, row - 1, row, 1, 0]
-    tensors = [(torch.randn(n, generator=g) * 300).to(dtype) for n in sizes]
-    tensors.append((torch.randn(row + 3, 7, generator=g) * 300).to(dtype).t())
-    tensors.append((torch.rand(row * 2 + 9, generator=g) + 50).to(dtype))
-    expected = torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors])
-    per_tensor = tensor_norms(tensors)
-    assert per_tensor.dtype == torch.float32
-    torch.testing.assert_close(per_tensor.double(), expected, rtol=1e-6, atol=0.0)
-    torch.testing.assert_close(global_norm(tensors).double(), _reference_norm(tensors, 2.0), rtol=1e-6, atol=0.0)
-
-
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_half_two_norms_on_cpu_keep_inf_and_nan(dtype):
-    from gradclip_plugin.functional import norms
-
-    row = norms._BN_ROW
-    ones = torch.ones(row * 3 + 2, dtype=dtype)
-    pos, neg, nan, tail_inf, both = ones.clone(), ones.clone(), ones.clone(), ones.clone(), ones.clone()
-    pos[row + 1] = math.inf
-    neg[5] = -math.inf
-    nan[row * 2] = math.nan
-    tail_inf[-1] = math.inf
-    both[0], both[row] = math.inf, -math.inf  # in different rows
-    out = tensor_norms([pos, neg, nan, tail_inf, both, ones])
-    assert out[:5].isinf().tolist() == [True, True, False, True, True]
-    assert out[2].isnan()
-    torch.testing.assert_close(out[5], torch.linalg.vector_norm(ones.float()), rtol=1e-6, atol=0.0)
-
-
-def test_half_norms_on_cpu_do_not_depend_on_the_default_dtype():
-    from gradclip_plugin.functional import norms
-
-    g = torch.Generator().manual_seed(6)
-    tensors = [(torch.randn(norms._BN_ROW * 2 + 3, generator=g)).bfloat16(), torch.randn(norms._CHUNKED_MIN, generator=g).half()]
-    before = tensor_norms(tensors, 2.0), tensor_norms(tensors, 1.0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        after = tensor_norms(tensors, 2.0), tensor_norms(tensors, 1.0)
-    finally:
-        torch.set_default_dtype(default)
-    for a, b in zip(before, after):
-        assert b.dtype == torch.float32 and torch.equal(a, b)
-
-
-# --- combine_norms --------------------------------------------------------------------------------
+    torch.testing.assert_close(norms.double(), expected, rtol=1e-4, atol=0.0)
+    assert torch.finfo(dtype).eps / 2 > 1e-4  # the dtype's own rounding would fail this tolerance
 
 
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
@@ -271,20 +206,20 @@ def test_combine_norms_of_nothing_is_zero():
     assert torch.equal(out, torch.tensor(0.0))
 
 
-# --- segment_norms --------------------------------------------------------------------------------
+# --- subset_norms ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
-def test_segment_norms_match_vector_norm_per_group(norm_type):
+def test_subset_norms_match_vector_norm_per_group(norm_type):
     tensors = _tensors(14) + _tensors(15, scale=0.1)
     segments = [2, 0, 2, 1, 0, 0, 3, 2]  # segment 4 has no tensor
-    num_segments = 5
-    out = segment_norms(tensor_norms(tensors, norm_type), torch.tensor(segments), num_segments, norm_type)
-    assert out.shape == (num_segments,)
+    members = torch.tensor([[seg == s for seg in segments] for s in range(5)])
+    out = subset_norms(tensor_norms(tensors, norm_type), members, norm_type)
+    assert out.shape == (5,)
     expected = []
-    for s in range(num_segments):
-        members = [t for t, seg in zip(tensors, segments) if seg == s]
-        expected.append(_reference_norm(members, norm_type) if members else torch.tensor(0.0, dtype=torch.float64))
+    for s in range(5):
+        group = [t for t, seg in zip(tensors, segments) if seg == s]
+        expected.append(_reference_norm(group, norm_type) if group else torch.tensor(0.0, dtype=torch.float64))
     torch.testing.assert_close(out.double(), torch.stack(expected), rtol=1e-6, atol=0.0)
     assert out[4] == 0
 
@@ -308,14 +243,6 @@ def test_subset_norms_keep_a_non_finite_norm_in_its_own_subsets(norm_type):
         assert not torch.isfinite(out[0]) and not torch.isfinite(out[2])
 
 
-def test_segment_norms_hand_worked():
-    norms = torch.tensor([3.0, 4.0, 12.0])
-    ids = torch.tensor([0, 0, 1])
-    torch.testing.assert_close(segment_norms(norms, ids, 2, 2.0), torch.tensor([5.0, 12.0]), rtol=1e-6, atol=0.0)
-    torch.testing.assert_close(segment_norms(norms, ids, 2, math.inf), torch.tensor([4.0, 12.0]), rtol=0, atol=0)
-    torch.testing.assert_close(segment_norms(norms, ids, 2, 1.0), torch.tensor([7.0, 12.0]), rtol=0, atol=0)
-
-
 # --- errors ---------------------------------------------------------------------------------------
 
 BAD_NORM_TYPES = [0.0, -1.0, -math.inf, math.nan, "abc", None, True]
@@ -330,9 +257,9 @@ BAD_NORM_TYPES = [0.0, -1.0, -math.inf, math.nan, "abc", None, True]
         lambda p: tensor_norms([torch.ones(2)], p),
         lambda p: tensor_norms([], p),
         lambda p: combine_norms(torch.ones(2), p),
-        lambda p: segment_norms(torch.ones(2), torch.tensor([0, 1]), 2, p),
+        lambda p: subset_norms(torch.ones(2), torch.tensor([[True, False]]), p),
     ],
-    ids=["global_norm", "global_norm-empty", "tensor_norms", "tensor_norms-empty", "combine_norms", "segment_norms"],
+    ids=["global_norm", "global_norm-empty", "tensor_norms", "tensor_norms-empty", "combine_norms", "subset_norms"],
 )
 def test_bad_norm_type_is_rejected_with_its_value(call, bad):
     with pytest.raises(ValueError, match=re.escape(f"`norm_type` must be a positive number or 'inf', got {bad!r}")):

@@ -1,0 +1,118 @@
+"""Everything the callbacks take from Lightning beyond its public ``Callback`` API, in one module.
+
+Lightning ships under two import names, ``pytorch_lightning`` and the unified package's
+``lightning.pytorch``: the same code, but a class of one is not a subclass of the other's. The
+callbacks are one class for both (their bases are both ``Callback`` classes, where installed), and
+whatever depends on the Trainer's namespace (its strategy, logger and exception classes) is looked
+up here, in the Trainer's own namespace. So are the few private attributes the callbacks need.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from typing import Any, Optional
+
+import torch
+from lightning_utilities.core.rank_zero import rank_zero_warn
+
+__all__ = [
+    "CALLBACK_BASES",
+    "flat_shard_group",
+    "log_step",
+    "loss_scaler",
+    "misconfiguration",
+    "rank_zero_warn",
+    "refuse_deepspeed",
+    "should_log",
+    "tensorboard_writers",
+]
+
+#: the Lightning namespaces installed, ``pytorch_lightning`` first (the declared dependency)
+NAMESPACES = tuple(ns for ns in ("pytorch_lightning", "lightning") if importlib.util.find_spec(ns) is not None)
+_PACKAGES = {"pytorch_lightning": "pytorch_lightning", "lightning": "lightning.pytorch"}
+
+#: the ``Callback`` class of each namespace: a gradclip callback subclasses them all, so that either
+#: namespace's Trainer and LightningCLI (which checks ``issubclass(cls, Callback)``) take it
+CALLBACK_BASES: tuple[type, ...] = tuple(
+    importlib.import_module(f"{_PACKAGES[ns]}.callbacks").Callback for ns in NAMESPACES
+)
+
+
+def _namespace(trainer: Any) -> str:
+    """``"lightning.pytorch"`` for a Trainer of the unified package, else ``"pytorch_lightning"``."""
+    unified = sys.modules.get("lightning.pytorch")
+    return "lightning.pytorch" if unified is not None and isinstance(trainer, unified.Trainer) else "pytorch_lightning"
+
+
+def _class(trainer: Any, path: str) -> type:
+    """The class ``path`` (``"strategies.FSDPStrategy"``) of the Trainer's namespace."""
+    module, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(f"{_namespace(trainer)}.{module}"), name)
+
+
+def misconfiguration(trainer: Any, message: str) -> Exception:
+    """A ``MisconfigurationException`` of the Trainer's own namespace, so that ``except`` clauses written
+    for either namespace catch it."""
+    return _class(trainer, "utilities.exceptions.MisconfigurationException")(message)
+
+
+def should_log(trainer: Any) -> bool:
+    """Whether this batch's metrics go to the loggers (``Trainer(log_every_n_steps=...)``).
+
+    The logger connector's private ``should_update_logs``, as Lightning's own ``LearningRateMonitor``
+    uses: there is no public equivalent.
+    """
+    return bool(trainer.loggers) and trainer._logger_connector.should_update_logs
+
+
+def log_step(trainer: Any) -> int:
+    """The step Lightning's loggers use for this batch (``LearningRateMonitor``'s choice), a private counter."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def loss_scaler(trainer: Any) -> Optional[torch.amp.GradScaler]:
+    """The precision plugin's enabled loss scaler (``16-mixed``), or ``None``."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def flat_shard_group(trainer: Any) -> Optional[Any]:
+    """The process group FSDP1 (``FSDPStrategy``) shards flat parameters over, or ``None``.
+
+    Under FSDP1 a gradient is this rank's piece of a flat parameter, a plain tensor: the norms
+    must be reduced over this group. FSDP2 gradients are DTensors and need no help.
+    """
+    if not isinstance(trainer.strategy, _class(trainer, "strategies.FSDPStrategy")):
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    model = trainer.strategy.model
+    if not isinstance(model, FullyShardedDataParallel) or model.sharding_strategy == ShardingStrategy.NO_SHARD:
+        return None
+    return model.process_group
+
+
+def refuse_deepspeed(trainer: Any, owner: str) -> None:
+    """Raise ``MisconfigurationException`` under DeepSpeed, whose engine partitions and steps the gradients."""
+    if isinstance(trainer.strategy, _class(trainer, "strategies.DeepSpeedStrategy")):
+        raise misconfiguration(
+            trainer,
+            f"{owner} cannot clip under DeepSpeed: the engine partitions the gradients and steps them itself. "
+            "Use DeepSpeed's own `gradient_clipping` setting instead.",
+        )
+
+
+def tensorboard_writers(trainer: Any) -> list[tuple[Any, str]]:
+    """``(SummaryWriter, tag prefix)`` of each ``TensorBoardLogger`` of the Trainer.
+
+    The tag prefix is what ``TensorBoardLogger(prefix=...)`` puts before every metric name (its private
+    ``_prefix``): ``"<prefix>-"``, or ``""``.
+    """
+    logger_class = _class(trainer, "loggers.TensorBoardLogger")
+    return [
+        (logger.experiment, f"{logger._prefix}{logger.LOGGER_JOIN_CHAR}" if logger._prefix else "")
+        for logger in trainer.loggers
+        if isinstance(logger, logger_class)
+    ]
