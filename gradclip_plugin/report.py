@@ -2,26 +2,29 @@
 
 For every run under ``LOGDIR`` (a directory holding ``events.out.tfevents.*`` files) and every
 clipping callback in it (``<prefix>/norm``, ``norm_clipped``, ``threshold``), prints the number of
-steps, the pre-clip norm's p50/p90/p99/max, the clip rate, the non-finite steps, and a suggested
-``max_norm`` with the reason for it; and writes a PNG of the pre-clip norm, the post-clip norm and
+steps, the pre-clip norm's p50/p90/p99/max, the clip rate, the non-finite steps, and advice for that
+callback's rule (which each clipping callback records in the logs): a value for the argument that
+sets its threshold (``max_norm`` of ``ClipByGlobalNorm``, ``clip_value`` of ``ClipByValue``), or a
+word on the rule's own parameters; and writes a PNG of the pre-clip norm, the post-clip norm and
 the threshold over steps. A run with a :class:`GradientNormMonitor` and no clipping callback is
-summarised from ``<prefix>/total``.
+summarised from ``<prefix>/total`` (advice for ``ClipByGlobalNorm``).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from decimal import ROUND_FLOOR, Decimal
+import os
 import sys
 import textwrap
+from decimal import ROUND_FLOOR, Decimal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 
-__all__ = ["NormSummary", "find_runs", "load_scalars", "main", "plot", "suggest_max_norm", "summarize"]
+__all__ = ["NormSummary", "advise", "find_runs", "load_scalars", "main", "plot", "suggest_max_norm", "summarize"]
 
 PathLike = Union[str, Path]
 Series = tuple[np.ndarray, np.ndarray]  # (steps, values)
@@ -38,12 +41,14 @@ class NormSummary:
     kind: str  #: ``"clip"`` (a clipping callback's pre-clip norm) or ``"monitor"`` (a monitor's total)
     steps: np.ndarray  #: the logged steps
     norm: np.ndarray  #: the norm at those steps (pre-clip for ``"clip"``)
+    rule: Optional[str] = None  #: the clipping callback's class, as it recorded it (``None`` if unknown)
     norm_clipped: Optional[np.ndarray] = None
     thresholds: Optional[np.ndarray] = None
     clip_rate: Optional[float] = None  #: fraction of (finite) optimizer steps clipped
     nonfinite: int = 0  #: optimizer steps with a non-finite norm
     nonfinite_scope: str = "logged steps"  #: ``"all steps"`` when a clipping callback counted them
     stats: dict[str, float] = field(default_factory=dict)  #: p50, p90, p99, max of the finite norms
+    parameter: str = "max_norm"  #: the argument ``suggestion`` is a value for
     suggestion: Optional[float] = None
     reason: str = ""
 
@@ -78,27 +83,48 @@ def load_scalars(run: PathLike) -> dict[str, Series]:
     return out
 
 
+def load_rules(run: PathLike) -> dict[str, str]:
+    """The rule of each clipping callback of ``run``, as it recorded it: ``{metric prefix: class name}``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run), size_guidance={"tensors": 0})
+    acc.Reload()
+    suffix = "/callback/text_summary"
+    return {
+        tag[: -len(suffix)]: acc.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+        for tag in acc.Tags().get("tensors", [])
+        if tag.endswith(suffix)
+    }
+
+
 def suggest_max_norm(
-    norms: np.ndarray, threshold: Optional[float] = None, clip_rate: Optional[float] = None
+    norms: np.ndarray,
+    threshold: Optional[float] = None,
+    clip_rate: Optional[float] = None,
+    parameter: str = "max_norm",
+    quantity: str = "pre-clip norm",
 ) -> tuple[Optional[float], str]:
-    """A ``max_norm`` for ``ClipByGlobalNorm`` from the pre-clip norms of a run, and why.
+    """A threshold (``max_norm`` of ``ClipByGlobalNorm``) from the pre-clip norms of a run, and why.
 
     The rule is Pascanu et al.'s (2013): set the threshold from the typical norm over many updates;
     here the median of the finite norms of the second half of the logged steps before any non-finite
     one (the first steps of a run are often far larger and do not represent the rest; after a
     non-finite norm the weights are usually ruined). They add that training "behaves well even for
     rather small thresholds", so the value is rounded down to two significant figures. Under ten
-    logged steps all of them count; a run that diverged before five gets the smallest finite norm it showed. A run that
-    already clipped most of its steps and stayed finite keeps its threshold: its norms were measured
-    on a trajectory that the clipping itself kept stable, and say little about a looser threshold.
+    logged steps all of them count. A run that already clipped most of its steps and stayed finite
+    keeps its threshold: its norms were measured on a trajectory that the clipping itself kept
+    stable, and say little about a looser threshold. A run that diverged before five logged steps
+    gets the smallest finite norm it showed.
 
     Args:
         norms: pre-clip norms at the logged steps, in step order.
         threshold: the threshold in force at the end of the run, if it clipped.
         clip_rate: the fraction of steps it clipped.
+        parameter: the argument the value is for (``"clip_value"`` for ``ClipByValue``).
+        quantity: what ``norms`` measure (``"largest |gradient entry|"`` for ``ClipByValue``).
 
     Returns:
-        ``(max_norm or None, reason)``.
+        ``(value or None, reason)``.
     """
     finite = norms[np.isfinite(norms)]
     if finite.size == 0:
@@ -108,34 +134,66 @@ def suggest_max_norm(
         )
     bad = np.flatnonzero(~np.isfinite(norms))
     stable = norms[: bad[0]] if bad.size else norms
-    recent = stable[len(stable) // 2 :] if stable.size >= 10 else stable
-    if stable.size < 5:
+    if threshold is not None and clip_rate is not None and clip_rate > 0.5 and not bad.size:
+        return threshold, (
+            f"keep {parameter}={threshold:g}: it clipped {clip_rate:.0%} of the steps and every step stayed finite. "
+            f"Clipping that often bounds every update, which is what kept this run stable; the {quantity} it "
+            f"measured ({_round_down(float(np.median(stable)))!r} at the median) was measured under it and does not "
+            f"show that a looser threshold would be safe. If training is slow, raise {parameter} a step at a time "
+            "and report again."
+        )
+    if bad.size and stable.size < 5:
         value = _round_down(float(np.min(finite)))
         return value, (
-            f"only {stable.size} logged step(s) came before the first non-finite norm, too few to measure a "
-            f"typical norm; {value:g} is the smallest finite norm seen, a cautious start (Pascanu et al. 2013: "
+            f"the run turned non-finite after {stable.size} logged step(s), too few to measure a typical "
+            f"{quantity}; {value:g} is the smallest finite one seen, a cautious start (Pascanu et al. 2013: "
             "training behaves well even for rather small thresholds). Clip with it, then report on that run."
         )
+    recent = stable[len(stable) // 2 :] if stable.size >= 10 else stable
     median = _round_down(float(np.median(recent)))
     window = ("the last " if recent.size < stable.size else "") + f"{recent.size} logged steps"
     window += " before the first non-finite norm" if bad.size else ""
-    if threshold is not None and clip_rate is not None and clip_rate > 0.5 and not bad.size:
-        return threshold, (
-            f"keep max_norm={threshold:g}: it clipped {clip_rate:.0%} of the steps and every step stayed finite. "
-            f"Clipping that often makes each update about lr * max_norm long (normalised-gradient descent), which is "
-            f"what kept this run stable; the typical pre-clip norm, {median:g} (median over {window}), was measured "
-            "under it and does not show that a looser threshold would be safe. If training is slow, raise max_norm "
-            "a step at a time and report again."
-        )
     reason = (
-        f"the median pre-clip norm over {window} (Pascanu et al. 2013: set the threshold from the typical norm "
+        f"the median {quantity} over {window} (Pascanu et al. 2013: set the threshold from the typical norm "
         f"over many updates): steps of ordinary size pass nearly unchanged and the spikes, up to "
         f"{float(np.max(finite)):.3g}, are scaled down."
     )
+    if recent.size < 10:
+        reason += f" Only {recent.size} logged steps: a rough figure; report on a longer run to refine it."
     if threshold is not None and clip_rate is not None:
-        reason += f" The run's max_norm={threshold:g} clipped {clip_rate:.0%} of the steps"
+        reason += f" The run's {parameter}={threshold:g} clipped {clip_rate:.0%} of the steps"
         reason += ", so it hardly ever acted." if clip_rate < 0.05 else "."
     return median, reason
+
+
+def advise(s: NormSummary) -> tuple[str, Optional[float], str]:
+    """``(parameter, value or None, reason)``: what ``gradclip report`` advises for ``s``'s rule."""
+    rate = "" if s.clip_rate is None else f" It clipped {s.clip_rate:.0%} of the steps."
+    if s.rule == "ClipByValue":
+        return "clip_value", *suggest_max_norm(s.norm, s.threshold, s.clip_rate, "clip_value", "largest |gradient entry|")
+    if s.rule == "ClipByNorm":
+        return "max_norm", None, (
+            "ClipByNorm bounds each tensor's norm, and the logged norm is the total over all of them: it says "
+            "nothing about a per-tensor bound. Log each tensor's norm (`group_depth='parameter'`) and choose "
+            f"max_norm from the largest of them.{rate}"
+        )
+    if s.rule == "AdaptiveGradientClipping":
+        return "clip_factor", None, (
+            "AGC has no max_norm: each unit of a gradient is limited to clip_factor times its weight's norm, so its "
+            f"threshold follows the weights.{rate} The paper uses clip_factor=0.01 at batch size 4096 and larger "
+            "values for smaller batches: raise it if AGC clips nearly every step and training is slow."
+        )
+    if s.rule == "AutoClip":
+        return "percentile", None, (
+            "AutoClip sets its threshold itself, at a percentile of the norms seen so far: there is no max_norm "
+            f"to choose.{rate} A lower percentile clips harder; the paper's 10 works across its tasks."
+        )
+    if s.rule == "ZClip":
+        return "z_thresh", None, (
+            "ZClip sets its threshold itself from the moving mean and spread of the norm, clipping the spikes "
+            f"(see `spikes` and `z`), never above its own max_norm.{rate} A lower z_thresh clips more of them."
+        )
+    return "max_norm", *suggest_max_norm(s.norm, s.threshold, s.clip_rate)
 
 
 def _round_down(x: float) -> float:
@@ -151,10 +209,12 @@ def summarize(run: PathLike, scalars: Optional[dict[str, Series]] = None) -> lis
     """One :class:`NormSummary` per clipping callback (and optimizer) of ``run``; a monitor's if none."""
     run = Path(run)
     scalars = load_scalars(run) if scalars is None else scalars
+    rules = load_rules(run)
     out: list[NormSummary] = []
     for prefix in sorted(t[: -len("/norm")] for t in scalars if t.endswith("/norm") and f"{t}_clipped" in scalars):
         steps, norm = scalars[f"{prefix}/norm"]
-        s = NormSummary(run, prefix, "clip", steps, norm)
+        owner = prefix.rsplit("/opt", 1)[0] if prefix.rsplit("/opt", 1)[-1].isdigit() else prefix
+        s = NormSummary(run, prefix, "clip", steps, norm, rule=rules.get(owner))
         s.norm_clipped = scalars[f"{prefix}/norm_clipped"][1]
         if f"{prefix}/threshold" in scalars:
             s.thresholds = scalars[f"{prefix}/threshold"][1]
@@ -176,7 +236,7 @@ def summarize(run: PathLike, scalars: Optional[dict[str, Series]] = None) -> lis
         if finite.size:
             s.stats = {f"p{p}": float(np.percentile(finite, p)) for p in PERCENTILES}
             s.stats["max"] = float(np.max(finite))
-        s.suggestion, s.reason = suggest_max_norm(s.norm, s.threshold, s.clip_rate)
+        s.parameter, s.suggestion, s.reason = advise(s)
     return out
 
 
@@ -188,41 +248,46 @@ def _interval_weighted_mean(steps: np.ndarray, rates: np.ndarray) -> float:
 
 
 def plot(summaries: list[NormSummary], path: PathLike, title: str = "") -> Path:
-    """Write a PNG of each summary's norm, norm_clipped and threshold over steps (log scale)."""
+    """Write a PNG of each summary's norm, norm_clipped and threshold over steps (log scale).
+
+    The legend sits beside the axes, off the data. The post-clip norm is a wide pale band under the
+    other lines: where it hides under the threshold the step was clipped, where it hides under the
+    pre-clip norm the step was not.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(summaries), 1, figsize=(9, 3.6 * len(summaries)), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(len(summaries), 1, figsize=(12, 4.2 * len(summaries)), squeeze=False, sharex=True)
     for ax, s in zip(axes[:, 0], summaries):
-        label = "pre-clip norm" if s.kind == "clip" else f"{s.prefix}/total"
-        ax.plot(s.steps, s.norm, color="tab:red", lw=1.0, label=label)
         if s.norm_clipped is not None:
-            # wide and under the threshold line, so that it shows where the two coincide (every clipped step)
-            ax.plot(s.steps, s.norm_clipped, color="tab:blue", lw=2.5, alpha=0.6, label="post-clip norm")
+            ax.plot(s.steps, s.norm_clipped, color="tab:blue", lw=5, alpha=0.35, solid_capstyle="butt",
+                    label="post-clip norm\n(under the threshold\nwhere clipped)")  # fmt: skip
+        label = "pre-clip norm" if s.kind == "clip" else f"{s.prefix}/total"
+        ax.plot(s.steps, s.norm, color="tab:red", lw=1.2, marker="o", ms=2.5, label=label)
         if s.thresholds is not None:
-            ax.plot(s.steps, s.thresholds, color="black", lw=1.2, ls="--", label="threshold")
+            ax.plot(s.steps, s.thresholds, color="black", lw=1.4, ls="--", label="threshold")
         if s.suggestion is not None:
-            ax.axhline(s.suggestion, color="tab:green", lw=1.0, ls=":", label=f"suggested max_norm {s.suggestion:g}")
+            ax.axhline(s.suggestion, color="tab:green", lw=1.4, ls=":", label=f"suggested {s.parameter} {s.suggestion:g}")
         bad = np.flatnonzero(~np.isfinite(s.norm))
         for first, last in _runs(bad):  # one shaded span per stretch of consecutive non-finite logged steps
             ax.axvspan(s.steps[first] - 0.5, s.steps[last] + 0.5, color="tab:orange", alpha=0.3, lw=0)
         if bad.size:
-            ax.fill_between([], [], color="tab:orange", alpha=0.3, label=f"non-finite norm ({bad.size} logged steps)")
+            ax.fill_between([], [], color="tab:orange", alpha=0.3, label=f"non-finite norm\n({bad.size} logged steps)")
         finite = s.norm[np.isfinite(s.norm)]
         if finite.size and np.all(finite > 0):
             ax.set_yscale("log")
-        ax.set_ylabel("gradient norm")
-        ax.set_title(s.prefix, loc="left", fontsize=10)
+        ax.set_ylabel("largest |gradient entry|" if s.rule == "ClipByValue" else "gradient norm")
+        ax.set_title(s.prefix + (f" ({s.rule})" if s.rule else ""), loc="left", fontsize=11)
         ax.grid(True, which="both", alpha=0.25)
-        ax.legend(loc="best", fontsize=8, framealpha=0.9)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
     axes[-1, 0].set_xlabel("step")
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
@@ -243,7 +308,9 @@ def format_summary(s: NormSummary) -> str:
     last = int(s.steps[-1]) + 1 if len(s.steps) else 0
     lines = [f"  {s.prefix}", f"    steps             {last} ({len(s.steps)} logged)"]
     if s.stats:
-        lines.append(f"    {what:<18}" + "  ".join(f"{k} {v:.4g}" for k, v in s.stats.items()))
+        finite = int(np.sum(np.isfinite(s.norm)))
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in s.stats.items())
+        lines.append(f"    {what:<18}{shown}  (of {finite} finite logged value{'s' * (finite != 1)})")
     else:
         lines.append(f"    {what:<18}no finite value")
     if s.threshold is not None:
@@ -253,7 +320,9 @@ def format_summary(s: NormSummary) -> str:
     if s.clip_rate is not None:
         lines.append(f"    clip rate         {s.clip_rate:.1%}")
     lines.append(f"    non-finite steps  {s.nonfinite} (counted on {s.nonfinite_scope})")
-    lines.append(f"    suggested max_norm {'-' if s.suggestion is None else f'{s.suggestion:g}'}")
+    if s.rule:
+        lines.append(f"    rule              {s.rule}")
+    lines.append(f"    suggested {s.parameter} {'-' if s.suggestion is None else f'{s.suggestion:g}'}")
     lines.extend(textwrap.wrap(s.reason, width=100, initial_indent="      why: ", subsequent_indent="      "))
     return "\n".join(lines)
 
@@ -277,8 +346,11 @@ def report(logdir: PathLike, output: Optional[PathLike] = None, out=None) -> lis
             continue
         for s in summaries:
             print(format_summary(s), file=out)
-        png = plot(summaries, output or run / "gradclip_report.png", title=str(run))
-        print(f"  plot: {png}\n", file=out)
+        try:
+            png = plot(summaries, output or run / "gradclip_report.png", title=str(run))
+            print(f"  plot: {png}\n", file=out)
+        except ImportError:
+            print("  plot: skipped, matplotlib is not installed (pip install 'gradclip_plugin[report]')\n", file=out)
         everything.extend(summaries)
     return everything
 
@@ -289,7 +361,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser(
         "report",
-        help="summarise gradient norms from TensorBoard logs and suggest a max_norm",
+        help="summarise gradient norms from TensorBoard logs and advise on the clipping threshold",
         description=__doc__.split("\n\n")[1],
     )
     rep.add_argument("logdir", metavar="LOGDIR", help="a run's log directory, or a directory of runs")
@@ -300,6 +372,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"gradclip report: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `gradclip report ... | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

@@ -119,7 +119,7 @@ def test_several_runs_and_output(tmp_path, capsys):
         make_trainer(tmp_path, [ClipByGlobalNorm(1.0)], logger=logger, max_steps=2).fit(TinyModel(), make_loader())
     assert main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert out.count("run ") == 2 and (tmp_path / "a" / "gradclip_report.png").exists()
+    assert sum(line.startswith("run ") for line in out.splitlines()) == 2 and (tmp_path / "a" / "gradclip_report.png").exists()
     assert main(["report", str(tmp_path), "-o", str(tmp_path / "x.png")]) == 2
     assert "holds 2 runs" in capsys.readouterr().err
 
@@ -179,7 +179,7 @@ def test_suggestion_from_a_short_run_uses_every_step():
 
 def test_suggestion_for_a_run_that_diverged_at_once():
     value, reason = suggest_max_norm(np.array([78.3575, 8.2e12, math.nan, math.nan]))
-    assert value == 78.0 and "smallest finite norm" in reason
+    assert value == 78.0 and "smallest finite" in reason and "after 2 logged step(s)" in reason
     value, reason = suggest_max_norm(np.array([math.nan, math.inf]))
     assert value is None and "no finite norm" in reason
 
@@ -210,3 +210,88 @@ def test_interval_weighted_clip_rate():
 def test_runs_of_consecutive_indices():
     assert _runs(np.array([2, 3, 4, 7])) == [(2, 4), (7, 7)]
     assert _runs(np.array([], dtype=int)) == []
+
+
+# --- advice per rule ------------------------------------------------------------------------------
+
+
+def _report_of(tmp_path, cb, steps: int = 12, name: str = "run"):
+    logger = TensorBoardLogger(tmp_path, name=name, version="")
+    make_trainer(tmp_path, [cb], logger=logger, max_steps=steps).fit(TinyModel(), make_loader(n=64))
+    (s,) = summarize(logger.log_dir)
+    return s
+
+
+def test_clip_by_value_gets_a_clip_value_from_its_largest_entries(tmp_path):
+    from gradclip_plugin import ClipByValue
+
+    probe = GradProbe()
+    logger = TensorBoardLogger(tmp_path, name="value", version="")
+    make_trainer(tmp_path, [probe, ClipByValue(1e3)], logger=logger, max_steps=12).fit(TinyModel(), make_loader(n=64))
+    (s,) = summarize(logger.log_dir)
+    assert s.rule == "ClipByValue" and s.parameter == "clip_value"
+    largest = np.array([max(g.abs().max().item() for g in step.values()) for step in probe.steps])
+    np.testing.assert_allclose(s.norm, largest, rtol=1e-6)  # the logged norm is the largest |entry|
+    assert s.suggestion == _round_down(float(np.median(largest[6:])))
+    assert "largest |gradient entry|" in s.reason and "max_norm" not in s.reason
+    assert "suggested clip_value" in _format(s) and "suggested max_norm" not in _format(s)
+
+
+def _format(s) -> str:
+    from gradclip_plugin.report import format_summary
+
+    return format_summary(s)
+
+
+@pytest.mark.parametrize(
+    "make_cb, parameter, words",
+    [
+        (lambda: __import__("gradclip_plugin").ClipByNorm(5.0), "max_norm", "each tensor's norm"),
+        (lambda: __import__("gradclip_plugin").AdaptiveGradientClipping(), "clip_factor", "AGC has no max_norm"),
+        (lambda: __import__("gradclip_plugin").AutoClip(), "percentile", "no max_norm to choose"),
+        (lambda: __import__("gradclip_plugin").ZClip(warmup_steps=3), "z_thresh", "moving mean and spread"),
+    ],
+    ids=["ClipByNorm", "AGC", "AutoClip", "ZClip"],
+)
+def test_other_rules_get_a_word_on_their_own_parameters_and_no_max_norm(tmp_path, make_cb, parameter, words):
+    s = _report_of(tmp_path, make_cb())
+    assert s.rule == type(make_cb()).__name__
+    assert (s.parameter, s.suggestion) == (parameter, None) and words in s.reason
+    assert f"suggested {parameter} -" in _format(s)
+
+
+def test_a_short_finite_run_that_clipped_every_step_keeps_its_threshold(tmp_path):
+    s = _report_of(tmp_path, ClipByGlobalNorm(1.0), steps=3)
+    assert s.clip_rate == 1.0 and s.nonfinite == 0
+    assert s.suggestion == 1.0 and s.reason.startswith("keep max_norm=1") and "non-finite" not in s.reason
+
+
+def test_percentiles_say_how_many_finite_values_they_come_from():
+    s = summarize_series(np.array([1.0, 2.0, math.nan, math.inf]))
+    assert "(of 2 finite logged values)" in _format(s)
+
+
+def summarize_series(norms: np.ndarray):
+    from gradclip_plugin.report import NormSummary
+
+    s = NormSummary(Path("."), "grad_norm", "monitor", np.arange(len(norms)), norms)
+    finite = norms[np.isfinite(norms)]
+    s.stats = {"p50": float(np.percentile(finite, 50))}
+    return s
+
+
+def test_a_closed_pipe_ends_the_report_quietly(clipped_run):
+    run, _ = clipped_run
+    script = Path(sys.executable).parent / "gradclip"
+    result = subprocess.run(f"'{script}' report '{run}' | head -1", shell=True, capture_output=True, text=True, timeout=120)
+    assert result.stdout.startswith("run ") and "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
+
+
+def test_without_matplotlib_the_summary_is_printed_and_the_extra_named(clipped_run, monkeypatch, capsys):
+    run, _ = clipped_run
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    assert main(["report", str(run), "-o", str(run / "none.png")]) == 0
+    out = capsys.readouterr().out
+    assert "suggested max_norm" in out
+    assert "plot: skipped, matplotlib is not installed (pip install 'gradclip_plugin[report]')" in out
+    assert not (run / "none.png").exists()
