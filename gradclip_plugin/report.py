@@ -220,8 +220,6 @@ def summarize(run: PathLike, scalars: Optional[dict[str, Series]] = None) -> lis
             s.thresholds = scalars[f"{prefix}/threshold"][1]
         if f"{prefix}/clip_rate" in scalars:
             s.clip_rate = _interval_weighted_mean(*scalars[f"{prefix}/clip_rate"])
-        elif s.thresholds is not None:
-            s.clip_rate = float(np.mean(norm > s.thresholds))
         if f"{prefix}/nonfinite_steps" in scalars:  # a running count over all steps
             s.nonfinite, s.nonfinite_scope = int(scalars[f"{prefix}/nonfinite_steps"][1][-1]), "all steps"
         else:

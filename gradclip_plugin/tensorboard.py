@@ -10,13 +10,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["CATEGORY", "read_layout", "write_layout"]
+__all__ = ["CATEGORY", "write_layout"]
 
 #: the title of the category the charts are grouped under in the Custom Scalars dashboard
 CATEGORY = "gradclip"
-
-Layout = dict[str, dict[str, list[Any]]]
-
 
 def tag_pattern(name: str) -> str:
     """The regular expression (the layout's tags are regexes) for metric ``name``: that name exactly, or,
@@ -37,24 +34,3 @@ def write_layout(writer: Any, charts: dict[str, list[str]], tag_prefix: str = ""
     if charts:
         layout = {title: ["Multiline", [tag_pattern(tag_prefix + n) for n in names]] for title, names in charts.items()}
         writer.add_custom_scalars({CATEGORY: layout})
-
-
-def read_layout(path: str) -> Layout:
-    """The last custom-scalars layout written in the event files under ``path``, ``{}`` if none.
-
-    The inverse of :func:`write_layout`: ``{category: {chart title: ["Multiline", [tag regexes]]}}``.
-    """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.plugins.custom_scalar import layout_pb2
-
-    acc = EventAccumulator(path, size_guidance={"tensors": 0})
-    acc.Reload()
-    tag = "custom_scalars__config__"
-    if tag not in acc.Tags().get("tensors", []):
-        return {}
-    proto = layout_pb2.Layout()
-    proto.ParseFromString(acc.Tensors(tag)[-1].tensor_proto.string_val[0])
-    return {
-        category.title: {chart.title: ["Multiline", list(chart.multiline.tag)] for chart in category.chart}
-        for category in proto.category
-    }

@@ -13,7 +13,28 @@ from torch.utils.tensorboard import SummaryWriter
 
 from gradclip_plugin.callbacks import ClipByGlobalNorm, ClipByValue
 from gradclip_plugin.callbacks.monitor import GradientNormMonitor
-from gradclip_plugin.tensorboard import CATEGORY, read_layout
+from gradclip_plugin.tensorboard import CATEGORY
+
+
+def read_layout(path) -> dict:
+    """The last custom-scalars layout written in the event files under ``path``, ``{}`` if none.
+
+    What `write_layout` wrote: ``{category: {chart title: ["Multiline", [tag regexes]]}}``.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    acc = EventAccumulator(path, size_guidance={"tensors": 0})
+    acc.Reload()
+    tag = "custom_scalars__config__"
+    if tag not in acc.Tags().get("tensors", []):
+        return {}
+    proto = layout_pb2.Layout()
+    proto.ParseFromString(acc.Tensors(tag)[-1].tensor_proto.string_val[0])
+    return {
+        category.title: {chart.title: ["Multiline", list(chart.multiline.tag)] for chart in category.chart}
+        for category in proto.category
+    }
 
 
 def scalar_tags(log_dir) -> list[str]:

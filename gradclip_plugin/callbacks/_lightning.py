@@ -15,28 +15,15 @@ import sys
 from typing import Any, Optional
 
 import torch
-from lightning_utilities.core.rank_zero import rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_warn  # noqa: F401 - one rank-zero warning for both namespaces
 
-__all__ = [
-    "CALLBACK_BASES",
-    "flat_shard_group",
-    "log_step",
-    "loss_scaler",
-    "misconfiguration",
-    "rank_zero_warn",
-    "refuse_deepspeed",
-    "should_log",
-    "tensorboard_writers",
-]
-
-#: the Lightning namespaces installed, ``pytorch_lightning`` first (the declared dependency)
-NAMESPACES = tuple(ns for ns in ("pytorch_lightning", "lightning") if importlib.util.find_spec(ns) is not None)
-_PACKAGES = {"pytorch_lightning": "pytorch_lightning", "lightning": "lightning.pytorch"}
-
-#: the ``Callback`` class of each namespace: a gradclip callback subclasses them all, so that either
-#: namespace's Trainer and LightningCLI (which checks ``issubclass(cls, Callback)``) take it
+#: the ``Callback`` class of each namespace installed (``pytorch_lightning``, the declared dependency, first):
+#: a gradclip callback subclasses them all, so that either namespace's Trainer and LightningCLI (which
+#: checks ``issubclass(cls, Callback)``) take it
 CALLBACK_BASES: tuple[type, ...] = tuple(
-    importlib.import_module(f"{_PACKAGES[ns]}.callbacks").Callback for ns in NAMESPACES
+    importlib.import_module(f"{ns}.callbacks").Callback
+    for ns in ("pytorch_lightning", "lightning.pytorch")
+    if importlib.util.find_spec(ns.split(".")[0]) is not None
 )
 
 

@@ -22,7 +22,6 @@ from gradclip_plugin.callbacks.base import (
     NonFinitePolicy,
     NormType,
     Step,
-    check_positive,
 )
 from gradclip_plugin.functional import combine_norms, scale_, tensor_norms
 from gradclip_plugin.functional.adaptive import (
@@ -37,7 +36,7 @@ from gradclip_plugin.functional.adaptive import (
     unitwise_norms,
     zclip_update,
 )
-from gradclip_plugin.functional.norms import check_norm_type
+from gradclip_plugin.functional.norms import check_norm_type, check_positive
 
 __all__ = ["AdaptiveGradientClipping", "AutoClip", "ZClip"]
 
@@ -338,10 +337,7 @@ class ZClip(_HistoryClip):
         check_positive("eps", eps)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"`warmup_steps` must be a positive integer, got {warmup_steps!r}")
-        if mode not in ("zscore", "percentile"):
-            raise ValueError(f"`mode` must be 'zscore' or 'percentile', got {mode!r}")
-        if clip_option not in ("adaptive_scaling", "mean"):
-            raise ValueError(f"`clip_option` must be 'adaptive_scaling' or 'mean', got {clip_option!r}")
+        zclip_update(ZClipState(), math.nan, mode=mode, clip_option=clip_option)  # validates both
         check_positive("clip_factor", clip_factor)
         if not isinstance(skip_update_on_spike, bool):
             raise ValueError(f"`skip_update_on_spike` must be True or False, got {skip_update_on_spike!r}")

@@ -45,14 +45,6 @@ AUTO_MAX_GROUPS = 10
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def check_positive(name: str, value: Any, allow_none: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is a positive finite number (or ``None`` if allowed)."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
-
-
 def check_patterns(name: str, patterns: Any) -> list[str]:
     """``patterns`` as a list of fnmatch patterns (``[]`` for ``None``), or ``ValueError`` naming ``name``."""
     if patterns is None:
@@ -172,7 +164,6 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
         """Forget everything tied to a fit (called at each fit's ``setup``)."""
         self._plans: dict[int, Plan] = {}  # id(optimizer) -> its plan
         self._members: dict[tuple[int, ...], Tensor] = {}  # group rows of the gradients present
-        self._named: Optional[dict[int, str]] = None
         self._shard_group: Optional[Any] = None
         self._n_optimizers = 1
 
@@ -183,15 +174,10 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # after `configure_model` and the strategy's wrapping: the parameters and the shard group are final
-        names = [n for n, _ in pl_module.named_parameters()]
-        for pat in self.include:
-            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-                raise L.misconfiguration(
-                    trainer,
-                    f"{type(self).__name__}: the `include` pattern {pat!r} matches no parameter of "
-                    f"{type(pl_module).__name__}; names look like {names[:3]}",
-                )
-        self._named = {id(p): n for n, p in pl_module.named_parameters()}
+        try:
+            self.check_include(pl_module)
+        except ValueError as err:
+            raise L.misconfiguration(trainer, str(err)) from None
         self._shard_group = L.flat_shard_group(trainer)
         self._n_optimizers = len(trainer.optimizers)
 
@@ -238,14 +224,24 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
         n = self._n_optimizers if n_optimizers is None else n_optimizers
         return f"{self.key_prefix}/opt{idx}/{name}" if n > 1 else f"{self.key_prefix}/{name}"
 
-    def plan(self, optimizer: torch.optim.Optimizer, named: Optional[dict[int, str]] = None) -> Plan:
-        """This callback's :class:`Plan` for ``optimizer`` in this fit (made at its first step)."""
+    def check_include(self, module: torch.nn.Module) -> None:
+        """Raise ``ValueError`` naming an ``include`` pattern that matches no parameter of ``module``."""
+        names = [n for n, _ in module.named_parameters()]
+        for pat in self.include:
+            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+                raise ValueError(
+                    f"{type(self).__name__}: the `include` pattern {pat!r} matches no parameter of "
+                    f"{type(module).__name__}; names look like {names[:3]}"
+                )
+
+    def plan(self, optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> Plan:
+        """This callback's :class:`Plan` for ``optimizer`` in this fit, made at its first step from ``module``'s
+        parameter names (and again if the optimizer gains parameters)."""
         size = sum(len(group["params"]) for group in optimizer.param_groups)
         plan = self._plans.get(id(optimizer))
         if plan is None or plan.size != size:
-            named = self._named if named is None else named
+            named = {id(p): n for n, p in module.named_parameters()}
             params = [p for group in optimizer.param_groups for p in group["params"]]
-            named = named or {}
             depth = auto_depth(list(named.values())) if self.group_depth == "auto" else self.group_depth
             plan = self._plans[id(optimizer)] = plan_params(params, named, self.include, self.exclude, depth)
         return plan
@@ -445,7 +441,8 @@ class GradientClipCallback(GradientCallback):
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
-        self.clip_step(optimizer, self.plan(optimizer), idx, L.loss_scaler(trainer), L.should_log(trainer), trainer.global_step)
+        plan = self.plan(optimizer, pl_module)
+        self.clip_step(optimizer, plan, idx, L.loss_scaler(trainer), L.should_log(trainer), f"global step {trainer.global_step}")
 
     def metrics(self) -> dict[str, Value]:
         out: dict[str, Value] = {}
@@ -502,7 +499,7 @@ class GradientClipCallback(GradientCallback):
         idx: int,
         scaler: Optional[torch.amp.GradScaler],
         log_groups: bool,
-        global_step: int,
+        where: str = "",
     ) -> None:
         """Clip the gradients of ``plan``'s parameters for ``optimizer``'s coming step (the pipeline above)."""
         params, grads, positions = self.gradients(plan)
@@ -522,7 +519,7 @@ class GradientClipCallback(GradientCallback):
             if self.nonfinite == "error":
                 bad = [plan.names[i] for i, g in zip(positions, grads) if not torch.isfinite(g).all()]
                 raise RuntimeError(
-                    f"{type(self).__name__}: non-finite gradients at global step {global_step} in {bad}. "
+                    f"{type(self).__name__}: non-finite gradients at {where or 'this step'} in {bad}. "
                     "Set `nonfinite='skip'` to skip such steps, or find the source (learning rate, loss, data)."
                 )
             self._warn_nonfinite("skipping the optimizer step" if self.nonfinite == "skip" else "zeroing the non-finite entries")

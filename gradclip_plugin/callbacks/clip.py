@@ -13,10 +13,9 @@ from gradclip_plugin.callbacks.base import (
     NonFinitePolicy,
     NormType,
     Step,
-    check_positive,
 )
 from gradclip_plugin.functional import clip_by_value_, clip_coefficient, combine_norms, scale_
-from gradclip_plugin.functional.norms import check_norm_type
+from gradclip_plugin.functional.norms import check_norm_type, check_positive
 
 __all__ = ["ClipByGlobalNorm", "ClipByNorm", "ClipByValue"]
 

@@ -109,7 +109,7 @@ class GradientNormMonitor(GradientCallback):
         if not (log or writers):
             return  # nothing runs on a step that does not log
         idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
-        plan = self.plan(optimizer)
+        plan = self.plan(optimizer, pl_module)
         _, grads, positions = self.gradients(plan)
         if not grads:
             return

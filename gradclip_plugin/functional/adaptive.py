@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from gradclip_plugin.functional.distributed import is_dtensor
-from gradclip_plugin.functional.norms import Tensors, accumulation_dtype, as_tensor_list, check_norm_type, combine_norms
+from gradclip_plugin.functional.norms import Tensors, accumulation_dtype, as_tensor_list, check_norm_type
+from gradclip_plugin.functional.norms import check_positive, combine_norms
 
 __all__ = [
     "AutoClipState",
@@ -43,11 +44,6 @@ __all__ = [
 
 ZClipMode = Literal["zscore", "percentile"]
 ZClipOption = Literal["adaptive_scaling", "mean"]
-
-
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------- AGC
@@ -147,8 +143,8 @@ def agc_coefficients(
     References:
         Brock et al. 2021 (NFNets), Section 4.1; timm ``adaptive_clip_grad``.
     """
-    _check_positive("clip_factor", clip_factor)
-    _check_positive("eps", eps)
+    check_positive("clip_factor", clip_factor)
+    check_positive("eps", eps)
     limits = param_norms.to(grad_norms.device, grad_norms.dtype).clamp_min(eps).mul_(clip_factor)
     coefs = torch.where(grad_norms > limits, limits / grad_norms, torch.ones_like(grad_norms))
     return coefs, limits
@@ -345,7 +341,7 @@ def zclip_update(
     """
     if mode not in ("zscore", "percentile"):
         raise ValueError(f"`mode` must be 'zscore' or 'percentile', got {mode!r}")
-    if mode == "zscore" and clip_option not in ("adaptive_scaling", "mean"):
+    if clip_option not in ("adaptive_scaling", "mean"):
         raise ValueError(f"`clip_option` must be 'adaptive_scaling' or 'mean', got {clip_option!r}")
     cap = math.inf if max_norm is None else max_norm
     buffer, mean, var, spikes = state

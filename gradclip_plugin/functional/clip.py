@@ -13,7 +13,6 @@ weight is never changed.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -21,7 +20,8 @@ import torch
 from torch import Tensor
 
 from gradclip_plugin.functional.distributed import is_dtensor, local_tensor
-from gradclip_plugin.functional.norms import Tensors, as_tensor_list, global_norm, group_by_device_and_dtype, tensor_norms
+from gradclip_plugin.functional.norms import Tensors, as_tensor_list, check_positive, global_norm, tensor_norms
+from gradclip_plugin.functional.norms import group_by_device_and_dtype
 
 __all__ = [
     "clip_by_global_norm",
@@ -35,13 +35,6 @@ __all__ = [
 ]
 
 Number = Union[float, int]
-
-
-def _check_threshold(name: str, value: Union[Number, Tensor]) -> None:
-    if isinstance(value, Tensor):
-        return  # a device tensor is not read back (no host sync); the caller owns its range
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
 
 
 @torch.no_grad()
@@ -97,7 +90,7 @@ def clip_by_norm(t: Tensor, clip_norm: Union[Number, Tensor], axes: Optional[Seq
     References:
         TensorFlow, ``tf.clip_by_norm``.
     """
-    _check_threshold("clip_norm", clip_norm)
+    check_positive("clip_norm", clip_norm)
     x = t if t.dtype in (torch.float32, torch.float64) else t.float()
     # torch's reduction computes TF's sqrt(sum(t * t)) with a correctly rounded root (the CPU's
     # vectorised sqrt of a tensor can be an ulp off); a zero slice has norm 0 and is left unchanged.
@@ -131,7 +124,7 @@ def clip_by_global_norm(
     """
     if isinstance(t_list, Tensor):
         raise TypeError("`t_list` must be a sequence of tensors, got a single tensor; wrap it in a list")
-    _check_threshold("clip_norm", clip_norm)
+    check_positive("clip_norm", clip_norm)
     t_list = list(t_list)
     norm = global_norm(t_list) if use_norm is None else torch.as_tensor(use_norm)
     clip = torch.as_tensor(clip_norm, dtype=norm.dtype, device=norm.device)
@@ -210,7 +203,7 @@ def clip_by_value_(tensors: Tensors, clip_value: Number) -> None:
     References:
         Mikolov 2012 (thesis), Pascanu et al. 2013: element-wise gradient clipping.
     """
-    _check_threshold("clip_value", clip_value)
+    check_positive("clip_value", clip_value)
     tensors = _local(as_gradients(tensors))
     for _, idx in group_by_device_and_dtype(tensors).items():
         group = [tensors[i] for i in idx]
@@ -233,7 +226,7 @@ def clip_by_norm_(tensors: Tensors, max_norm: Union[Number, Tensor], norm_type: 
     References:
         TensorFlow, ``tf.clip_by_norm`` (per tensor); Pascanu et al. 2013.
     """
-    _check_threshold("max_norm", max_norm)
+    check_positive("max_norm", max_norm)
     tensors = as_gradients(tensors)
     norms = tensor_norms(tensors, norm_type)
     scale_(tensors, clip_coefficient(max_norm, norms))
@@ -258,7 +251,7 @@ def clip_by_global_norm_(tensors: Tensors, max_norm: Union[Number, Tensor], norm
     References:
         Pascanu et al. 2013, "On the difficulty of training recurrent neural networks".
     """
-    _check_threshold("max_norm", max_norm)
+    check_positive("max_norm", max_norm)
     tensors = as_gradients(tensors)
     norm = global_norm(tensors, norm_type)
     scale_(tensors, clip_coefficient(max_norm, norm))

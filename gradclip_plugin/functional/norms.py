@@ -14,6 +14,7 @@ same on every rank.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional, Union
 
@@ -32,6 +33,17 @@ def as_tensor_list(tensors: Tensors) -> list[Tensor]:
     if isinstance(tensors, Tensor):
         return [tensors]
     return [t for t in tensors if t is not None]
+
+
+def check_positive(name: str, value: Any, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is a positive finite number (or ``None`` if allowed).
+
+    A tensor is let through unread (a host read would be a sync): its caller owns its range.
+    """
+    if isinstance(value, Tensor) or (value is None and allow_none):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
 
 
 def check_norm_type(norm_type: Any) -> float:
