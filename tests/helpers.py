@@ -98,3 +98,8 @@ def make_trainer(tmp_path, callbacks, **kwargs: Any) -> pl.Trainer:
 def probe_around(cb: Callback) -> tuple[GradProbe, GradProbe, list[Callback]]:
     before, after = GradProbe(), GradProbe()
     return before, after, [before, cb, after]
+
+
+def nonfinite_steps(cb: Callback) -> dict[int, int]:
+    """A clipping callback's count of non-finite steps per optimizer, from its checkpointed state."""
+    return {i: t["steps"] - t["finite"] for i, t in cb.state_dict()["tallies"].items()}

@@ -429,7 +429,7 @@ def _lightning_run(out_dir: Path, scenario: str, strategy, model, max_steps: int
         "before": before.steps,
         "after": after.steps,
         "weights": weights.steps,
-        "nonfinite_steps": clip.state_dict()["nonfinite_steps"],
+        "nonfinite_steps": {i: t["steps"] - t["finite"] for i, t in clip.state_dict()["tallies"].items()},
         "adam_steps": adam_steps,
         "global_step": trainer.global_step,
     }

@@ -21,7 +21,10 @@ A clipping callback follows one optimizer step's gradients in ``on_before_optimi
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import math
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Optional, Union
 
@@ -42,6 +45,7 @@ Value = Union[float, int, bool, Tensor]
 
 #: ``group_depth="auto"`` keeps at most this many groups (unless depth 1 already has more)
 AUTO_MAX_GROUPS = 10
+_GRAD = operator.attrgetter("grad")
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -184,7 +188,7 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # one layout for all gradclip callbacks, written by the first of them
         ours = [cb for cb in trainer.callbacks if isinstance(cb, GradientCallback)]
-        if ours[0] is not self or not trainer.is_global_zero:
+        if ours[:1] != [self] or not trainer.is_global_zero:
             return
         charts: dict[str, list[str]] = {}
         for cb in ours:  # a title two callbacks share (`clip_rate`) is one chart of both
@@ -246,20 +250,20 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
             plan = self._plans[id(optimizer)] = plan_params(params, named, self.include, self.exclude, depth)
         return plan
 
-    def gradients(self, plan: Plan) -> tuple[list[Tensor], list[Tensor], list[int]]:
+    def gradients(self, plan: Plan) -> tuple[list[Tensor], list[Tensor], Sequence[int]]:
         """``(params, grads, positions)`` of the planned parameters that have a gradient.
 
         Under FSDP1 a rank holding no piece of a parameter has an empty parameter and no gradient: it
         gets an empty gradient, so that the tensor lists, hence the collectives that reduce their
         norms, stay aligned across ranks.
         """
+        grads = list(map(_GRAD, plan.params))
+        if not any(map(operator.is_, grads, itertools.repeat(None))):  # the usual case: a gradient for each
+            return plan.params, grads, range(len(grads))
         flat = self._shard_group is not None
-        found = [
-            (i, p, p.grad if p.grad is not None else torch.zeros_like(p))
-            for i, p in enumerate(plan.params)
-            if p.grad is not None or (flat and p.numel() == 0)
-        ]
-        return [p for _, p, _ in found], [g for _, _, g in found], [i for i, _, _ in found]
+        keep = [i for i, (p, g) in enumerate(zip(plan.params, grads)) if g is not None or (flat and p.numel() == 0)]
+        params = [plan.params[i] for i in keep]
+        return params, [g if (g := grads[i]) is not None else torch.zeros_like(p) for i, p in zip(keep, params)], keep
 
     def group_norms(self, plan: Plan, positions: list[int], norms: Tensor, norm_type: float) -> dict[str, Tensor]:
         """``{group name: norm}`` of the gradients at ``positions`` of ``plan``, from their per-tensor ``norms``."""
@@ -304,13 +308,13 @@ class Step(NamedTuple):
 
 @dataclass
 class Tally:
-    """One optimizer's numbers between two logs, and its count of non-finite steps over the fit."""
+    """One optimizer's counts over the fit, from which every count that is logged is derived."""
 
-    steps: int = 0  #: optimizer steps since the last log
-    finite: Value = 0  #: those with a finite norm
+    steps: int = 0  #: optimizer steps
+    finite: Value = 0  #: those whose gradients were finite (the others are ``nonfinite_steps``)
     clipped: Value = 0  #: those, among the finite, that clipping changed
-    skipped: int = 0  #: steps skipped by the rule (not for non-finite gradients), over the fit
-    nonfinite: Value = 0  #: steps with non-finite gradients, over the fit (checkpointed)
+    skipped: int = 0  #: steps the rule skipped (not for non-finite gradients)
+    at_log: tuple[int, Value, Value] = (0, 0, 0)  #: ``(steps, finite, clipped)`` at the last log
     last: Optional[ClipStats] = None  #: the last step's numbers (``None`` if it was skipped)
     groups: Optional[dict[str, Tensor]] = None  #: per-group pre-clip norms of the last logging step
 
@@ -447,20 +451,22 @@ class GradientClipCallback(GradientCallback):
     def metrics(self) -> dict[str, Value]:
         out: dict[str, Value] = {}
         for idx, t in self._tallies.items():
-            if not t.steps:
-                continue
+            steps, finite, clipped = t.at_log
+            if t.steps == steps:
+                continue  # no step since the last log
             values: dict[str, Value] = {}
             if t.last is not None:
                 values.update(norm=t.last.norm, norm_clipped=t.last.norm_clipped, threshold=t.last.threshold)
                 values.update(t.last.extra or {})
-            # 0 when every step since the last log was non-finite (none could be clipped)
-            values["clip_rate"] = t.clipped / (t.finite.clamp(min=1) if isinstance(t.finite, Tensor) else max(t.finite, 1))
-            values["nonfinite_steps"] = t.nonfinite
+            # over the finite steps since the last log; 0 if there were none (none could be clipped)
+            window = t.finite - finite
+            values["clip_rate"] = (t.clipped - clipped) / (window.clamp(min=1) if isinstance(window, Tensor) else max(window, 1))
+            values["nonfinite_steps"] = t.steps - t.finite
             if "skipped_steps" in self.metric_names():
                 values["skipped_steps"] = t.skipped
             values.update({f"norm/{g}": n for g, n in (t.groups or {}).items()})
             out.update((self.metric_key(k, idx), v) for k, v in values.items())
-            t.steps, t.finite, t.clipped, t.groups = 0, 0, 0, None
+            t.at_log, t.groups = (t.steps, t.finite, t.clipped), None
         return out
 
     def charts(self, n_optimizers: int) -> dict[str, list[str]]:
@@ -475,20 +481,19 @@ class GradientClipCallback(GradientCallback):
         writer.add_text(f"{self.key_prefix}/callback", type(self).__name__)
 
     def state_dict(self) -> dict[str, Any]:
-        # the counts since the last log too: the first rate logged after a resume in the middle of a
+        # the counts at the last log too: the first rate logged after a resume in the middle of a
         # logging interval still covers the whole interval
-        tallies = self._tallies.items()
         return {
-            "nonfinite_steps": {i: int(t.nonfinite) for i, t in tallies},
-            "skipped_steps": {i: t.skipped for i, t in tallies},
-            "since_last_log": {i: (t.steps, int(t.finite), int(t.clipped)) for i, t in tallies},
+            "tallies": {
+                i: {"steps": t.steps, "finite": int(t.finite), "clipped": int(t.clipped), "skipped": t.skipped,
+                    "at_log": tuple(int(v) for v in t.at_log)}  # fmt: skip
+                for i, t in self._tallies.items()
+            }
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for i, nonfinite in state_dict.get("nonfinite_steps", {}).items():
-            steps, finite, clipped = state_dict.get("since_last_log", {}).get(i, (0, 0, 0))
-            skipped = state_dict.get("skipped_steps", {}).get(i, 0)
-            self._tallies[int(i)] = Tally(steps, finite, clipped, skipped, nonfinite)
+        for i, saved in state_dict.get("tallies", {}).items():
+            self._tallies[int(i)] = Tally(**{**saved, "at_log": tuple(saved["at_log"])})
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -513,7 +518,6 @@ class GradientClipCallback(GradientCallback):
         host = norm.item() if acts or self.reads_norm else None  # the one host read of a step
         finite: Union[bool, Tensor] = torch.isfinite(norm) if host is None else math.isfinite(host)
         tally.steps += 1
-        tally.nonfinite = tally.nonfinite + (~finite if isinstance(finite, Tensor) else not finite)
         tally.last, sample = None, True
         if acts and not finite:
             if self.nonfinite == "error":
@@ -531,13 +535,13 @@ class GradientClipCallback(GradientCallback):
             norms, extra = self.measure(grads)
             norm = combine_norms(norms, self.norm_type)
             host, sample = norm.item(), False  # a second read, at such a step only
-            finite = math.isfinite(host)  # zeroed, the squares can still overflow
         if log_groups and self.group_depth is not None:
             tally.groups = self.group_norms(plan, positions, norms, self.norm_type)
         stats = self.clip_(grads, params, Step(idx, norms, norm, host, sample, extra))
         tally.last = stats
-        tally.finite = tally.finite + finite
-        tally.clipped = tally.clipped + (stats.clipped & finite)
+        if finite is not False:  # a zeroed step stays non-finite: it is not in the clip rate
+            tally.finite = tally.finite + finite
+            tally.clipped = tally.clipped + (stats.clipped & finite)
         if stats.skip:
             tally.skipped += 1
             skip_step(optimizer)

@@ -19,7 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from gradclip_plugin.functional.distributed import is_dtensor, local_tensor
+from gradclip_plugin.functional.distributed import has_dtensor, local_tensor
 from gradclip_plugin.functional.norms import Tensors, as_tensor_list, check_positive, global_norm, tensor_norms
 from gradclip_plugin.functional.norms import group_by_device_and_dtype
 
@@ -143,7 +143,7 @@ def as_gradients(tensors: Tensors) -> list[Tensor]:
 
 def _local(tensors: list[Tensor]) -> list[Tensor]:
     """This rank's shards of any DTensors (in-place ops on them reach the DTensors), the rest as they are."""
-    return [local_tensor(t) for t in tensors] if any(map(is_dtensor, tensors)) else tensors
+    return [local_tensor(t) for t in tensors] if has_dtensor(tensors) else tensors
 
 
 def _scaled(t: Tensor, scale: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["is_dtensor", "local_tensor", "reduce_shard_norms", "shard_groups"]
+__all__ = ["has_dtensor", "is_dtensor", "local_tensor", "reduce_shard_norms", "shard_groups"]
 
 ShardKey = tuple[Any, ...]  # the process groups of the mesh dims a tensor is sharded over; () if none
 
@@ -44,6 +44,11 @@ _DTENSOR = _dtensor_type()
 def is_dtensor(t: Any) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor``."""
     return _DTENSOR is not None and isinstance(t, _DTENSOR)
+
+
+def has_dtensor(tensors: Sequence[Any]) -> bool:
+    """Whether any of ``tensors`` is a DTensor: one check per distinct type, not per tensor (the hot path)."""
+    return _DTENSOR is not None and any(issubclass(k, _DTENSOR) for k in set(map(type, tensors)))
 
 
 def local_tensor(t: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from gradclip_plugin.functional.distributed import is_dtensor, local_tensor, reduce_shard_norms, shard_groups
+from gradclip_plugin.functional.distributed import has_dtensor, local_tensor, reduce_shard_norms, shard_groups
 
 Tensors = Union[Tensor, Iterable[Optional[Tensor]]]
 
@@ -100,31 +100,34 @@ def tensor_norms(tensors: Tensors, norm_type: float = 2.0, *, shard_group: Optio
     if not tensors:
         return torch.zeros(0, dtype=torch.float32)
     keys: Optional[list[Any]] = None
-    if shard_group is not None or any(map(is_dtensor, tensors)):
+    if shard_group is not None or has_dtensor(tensors):
         keys = [shard_groups(t, () if shard_group is None else (shard_group,)) for t in tensors]
         tensors = [local_tensor(t) for t in tensors]
-    out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
     groups = group_by_device_and_dtype(tensors)
-    for (device, dtype), idx in groups.items():
-        acc = accumulation_dtype(dtype)
-        # An empty tensor (often a rank's share of a small sharded one) has norm 0 for every order;
-        # the inf-norm kernels refuse it ("no identity"), so it is left out of the call.
-        for i in idx:
-            if tensors[i].numel() == 0:
-                out[i] = torch.zeros((), dtype=acc, device=device)
-        idx = [i for i in idx if out[i] is None]
-        group = [tensors[i] for i in idx]
-        if device.type in ("cpu", "cuda"):
-            norms = torch._foreach_norm(group, norm_type, dtype=acc) if group else []
-        else:  # no foreach kernels (MPS, XLA...): one reduction per tensor
-            norms = [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in group]
-        for i, n in zip(idx, norms):
-            out[i] = n
+    if len(groups) == 1:  # the usual case: one device, one dtype
+        ((device, dtype),) = groups
+        out = _norms(tensors, norm_type, device, dtype)
+    else:
+        out = [None] * len(tensors)
+        for (device, dtype), idx in groups.items():
+            for i, n in zip(idx, _norms([tensors[i] for i in idx], norm_type, device, dtype)):
+                out[i] = n.to(tensors[0].device)
     if keys is not None and any(keys):
         out = reduce_shard_norms(out, keys, norm_type)
-    if len(groups) > 1:  # several devices: gather on the first (one device needs no per-tensor `.to`)
-        out = [n.to(tensors[0].device) for n in out]
     return torch.stack(out)
+
+
+def _norms(group: list[Tensor], norm_type: float, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
+    """The norms of tensors of one device and dtype: one foreach call, accumulated in float32 (float64 kept)."""
+    acc = accumulation_dtype(dtype)
+    if device.type not in ("cpu", "cuda"):  # no foreach kernels (MPS, XLA...): one reduction per tensor
+        return [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in group]
+    if norm_type == math.inf and any(t.numel() == 0 for t in group):
+        # the inf-norm kernel refuses an empty tensor (often a rank's share of a small sharded one): norm 0
+        nonempty = [t for t in group if t.numel()]
+        full = iter(torch._foreach_norm(nonempty, norm_type, dtype=acc) if nonempty else [])
+        return [next(full) if t.numel() else torch.zeros((), dtype=acc, device=device) for t in group]
+    return list(torch._foreach_norm(group, norm_type, dtype=acc))
 
 
 @torch.no_grad()

@@ -326,11 +326,11 @@ def test_state_dict_round_trip(tmp_path):
     cb = ZClip(warmup_steps=3, max_norm=None, skip_step_z_thresh=20.0)
     run(tmp_path, cb, max_steps=10)
     saved = cb.state_dict()
-    assert set(saved) == {"nonfinite_steps", "skipped_steps", "since_last_log", "states"}
+    assert set(saved) == {"tallies", "states"}
     assert set(saved["states"][0]) == set(ZClipState._fields)
     fresh = ZClip(warmup_steps=3, max_norm=None, skip_step_z_thresh=20.0)
     fresh.load_state_dict(saved)
-    assert fresh.state_dict() == saved and saved["skipped_steps"] == {0: 2}
+    assert fresh.state_dict() == saved and saved["tallies"][0]["skipped"] == 2
     assert fresh._states[0] == cb._states[0]
 
 
@@ -453,7 +453,7 @@ def test_zclip_skips_the_step_on_a_severe_spike_and_logs_it(tmp_path):
     spikes = cb._states[0].spikes
     assert 0 < len(skipped) < spikes, "some spikes are only clipped, the severe ones are skipped"
     assert metrics["grad_clip/skipped_steps"][len(SCALES) - 1] == len(skipped)
-    assert cb.state_dict()["skipped_steps"] == {0: len(skipped)}
+    assert cb.state_dict()["tallies"][0]["skipped"] == len(skipped)
 
 
 def test_zclip_logs_threshold_z_and_spike_count(tmp_path):
