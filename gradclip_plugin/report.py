@@ -138,7 +138,7 @@ def suggest_max_norm(
         return threshold, (
             f"keep {parameter}={threshold:g}: it clipped {clip_rate:.0%} of the steps and every step stayed finite. "
             f"Clipping that often bounds every update, which is what kept this run stable; the {quantity} it "
-            f"measured ({_round_down(float(np.median(stable)))!r} at the median) was measured under it and does not "
+            f"measured ({_round_down(float(np.median(stable))):g} at the median) was measured under it and does not "
             f"show that a looser threshold would be safe. If training is slow, raise {parameter} a step at a time "
             "and report again."
         )

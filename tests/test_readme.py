@@ -25,8 +25,9 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
 
 
 def test_every_test_the_readme_cites_exists():
-    """The Guarantees tables name tests as `tests/<file>.py::<name>` (and `::<name>` for the same file)."""
-    text = (ROOT / "README.md").read_text()
+    """The docs (docs/guarantees.md above all) name tests as `tests/<file>.py::<name>` (and `::<name>` for the
+    same file)."""
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     cited = 0
     for cell in re.findall(r"`(tests/[\w/]+\.py)::(\w+)`((?:, `::\w+`)*)", text):
         path, first, more = cell
@@ -35,3 +36,10 @@ def test_every_test_the_readme_cites_exists():
             cited += 1
             assert re.search(rf"^def {name}\(", source, flags=re.M), f"README cites {path}::{name}, which does not exist"
     assert cited > 30
+
+
+def test_every_link_of_the_readme_and_docs_resolves():
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+            if not target.startswith("http"):
+                assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
