@@ -1,7 +1,8 @@
 """The zero-code route: callbacks for every ``Trainer`` from a YAML file named by ``GRADCLIP_CONFIG``.
 
 The package registers :func:`callbacks_factory` under the entry-point group
-``pytorch_lightning.callbacks_factory``; Lightning calls every factory of that group when a
+``pytorch_lightning.callbacks_factory`` and :func:`lightning_callbacks_factory` under
+``lightning.pytorch.callbacks_factory``; Lightning calls every factory of its group when a
 ``Trainer`` is created and appends what it returns to ``Trainer(callbacks=...)``. So::
 
     GRADCLIP_CONFIG=gradclip.yaml python train.py
@@ -16,34 +17,34 @@ it changed. The file holds what ``trainer.callbacks`` holds in a LightningCLI co
 
 A whole LightningCLI config (a mapping with ``trainer: callbacks: [...]``) is accepted too, so
 the files in ``examples/configs/`` work both ways. With ``GRADCLIP_CONFIG`` unset or empty nothing
-is added.
+is added. The arguments are checked and converted as LightningCLI does (by jsonargparse, where it
+is installed: ``max_norm: "1.0"`` is a float there too).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
+import warnings
 from typing import Any
 
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from gradclip_plugin.callbacks import _lightning as L
 
-__all__ = ["ENV_VAR", "GradclipConfigError", "callbacks_factory", "load_callbacks"]
+__all__ = ["ENV_VAR", "GradclipConfigError", "callbacks_factory", "lightning_callbacks_factory", "load_callbacks"]
 
 #: the environment variable naming the YAML file
 ENV_VAR = "GRADCLIP_CONFIG"
 
-#: where a class_path without a module is looked up, in order (LightningCLI accepts short names too)
-_SHORT_NAME_MODULES = ("gradclip_plugin", "pytorch_lightning.callbacks")
-
 _EXAMPLE = "- class_path: gradclip_plugin.ClipByGlobalNorm\n  init_args:\n    max_norm: 1.0"
 
 
-class GradclipConfigError(MisconfigurationException):
-    """The file named by ``GRADCLIP_CONFIG`` cannot be turned into callbacks."""
+class GradclipConfigError(*L.MISCONFIGURATION_BASES):  # type: ignore[misc]
+    """The file named by ``GRADCLIP_CONFIG`` cannot be turned into callbacks (a ``MisconfigurationException``
+    of both Lightning namespaces)."""
 
 
-def callbacks_factory() -> list[Callback]:
+def callbacks_factory() -> list[Any]:
     """Entry point of ``pytorch_lightning.callbacks_factory``: the callbacks of ``$GRADCLIP_CONFIG``, or ``[]``.
 
     Raises:
@@ -51,17 +52,24 @@ def callbacks_factory() -> list[Callback]:
             or names a class that cannot be imported or built.
     """
     path = os.environ.get(ENV_VAR, "").strip()
-    if not path:
-        return []
-    return load_callbacks(path)
+    return load_callbacks(path) if path else []
 
 
-def load_callbacks(path: str | os.PathLike) -> list[Callback]:
+def lightning_callbacks_factory() -> list[Any]:
+    """Entry point of ``lightning.pytorch.callbacks_factory``: as :func:`callbacks_factory`, for the unified package."""
+    path = os.environ.get(ENV_VAR, "").strip()
+    return load_callbacks(path, "lightning.pytorch") if path else []
+
+
+def load_callbacks(path: str | os.PathLike, namespace: str = "pytorch_lightning") -> list[Any]:
     """Build the callbacks listed in the YAML file ``path`` (``class_path``/``init_args`` entries).
 
     Args:
         path: a YAML file holding a list of ``{class_path, init_args}`` entries, one such entry, or a
             LightningCLI config with ``trainer: callbacks:``.
+        namespace: the Lightning namespace of the Trainer (``"pytorch_lightning"`` or
+            ``"lightning.pytorch"``): a bare class name is looked up in ``gradclip_plugin``, then in
+            its ``callbacks``.
 
     Returns:
         One new callback per entry, in file order.
@@ -88,7 +96,7 @@ def load_callbacks(path: str | os.PathLike) -> list[Callback]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise GradclipConfigError(f"{where}: not valid YAML: {err}") from None
-    return [_build(entry, f"{where}, entry {i}") for i, entry in enumerate(_entries(data, where))]
+    return [_build(entry, f"{where}, entry {i}", namespace) for i, entry in enumerate(_entries(data, where), 1)]
 
 
 def _entries(data: Any, where: str) -> list[Any]:
@@ -104,7 +112,7 @@ def _entries(data: Any, where: str) -> list[Any]:
     )
 
 
-def _build(entry: Any, where: str) -> Callback:
+def _build(entry: Any, where: str, namespace: str) -> Any:
     if not isinstance(entry, dict) or not isinstance(entry.get("class_path"), str):
         raise GradclipConfigError(f"{where}: expected a mapping with a `class_path` string, got {entry!r}")
     unknown = sorted(set(entry) - {"class_path", "init_args"})
@@ -116,17 +124,37 @@ def _build(entry: Any, where: str) -> Callback:
     init_args = entry.get("init_args") or {}
     if not isinstance(init_args, dict):
         raise GradclipConfigError(f"{where} ({class_path}): `init_args` must be a mapping, got {init_args!r}")
-    cls = _resolve(class_path, where)
+    cls = _resolve(class_path, where, namespace)
+    where = f"{where} ({class_path})"
+    params = inspect.signature(cls).parameters
+    unknown = [k for k in init_args if k not in params]
+    if unknown:
+        raise GradclipConfigError(
+            f"{where}: {cls.__name__} has no argument `{unknown[0]}`; its arguments are "
+            + ", ".join(f"`{k}`" for k in params if k not in ("args", "kwargs"))
+        )
     try:
-        return cls(**init_args)
-    except (TypeError, ValueError) as err:
-        raise GradclipConfigError(f"{where} ({class_path}): {err}") from err
+        from jsonargparse import ArgumentParser
+    except ImportError:  # the constructor checks the values alone
+        try:
+            return cls(**init_args)
+        except (TypeError, ValueError) as err:
+            expected = ", ".join(f"`{k}`: {params[k].annotation}" for k in init_args)
+            raise GradclipConfigError(f"{where}: {err} (expected {expected})") from err
+    parser = ArgumentParser(exit_on_error=False)
+    with warnings.catch_warnings():  # its deprecation notices are not the user's business
+        warnings.simplefilter("ignore")
+        try:  # the types converted and checked as LightningCLI does, then the constructor's own checks
+            parser.add_class_arguments(cls, "init")
+            return getattr(parser, "instantiate", parser.instantiate_classes)(parser.parse_object({"init": init_args})).init
+        except Exception as err:  # jsonargparse's ArgumentError, the constructor's ValueError
+            message = str(err).replace('"init.', '"').replace("init.", "").replace("\n", " ")
+            raise GradclipConfigError(f"{where}: {' '.join(message.split())}") from err
 
 
-def _resolve(class_path: str, where: str) -> type:
-    candidates = (
-        [tuple(class_path.rsplit(".", 1))] if "." in class_path else [(m, class_path) for m in _SHORT_NAME_MODULES]
-    )
+def _resolve(class_path: str, where: str, namespace: str) -> type:
+    modules = ("gradclip_plugin", f"{namespace}.callbacks")
+    candidates = [tuple(class_path.rsplit(".", 1))] if "." in class_path else [(m, class_path) for m in modules]
     for module_name, name in candidates:
         try:
             module = importlib.import_module(module_name)
@@ -139,8 +167,9 @@ def _resolve(class_path: str, where: str) -> type:
         cls = getattr(module, name, None)
         if cls is None:
             continue
-        if not (isinstance(cls, type) and issubclass(cls, Callback)):
-            raise GradclipConfigError(f"{where}: `class_path: {class_path}` is not a Lightning Callback class")
+        callback = importlib.import_module(f"{namespace}.callbacks").Callback
+        if not (isinstance(cls, type) and issubclass(cls, callback)):
+            raise GradclipConfigError(f"{where}: `class_path: {class_path}` is not a {namespace} Callback class")
         return cls
     raise GradclipConfigError(
         f"{where}: unknown class `class_path: {class_path}`. Give the full import path, e.g. "

@@ -76,19 +76,19 @@ def test_each_call_builds_new_callbacks(tmp_path):
         ("[]\n", "got an empty list"),
         ("max_norm: 1.0\n", r"got a mapping with keys \['max_norm'\]"),
         ("- [unclosed\n", "not valid YAML"),
-        ("- ClipByGlobalNorm\n", "entry 0: expected a mapping with a `class_path` string, got 'ClipByGlobalNorm'"),
+        ("- ClipByGlobalNorm\n", "entry 1: expected a mapping with a `class_path` string, got 'ClipByGlobalNorm'"),
         ("- class_path: gradclip_plugin.ClipByGlobalNorm\n  init_arg: {max_norm: 1}\n",
-         r"entry 0: unknown key\(s\) \['init_arg'\] next to `class_path`"),
+         r"entry 1: unknown key\(s\) \['init_arg'\] next to `class_path`"),
         ("- class_path: gradclip_plugin.ClipByGlobalNorm\n  init_args: 1.0\n", "`init_args` must be a mapping"),
         ("- class_path: gradclip_plugin.ClipByGlobalNormm\n", "unknown class `class_path: gradclip_plugin.ClipByGlobalNormm`"),
         ("- class_path: ClipEverything\n", "unknown class `class_path: ClipEverything`"),
         ("- class_path: no_such_module.Clip\n", "cannot import module 'no_such_module'"),
-        ("- class_path: torch.nn.Linear\n", "`class_path: torch.nn.Linear` is not a Lightning Callback class"),
+        ("- class_path: torch.nn.Linear\n", "`class_path: torch.nn.Linear` is not a pytorch_lightning Callback class"),
         ("- class_path: gradclip_plugin.ClipByGlobalNorm\n  init_args: {max_norm: -1}\n",
-         r"entry 0 \(gradclip_plugin.ClipByGlobalNorm\): `max_norm` must be a positive finite number, got -1"),
+         r"entry 1 \(gradclip_plugin.ClipByGlobalNorm\): `max_norm` must be a positive finite number, got -1"),
         ("- class_path: gradclip_plugin.ClipByGlobalNorm\n  init_args: {max_nrom: 1}\n",
-         r"entry 0 \(gradclip_plugin.ClipByGlobalNorm\): .*unexpected keyword argument 'max_nrom'"),
-        ("- class_path: gradclip_plugin.ClipByGlobalNorm\n", r"missing 1 required .*'max_norm'"),
+         r"entry 1 \(gradclip_plugin.ClipByGlobalNorm\): ClipByGlobalNorm has no argument `max_nrom`; its arguments are `max_norm`, "),
+        ("- class_path: gradclip_plugin.ClipByGlobalNorm\n", r"entry 1 \(gradclip_plugin.ClipByGlobalNorm\): the following arguments are required: max_norm"),
     ],
 )
 def test_malformed_files_name_the_file_and_the_problem(tmp_path, text, match):
@@ -179,3 +179,24 @@ def test_subprocess_without_config_adds_nothing_and_a_missing_file_stops_the_tra
     assert "COLUMNS []" in result.stdout
     assert result.returncode != 0
     assert "GradclipConfigError" in result.stderr and f"GRADCLIP_CONFIG={missing!r}: no such file" in result.stderr
+
+
+# --- values as LightningCLI reads them -------------------------------------------------------------
+
+
+def test_values_are_converted_as_lightning_cli_converts_them(tmp_path):
+    (clip,) = load_callbacks(write(tmp_path, '- class_path: ClipByGlobalNorm\n  init_args: {max_norm: "1.0", norm_type: inf}\n'))
+    assert clip.max_norm == 1.0 and clip.norm_type == float("inf")
+
+
+def test_a_value_of_the_wrong_type_is_refused_naming_the_argument_and_the_type(tmp_path):
+    path = write(tmp_path, '- class_path: ClipByGlobalNorm\n  init_args: {max_norm: "one"}\n')
+    with pytest.raises(GradclipConfigError, match=r'entry 1 \(ClipByGlobalNorm\): .*"max_norm".*float.*one'):
+        load_callbacks(path)
+
+
+def test_without_jsonargparse_the_message_names_the_expected_type(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "jsonargparse", None)  # `import jsonargparse` raises ImportError
+    path = write(tmp_path, '- class_path: ClipByGlobalNorm\n  init_args: {max_norm: "1.0"}\n')
+    with pytest.raises(GradclipConfigError, match=r"got '1.0' \(expected `max_norm`: float\)"):
+        load_callbacks(path)

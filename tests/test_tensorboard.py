@@ -104,6 +104,15 @@ def test_layout_follows_the_logger_prefix(tmp_path):
     assert_every_chart_has_its_tags(charts, tags)
 
 
+def test_the_rule_text_follows_the_logger_prefix_so_the_report_finds_it(tmp_path):
+    from gradclip_plugin.report import summarize
+
+    logger = TensorBoardLogger(tmp_path, name="run", version=0, prefix="train")
+    fit(tmp_path, [ClipByValue(0.5)], logger=logger)
+    (s,) = summarize(logger.log_dir)
+    assert (s.prefix, s.rule, s.parameter) == ("train-grad_clip", "ClipByValue", "clip_value")
+
+
 def test_written_once_for_all_callbacks(tmp_path, monkeypatch):
     calls = []
     original = SummaryWriter.add_custom_scalars

@@ -17,13 +17,14 @@ from typing import Any, Optional
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn  # noqa: F401 - one rank-zero warning for both namespaces
 
-#: the ``Callback`` class of each namespace installed (``pytorch_lightning``, the declared dependency, first):
-#: a gradclip callback subclasses them all, so that either namespace's Trainer and LightningCLI (which
-#: checks ``issubclass(cls, Callback)``) take it
-CALLBACK_BASES: tuple[type, ...] = tuple(
-    importlib.import_module(f"{ns}.callbacks").Callback
-    for ns in ("pytorch_lightning", "lightning.pytorch")
-    if importlib.util.find_spec(ns.split(".")[0]) is not None
+#: the Lightning namespaces installed, ``pytorch_lightning`` (the declared dependency) first
+NAMESPACES = tuple(ns for ns in ("pytorch_lightning", "lightning.pytorch") if importlib.util.find_spec(ns.split(".")[0]))
+#: the ``Callback`` class of each: a gradclip callback subclasses them all, so that either namespace's
+#: Trainer and LightningCLI (which checks ``issubclass(cls, Callback)``) take it
+CALLBACK_BASES: tuple[type, ...] = tuple(importlib.import_module(f"{ns}.callbacks").Callback for ns in NAMESPACES)
+#: the ``MisconfigurationException`` of each, for an error that either namespace's ``except`` clause catches
+MISCONFIGURATION_BASES: tuple[type, ...] = tuple(
+    importlib.import_module(f"{ns}.utilities.exceptions").MisconfigurationException for ns in NAMESPACES
 )
 
 
@@ -73,12 +74,48 @@ def flat_shard_group(trainer: Any) -> Optional[Any]:
     """
     if not isinstance(trainer.strategy, _class(trainer, "strategies.FSDPStrategy")):
         return None
+    return _fsdp_group(trainer.strategy.model)
+
+
+def _fsdp_group(module: Any) -> Optional[Any]:
+    """The process group of the first FSDP1 module in ``module``, unless it does not shard."""
     from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
-    model = trainer.strategy.model
-    if not isinstance(model, FullyShardedDataParallel) or model.sharding_strategy == ShardingStrategy.NO_SHARD:
+    fsdp = next((m for m in module.modules() if isinstance(m, FullyShardedDataParallel)), None)
+    return None if fsdp is None or fsdp.sharding_strategy == ShardingStrategy.NO_SHARD else fsdp.process_group
+
+
+# ---------------------------------------------------------------------------------------------- loops
+def unwrap(obj: Any) -> Any:
+    """The user's module or optimizer inside Lightning's wrappers (Fabric's ``_FabricModule`` and
+    ``_FabricOptimizer``, ``LightningOptimizer``: their private ``_original_module`` and ``_optimizer``)."""
+    for attr in ("_original_module", "_optimizer"):
+        inner = getattr(obj, attr, None)
+        if inner is not None:
+            return inner
+    return obj
+
+
+def loop_scaler(fabric: Any, optimizer: Any) -> Optional[torch.amp.GradScaler]:
+    """Fabric's enabled loss scaler, after unscaling ``optimizer``'s gradients (once a step, as
+    ``fabric.clip_gradients`` does; the scaler's private per-optimizer stage tells whether it was)."""
+    scaler = getattr(getattr(getattr(fabric, "strategy", None), "precision", None), "scaler", None)
+    if scaler is None or not scaler.is_enabled():
         return None
-    return model.process_group
+    from torch.amp.grad_scaler import OptState
+
+    if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+        scaler.unscale_(optimizer)
+    return scaler
+
+
+def loop_shard_group(fabric: Any, module: Any) -> Optional[Any]:
+    """The FSDP1 shard group of a module set up by Fabric's ``FSDPStrategy``, or ``None``."""
+    if fabric is None:
+        return None
+    namespace = "lightning.fabric" if type(fabric).__module__.startswith("lightning.") else "lightning_fabric"
+    strategy = getattr(importlib.import_module(f"{namespace}.strategies"), "FSDPStrategy")
+    return _fsdp_group(module) if isinstance(fabric.strategy, strategy) else None
 
 
 def refuse_deepspeed(trainer: Any, owner: str) -> None:

@@ -36,6 +36,7 @@ from gradclip_plugin.functional.adaptive import (
     unitwise_norms,
     zclip_update,
 )
+from gradclip_plugin.functional.distributed import has_dtensor
 from gradclip_plugin.functional.norms import check_norm_type, check_positive
 
 __all__ = ["AdaptiveGradientClipping", "AutoClip", "ZClip"]
@@ -101,10 +102,11 @@ class AdaptiveGradientClipping(GradientClipCallback):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_fit_start(trainer, pl_module)
-        if self._shard_group is not None:
+        params = [p for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]]
+        if self._shard_group is not None or has_dtensor(params):
             raise L.misconfiguration(
                 trainer,
-                "AdaptiveGradientClipping does not support FSDP's flat-sharded gradients: a unit split across "
+                "AdaptiveGradientClipping does not support sharded (FSDP) gradients: a unit split across "
                 "ranks would be measured by its local piece. Use ClipByGlobalNorm, AutoClip or ZClip, which "
                 "reduce the norms of sharded gradients across ranks.",
             )
@@ -361,9 +363,9 @@ class ZClip(_HistoryClip):
         self.skip_update_on_spike = skip_update_on_spike
         self.skip_step_z_thresh = None if skip_step_z_thresh is None else float(skip_step_z_thresh)
 
-    def metric_names(self) -> tuple[str, ...]:
-        skips = ("skipped_steps",) if self.skip_step_z_thresh is not None else ()
-        return super().metric_names() + ("z", "spikes") + skips
+    @property
+    def skips_steps(self) -> bool:
+        return self.skip_step_z_thresh is not None
 
     def fits(self, state: ZClipState) -> bool:
         return (state.mean is None) == (state.var is None) and all(isinstance(v, float) for v in state.buffer)

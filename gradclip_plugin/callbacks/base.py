@@ -128,13 +128,19 @@ def plan_params(
     return Plan(len(params), chosen, names, groups, group_names)
 
 
+def read_metrics(metrics: dict[str, Value]) -> dict[str, float]:
+    """``metrics`` with Python float values, every tensor among them read in one device-to-host copy."""
+    return dict(zip(metrics, read_values(list(metrics.values()))))
+
+
 def read_values(values: list[Value]) -> list[float]:
     """``values`` as Python floats: every tensor among them read in one device-to-host copy."""
     tensors = [v for v in values if isinstance(v, Tensor)]
     if not tensors:
         return [float(v) for v in values]
     device = tensors[0].device
-    read = iter(torch.cat([t.reshape(-1).to(device, torch.float64) for t in tensors]).tolist())
+    wide = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    read = iter(torch.cat([t.reshape(-1).to(device, wide) for t in tensors]).tolist())
     return [next(read) if isinstance(v, Tensor) else float(v) for v in values]
 
 
@@ -170,6 +176,7 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
         self._members: dict[tuple[int, ...], Tensor] = {}  # group rows of the gradients present
         self._shard_group: Optional[Any] = None
         self._n_optimizers = 1
+        self._loop_index: dict[int, int] = {}  # id(optimizer) -> index, in a loop without a Trainer
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -197,7 +204,7 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
         for writer, tag_prefix in L.tensorboard_writers(trainer):
             tensorboard.write_layout(writer, charts, tag_prefix)
             for cb in ours:
-                cb.describe(writer)
+                cb.describe(writer, tag_prefix)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         if L.should_log(trainer):
@@ -211,8 +218,9 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
             pass
 
     # ------------------------------------------------------------------ for subclasses
-    def metrics(self) -> dict[str, Value]:
-        """The values to log at the end of a logging batch, by metric name; forgets them."""
+    def metrics(self, idx: Optional[int] = None) -> dict[str, Value]:
+        """The values to log at the end of a logging batch (of optimizer ``idx`` only, if given), by
+        metric name; forgets them."""
         raise NotImplementedError
 
     def charts(self, n_optimizers: int) -> dict[str, list[str]]:
@@ -220,7 +228,7 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
         ending in ``/*`` stands for every name one level below it)."""
         return {}
 
-    def describe(self, writer: Any) -> None:
+    def describe(self, writer: Any, tag_prefix: str = "") -> None:
         """Write what this callback is to a TensorBoard ``SummaryWriter`` (for ``gradclip report``)."""
 
     def metric_key(self, name: str, idx: int, n_optimizers: Optional[int] = None) -> str:
@@ -275,10 +283,20 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
             members = self._members[groups] = torch.tensor(rows, dtype=torch.bool, device=norms.device)
         return dict(zip((plan.group_names[k] for k in present), subset_norms(norms, members, norm_type).unbind()))
 
+    def loop_step(self, module: Any, optimizer: Any, fabric: Any) -> tuple[Any, Plan, int, Any]:
+        """For a loop without a Trainer (Fabric, plain PyTorch): the user's optimizer, its plan and index (in
+        the order the optimizers come), and Fabric's loss scaler, the gradients unscaled."""
+        self._shard_group = L.loop_shard_group(fabric, module)
+        module, optimizer = L.unwrap(module), L.unwrap(optimizer)
+        if id(optimizer) not in self._plans:
+            self.check_include(module)
+        idx = self._loop_index.setdefault(id(optimizer), len(self._loop_index))
+        return optimizer, self.plan(optimizer, module), idx, L.loop_scaler(fabric, optimizer)
+
     def _write(self, trainer: Any) -> None:
         metrics = self.metrics()
         if metrics and trainer.is_global_zero:
-            values = dict(zip(metrics, read_values(list(metrics.values()))))
+            values = read_metrics(metrics)
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=L.log_step(trainer))
 
@@ -317,26 +335,6 @@ class Tally:
     at_log: tuple[int, Value, Value] = (0, 0, 0)  #: ``(steps, finite, clipped)`` at the last log
     last: Optional[ClipStats] = None  #: the last step's numbers (``None`` if it was skipped)
     groups: Optional[dict[str, Tensor]] = None  #: per-group pre-clip norms of the last logging step
-
-
-def skip_step(optimizer: torch.optim.Optimizer) -> None:
-    """Make the coming ``optimizer.step()`` a no-op for this optimizer alone.
-
-    The gradients are hidden (torch optimizers pass over a parameter without one, so weights and state,
-    Adam's step count included, stay untouched) and put back right after that step, so that a parameter
-    shared with another optimizer keeps its gradient for that optimizer's step.
-    """
-    hidden = [(p, p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    for p, _ in hidden:
-        p.grad = None
-
-    def restore(*_: Any) -> None:
-        handle.remove()
-        for p, g in hidden:
-            if p.grad is None:
-                p.grad = g
-
-    handle = optimizer.register_step_post_hook(restore)
 
 
 class GradientClipCallback(GradientCallback):
@@ -383,12 +381,16 @@ class GradientClipCallback(GradientCallback):
         super().__init__(include=include, exclude=exclude, group_depth=group_depth, log_prefix=log_prefix)
         # Lightning checks at `Trainer(...)` that state keys are unique, before any hook runs: until
         # `setup` settles the key, it is unique to this instance
-        self._state_key = self._generate_state_key(log_prefix=log_prefix, instance=id(self))
+        self._state_key = f"{type(self).__qualname__}{ {'log_prefix': log_prefix, 'instance': id(self)}!r}"
 
     def _reset(self) -> None:
         super()._reset()
         self._tallies: dict[int, Tally] = {}
         self._warned = False
+        for handle in getattr(self, "_hooks", {}).values():
+            handle.remove()
+        self._hooks: dict[int, Any] = {}  # id(optimizer) -> its step post-hook, which puts hidden gradients back
+        self._hidden: dict[int, list[tuple[Tensor, Tensor]]] = {}  # id(optimizer) -> gradients hidden for its step
 
     # ------------------------------------------------------------------ the rule
     def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
@@ -399,9 +401,10 @@ class GradientClipCallback(GradientCallback):
         """Clip ``grads`` in place from ``step``'s measurement; return the step's numbers."""
         raise NotImplementedError(f"{type(self).__name__} is a base class: use one of its subclasses")
 
-    def metric_names(self) -> tuple[str, ...]:
-        """The metrics this callback logs per optimizer (group norms aside)."""
-        return ("norm", "norm_clipped", "threshold", "clip_rate", "nonfinite_steps")
+    @property
+    def skips_steps(self) -> bool:
+        """Whether the rule may skip a step of its own accord (then ``skipped_steps`` is logged)."""
+        return False
 
     # ------------------------------------------------------------------ Lightning hooks
     @property
@@ -425,9 +428,8 @@ class GradientClipCallback(GradientCallback):
         shared = [cb for cb in trainer.callbacks if isinstance(cb, GradientClipCallback) and cb.log_prefix == self.log_prefix]
         same = [cb for cb in shared if type(cb) is type(self)]
         position = same.index(self) if len(same) > 1 else None
-        self._state_key = self._generate_state_key(
-            log_prefix=self.log_prefix, **({} if position is None else {"position": position})
-        )
+        key = {"log_prefix": self.log_prefix, **({} if position is None else {"position": position})}
+        self._state_key = f"{type(self).__qualname__}{key!r}"  # the form of Lightning's own keys
         self.key_prefix = self.log_prefix
         if len(shared) > 1:
             self.key_prefix = f"{self.log_prefix}/{name}{'' if position is None else position}"
@@ -448,11 +450,36 @@ class GradientClipCallback(GradientCallback):
         plan = self.plan(optimizer, pl_module)
         self.clip_step(optimizer, plan, idx, L.loss_scaler(trainer), L.should_log(trainer), f"global step {trainer.global_step}")
 
-    def metrics(self) -> dict[str, Value]:
+    def clip_gradients(self, module: Any, optimizer: Any, *, fabric: Any = None, metrics: bool = True) -> dict[str, float]:
+        """Clip ``module``'s gradients for ``optimizer``'s coming step, in a Fabric or plain PyTorch loop.
+
+        Call it after the backward pass and before ``optimizer.step()``, as ``fabric.clip_gradients``:
+        it takes ``optimizer``'s parameters of ``module`` (with ``include``/``exclude``), unscales their
+        gradients first under Fabric's loss scaler, applies the rule and the non-finite policy (under
+        ``"skip"`` the coming ``optimizer.step()`` leaves this optimizer's parameters and state
+        untouched) and advances the statistics, exactly as in a Trainer. Save ``state_dict()`` in your
+        checkpoint and restore it with ``load_state_dict()``.
+
+        Args:
+            module: the model, or Fabric's wrapper of it.
+            optimizer: the optimizer about to step, or Fabric's wrapper of it.
+            fabric: the ``Fabric`` the model was set up with, if any (its loss scaler and FSDP).
+            metrics: return the metrics (one device-to-host copy); ``False`` returns ``{}`` and reads
+                nothing, for steps you do not log: the next call that returns them covers every step since.
+
+        Returns:
+            ``{"grad_clip/norm": ..., "grad_clip/norm_clipped": ..., "grad_clip/clip_rate": ..., ...}``,
+            the names the callback logs in a Trainer (one optimizer's), ready for ``fabric.log_dict``.
+        """
+        optimizer, plan, idx, scaler = self.loop_step(module, optimizer, fabric)
+        self.clip_step(optimizer, plan, idx, scaler, metrics)
+        return read_metrics(self.metrics(idx)) if metrics else {}
+
+    def metrics(self, idx: Optional[int] = None) -> dict[str, Value]:
         out: dict[str, Value] = {}
-        for idx, t in self._tallies.items():
+        for i, t in self._tallies.items():
             steps, finite, clipped = t.at_log
-            if t.steps == steps:
+            if t.steps == steps or idx not in (None, i):
                 continue  # no step since the last log
             values: dict[str, Value] = {}
             if t.last is not None:
@@ -462,10 +489,10 @@ class GradientClipCallback(GradientCallback):
             window = t.finite - finite
             values["clip_rate"] = (t.clipped - clipped) / (window.clamp(min=1) if isinstance(window, Tensor) else max(window, 1))
             values["nonfinite_steps"] = t.steps - t.finite
-            if "skipped_steps" in self.metric_names():
+            if self.skips_steps:
                 values["skipped_steps"] = t.skipped
             values.update({f"norm/{g}": n for g, n in (t.groups or {}).items()})
-            out.update((self.metric_key(k, idx), v) for k, v in values.items())
+            out.update((self.metric_key(k, i), v) for k, v in values.items())
             t.at_log, t.groups = (t.steps, t.finite, t.clipped), None
         return out
 
@@ -477,8 +504,8 @@ class GradientClipCallback(GradientCallback):
             out["clip_rate"].append(self.metric_key("clip_rate", i, n_optimizers))
         return out
 
-    def describe(self, writer: Any) -> None:
-        writer.add_text(f"{self.key_prefix}/callback", type(self).__name__)
+    def describe(self, writer: Any, tag_prefix: str = "") -> None:
+        writer.add_text(f"{tag_prefix}{self.key_prefix}/callback", type(self).__name__)
 
     def state_dict(self) -> dict[str, Any]:
         # the counts at the last log too: the first rate logged after a resume in the middle of a
@@ -493,7 +520,10 @@ class GradientClipCallback(GradientCallback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for i, saved in state_dict.get("tallies", {}).items():
-            self._tallies[int(i)] = Tally(**{**saved, "at_log": tuple(saved["at_log"])})
+            try:
+                self._tallies[int(i)] = Tally(**{**saved, "at_log": tuple(saved["at_log"])})
+            except (TypeError, KeyError):
+                L.rank_zero_warn(f"{type(self).__name__}: the checkpoint's counts for optimizer {i} do not fit; they start afresh.")
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -507,6 +537,7 @@ class GradientClipCallback(GradientCallback):
         where: str = "",
     ) -> None:
         """Clip the gradients of ``plan``'s parameters for ``optimizer``'s coming step (the pipeline above)."""
+        self.restore_hidden()  # gradients hidden for a step that never ran (a loss scaler skipped it)
         params, grads, positions = self.gradients(plan)
         if not grads:
             return
@@ -528,7 +559,7 @@ class GradientClipCallback(GradientCallback):
                 )
             self._warn_nonfinite("skipping the optimizer step" if self.nonfinite == "skip" else "zeroing the non-finite entries")
             if self.nonfinite == "skip":
-                skip_step(optimizer)
+                self.skip_step(optimizer)
                 return
             for g in grads:
                 torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
@@ -544,7 +575,38 @@ class GradientClipCallback(GradientCallback):
             tally.clipped = tally.clipped + (stats.clipped & finite)
         if stats.skip:
             tally.skipped += 1
-            skip_step(optimizer)
+            self.skip_step(optimizer)
+
+    def skip_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make the coming ``optimizer.step()`` a no-op for this optimizer alone.
+
+        The gradients are hidden (torch optimizers pass over a parameter without one, so weights and
+        state, Adam's step count included, stay untouched) and put back right after that step, by one
+        step post-hook per optimizer, so that a parameter shared with another optimizer keeps its
+        gradient for that optimizer's step. If the step never runs (a loss scaler skipped it), they go
+        back at the next hook or at the end of the batch, as if nothing had been hidden.
+        """
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self._hidden[id(optimizer)] = [(p, p.grad) for p in params]
+        for p in params:
+            p.grad = None
+        if id(optimizer) not in self._hooks:
+            self._hooks[id(optimizer)] = optimizer.register_step_post_hook(lambda opt, *_: self.restore_hidden(id(opt)))
+
+    def restore_hidden(self, key: Optional[int] = None) -> None:
+        """Put back the gradients hidden for the step of optimizer ``id`` ``key`` (of all, if ``None``)."""
+        for k in list(self._hidden) if key is None else [key]:
+            for p, g in self._hidden.pop(k, ()):
+                if p.grad is None:
+                    p.grad = g
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        self.restore_hidden()
+        super().on_train_batch_end(trainer, pl_module, *args)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self.restore_hidden()
 
     def _warn_nonfinite(self, action: str) -> None:
         if not self._warned:

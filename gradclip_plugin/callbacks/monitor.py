@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from gradclip_plugin.callbacks import _lightning as L
-from gradclip_plugin.callbacks.base import GradientCallback, GroupDepth, NormType, Plan, Value, check_group_depth
+from gradclip_plugin.callbacks.base import GradientCallback, GroupDepth, NormType, Plan, Value, check_group_depth, read_metrics
 from gradclip_plugin.functional import combine_norms, tensor_norms
 from gradclip_plugin.functional.norms import check_norm_type
 
@@ -110,21 +110,39 @@ class GradientNormMonitor(GradientCallback):
             return  # nothing runs on a step that does not log
         idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
         plan = self.plan(optimizer, pl_module)
-        _, grads, positions = self.gradients(plan)
-        if not grads:
-            return
         if log:
+            self._measure(plan, idx)
+        for writer, tag_prefix in writers:
+            self._histograms(writer, tag_prefix, plan, idx, step)
+
+    def gradient_norms(self, module: Any, optimizer: Any, *, fabric: Any = None) -> dict[str, float]:
+        """The norms this monitor logs in a Trainer (one optimizer's), in a Fabric or plain PyTorch loop.
+
+        Call it after the backward pass and before ``optimizer.step()`` (before or after a clipping
+        callback's ``clip_gradients``: pre- or post-clip norms). Under Fabric's loss scaler the gradients
+        are unscaled first. One device-to-host copy.
+
+        Returns:
+            ``{"grad_norm/total": ..., "grad_norm/<group>": ...}``, ready for ``fabric.log_dict``.
+        """
+        optimizer, plan, idx, _ = self.loop_step(module, optimizer, fabric)
+        self._measure(plan, idx)
+        return read_metrics(self.metrics(idx))
+
+    # ------------------------------------------------------------------ helpers
+    @torch.no_grad()
+    def _measure(self, plan: Plan, idx: int) -> None:
+        """Keep this step's total and group norms of the gradients of ``plan``, to be written."""
+        _, grads, positions = self.gradients(plan)
+        if grads:
             norms = tensor_norms(grads, self.norm_type, shard_group=self._shard_group)
             groups = self.group_norms(plan, positions, norms, self.norm_type)
             self._pending[idx] = {"total": combine_norms(norms, self.norm_type)}
             self._pending[idx].update((g if g != "total" else "total_", n) for g, n in groups.items())
-        for writer, tag_prefix in writers:
-            self._histograms(writer, tag_prefix, plan, positions, grads, idx, step)
 
-    # ------------------------------------------------------------------ helpers
-    def metrics(self) -> dict[str, Value]:
-        out = {self.metric_key(k, i): v for i, values in self._pending.items() for k, v in values.items()}
-        self._pending = {}
+    def metrics(self, idx: Optional[int] = None) -> dict[str, Value]:
+        out = {self.metric_key(k, i): v for i, values in self._pending.items() if idx in (None, i) for k, v in values.items()}
+        self._pending = {i: v for i, v in self._pending.items() if idx not in (None, i)}
         return out
 
     def charts(self, n_optimizers: int) -> dict[str, list[str]]:
@@ -134,10 +152,9 @@ class GradientNormMonitor(GradientCallback):
             out[f"{base}: total and per-group norms"] = [f"{base}/*"]
         return out
 
-    def _histograms(
-        self, writer: Any, tag_prefix: str, plan: Plan, positions: list[int], grads: list[Tensor], idx: int, step: int
-    ) -> None:
+    def _histograms(self, writer: Any, tag_prefix: str, plan: Plan, idx: int, step: int) -> None:
         """A histogram of each group's gradient values (TensorBoard bins them on the host: histogram steps only)."""
+        _, grads, positions = self.gradients(plan)
         members: dict[int, list[Tensor]] = {}
         for i, g in zip(positions, grads):
             members.setdefault(plan.groups[i], []).append(g.detach().reshape(-1).float().cpu())

@@ -194,13 +194,13 @@ def adaptive_clip_grad_(
         The pre-clip norm of all gradients together, a 0-dim tensor.
 
     Raises:
-        ValueError: for a tensor that is not a parameter (does not require grad), such as a gradient.
+        ValueError: when no tensor is a parameter (requires grad): gradients, say.
 
     References:
         Brock et al. 2021, "High-Performance Large-Scale Image Recognition Without Normalization".
     """
     params = as_tensor_list(parameters)
-    if not all(p.requires_grad for p in params):
+    if params and not any(p.requires_grad for p in params):  # frozen parameters among others are passed over
         raise ValueError(
             "`parameters` must be the parameters (tensors that require grad), not their gradients: AGC's limits "
             "come from the weights. Pass `model.parameters()`."

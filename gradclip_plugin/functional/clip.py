@@ -134,10 +134,10 @@ def clip_by_global_norm(
 
 
 def as_gradients(tensors: Tensors) -> list[Tensor]:
-    """The tensors to clip: a parameter (a tensor that requires grad) stands for its ``.grad``, skipped
+    """The tensors to clip: a parameter (a leaf tensor that requires grad) stands for its ``.grad``, skipped
     if ``None``; any other tensor (a gradient) for itself. So ``model.parameters()`` clips the gradients,
     as ``torch.nn.utils.clip_grad_norm_`` does, and never the weights."""
-    grads = (t.grad if t.requires_grad else t for t in as_tensor_list(tensors))
+    grads = (t.grad if t.is_leaf and t.requires_grad else t for t in as_tensor_list(tensors))
     return [g for g in grads if g is not None]
 
 
@@ -205,6 +205,8 @@ def clip_by_value_(tensors: Tensors, clip_value: Number) -> None:
     """
     check_positive("clip_value", clip_value)
     tensors = _local(as_gradients(tensors))
+    if not tensors:
+        return
     for _, idx in group_by_device_and_dtype(tensors).items():
         group = [tensors[i] for i in idx]
         torch._foreach_clamp_min_(group, -clip_value)

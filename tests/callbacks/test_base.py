@@ -194,6 +194,27 @@ def test_a_skipped_step_leaves_a_shared_parameter_its_gradient_for_the_other_opt
     assert model.shared.item() == pytest.approx(0.8) and model.b.item() == pytest.approx(0.8)
 
 
+def test_skips_whose_step_never_runs_leave_one_restore_and_the_gradients_back(tmp_path):
+    # A loss scaler skips `optimizer.step()` after an overflow: the hidden gradients must come back as if
+    # nothing had been hidden, with no restore hook left to fire later (torch forbids removing a hook
+    # while its hooks run: two pending ones would crash the next step).
+    cb = ClipByGlobalNorm(1.0)
+    p = nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    later = []
+    for value in (1.0, 2.0):
+        p.grad = torch.full((2,), value)
+        cb.skip_step(opt)  # and no step follows
+        assert p.grad is None
+    opt.register_step_post_hook(lambda *_: later.append(p.grad))  # a user's own hook, after ours
+    cb.restore_hidden()
+    assert torch.equal(p.grad, torch.full((2,), 2.0))  # the last hidden gradient, back
+    p.grad = torch.full((2,), 3.0)
+    opt.step()  # runs both hooks without error, and ours restores nothing stale
+    assert torch.equal(later[0], torch.full((2,), 3.0)) and len(cb._hooks) == 1
+    assert torch.allclose(p.detach(), torch.full((2,), 0.7))
+
+
 class TwoStepsPerBatchModel(TinyModel):
     """Manual optimization, one optimizer stepped twice per batch: first on a large loss, then on a small one."""
 

@@ -189,6 +189,13 @@ def test_adaptive_clip_grad_refuses_gradients_naming_the_fix():
     assert torch.equal(p.grad, torch.ones(3, 2))
 
 
+def test_adaptive_clip_grad_passes_over_frozen_parameters():
+    frozen, trained = torch.nn.Parameter(torch.ones(3, 2), requires_grad=False), torch.nn.Parameter(torch.ones(3, 2))
+    trained.grad = torch.full((3, 2), 10.0)
+    adaptive_clip_grad_([frozen, trained], clip_factor=0.01)
+    torch.testing.assert_close(torch.linalg.vector_norm(trained.grad[0]), 0.01 * torch.linalg.vector_norm(trained[0].detach()))
+
+
 # ---------------------------------------------------------------------------------------------- AutoClip
 def run_autoclip(norms, percentile=10.0, history_size=None):
     state, out = AutoClipState(), []

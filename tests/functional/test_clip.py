@@ -318,6 +318,20 @@ def test_in_place_forms_skip_parameters_without_gradient():
     assert unused.grad is None and torch.equal(unused.detach(), torch.ones(2))
 
 
+def test_in_place_forms_take_gradients_that_require_grad_as_gradients():
+    # gradients from backward(create_graph=True) require grad: they are not parameters
+    x = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    (g,) = torch.autograd.grad((x**2).sum() / 2, [x], create_graph=True)
+    assert g.requires_grad and not g.is_leaf
+    clip_by_value_([g], 1.0)
+    _exact(g.detach(), [1.0, 1.0])
+
+
+def test_clip_by_value_in_place_with_nothing_to_clip_does_nothing():
+    clip_by_value_([], 1.0)
+    clip_by_value_(torch.nn.Linear(2, 2).parameters(), 1.0)  # no gradient yet
+
+
 def test_in_place_forms_accept_a_tensor_threshold():
     t = torch.tensor([3.0, 4.0])
     clip_by_global_norm_([t], torch.tensor(1.0))
