@@ -88,11 +88,12 @@ def run_pair(scenario: str, out_dir: Path) -> list[dict]:
     return [torch.load(out_dir / f"{scenario}_rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def run_lightning(scenario: str, out_dir: Path) -> list[dict]:
-    """Start rank 0 of ``scenario``; Lightning's launcher starts rank 1 and picks a free port."""
+def run_lightning(scenario: str, out_dir: Path, ns: str = "pytorch_lightning") -> list[dict]:
+    """Start rank 0 of ``scenario`` under Lightning namespace ``ns``; Lightning's launcher starts rank 1
+    and picks a free port."""
     proc = subprocess.Popen(
         [sys.executable, __file__, scenario, str(out_dir)],
-        env=_clean_env(),
+        env={**_clean_env(), "GRADCLIP_NS": ns},
         cwd=out_dir,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -368,12 +369,27 @@ def fsdp1_part() -> dict:
     return res
 
 
+def _ns() -> str:
+    """The Lightning namespace a scenario runs under (``run_lightning(..., ns=)``)."""
+    return os.environ.get("GRADCLIP_NS", "pytorch_lightning")
+
+
+def _ns_class(path: str):
+    """The class ``path`` (``"strategies.FSDPStrategy"``) of the scenario's namespace."""
+    import importlib
+
+    module, name = path.rsplit(".", 1)
+    return getattr(importlib.import_module(f"{_ns()}.{module}"), name)
+
+
 def _lightning_run(out_dir: Path, scenario: str, strategy, model, max_steps: int, **trainer_kwargs) -> None:
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import Callback
+    import importlib
 
     from gradclip_plugin import ClipByGlobalNorm
     from helpers import make_loader
+
+    pl = importlib.import_module(_ns())
+    Callback = pl.Callback  # noqa: N806
 
     class FullGrads(Callback):
         """Every gradient at each optimizer step, gathered to the full tensor when sharded."""
@@ -451,9 +467,9 @@ DDP_STEPS = 4
 def _injecting_model_cls():
     from torch import nn
 
-    from helpers import TinyModel
+    from helpers import for_namespace
 
-    class InjectingModel(TinyModel):
+    class InjectingModel(for_namespace(_ns()).TinyModel):
         """Rank 1 feeds an infinite target at ``BAD_STEP``: its gradients are non-finite there."""
 
         def training_step(self, batch, batch_idx):
@@ -487,7 +503,7 @@ def _fsdp2_model_cls():
 
 
 def scenario_model_parallel(out_dir: Path) -> None:
-    from pytorch_lightning.strategies import ModelParallelStrategy
+    ModelParallelStrategy = _ns_class("strategies.ModelParallelStrategy")  # noqa: N806
 
     model = _fsdp2_model_cls()(lr=0.01, optimizer="adam")
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
@@ -508,10 +524,9 @@ def scenario_fsdp_cpu(out_dir: Path) -> None:
     wrapper passes ``device_id=None`` (which FSDP1 refuses on CPU); this subclass gets past both
     and is otherwise Lightning's strategy: its process group, training loop and optimizer setup.
     """
-    from pytorch_lightning.strategies import FSDPStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    class CPUFSDPStrategy(FSDPStrategy):
+    class CPUFSDPStrategy(_ns_class("strategies.FSDPStrategy")):
         def _setup_model(self, model):
             return FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
 
@@ -519,7 +534,76 @@ def scenario_fsdp_cpu(out_dir: Path) -> None:
     _lightning_run(out_dir, "fsdp_cpu", CPUFSDPStrategy(), model, DDP_STEPS, accelerator="cpu")
 
 
+def scenario_fabric_ddp(out_dir: Path) -> None:
+    """Lightning Fabric, DDP on 2 CPU processes: ``clip_gradients`` between backward and step; rank 1
+    feeds an infinite target at ``BAD_STEP``."""
+    from lightning.fabric import Fabric
+    from torch import nn
+
+    from gradclip_plugin import ClipByGlobalNorm
+    from helpers import make_loader
+
+    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp")
+    fabric.launch()
+    fabric.seed_everything(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    model, opt = fabric.setup(model, torch.optim.Adam(model.parameters(), lr=0.01))
+    clip = ClipByGlobalNorm(0.1)
+    res: dict = {"before": [], "after": [], "weights": [], "metrics": []}
+    for step, (x, y) in enumerate(make_loader(n=32, batch_size=4, seed=fabric.global_rank)):
+        if step == DDP_STEPS:
+            break
+        if fabric.global_rank == 1 and step == BAD_STEP:
+            y = y.clone()
+            y[0, 0] = math.inf
+        fabric.backward(nn.functional.mse_loss(model(x), y))
+        res["before"].append([p.grad.clone() for p in model.parameters()])
+        res["metrics"].append(clip.clip_gradients(model, opt, fabric=fabric))
+        res["after"].append([None if p.grad is None else p.grad.clone() for p in model.parameters()])
+        res["weights"].append([p.detach().clone() for p in model.parameters()])
+        opt.step()
+        opt.zero_grad()
+    res["final"] = [p.detach().clone() for p in model.parameters()]
+    res["adam_steps"] = [int(s["step"]) for s in opt.optimizer.state.values()]
+    torch.save(res, out_dir / f"fabric_ddp_rank{fabric.global_rank}.pt")
+
+
+def scenario_fabric_fsdp_cpu(out_dir: Path) -> None:
+    """Lightning Fabric's ``FSDPStrategy`` (FSDP1) on 2 CPU processes. Fabric refuses the strategy
+    without a GPU (a subclass gets past), and wraps a model for CPU with ``device_id=None``, which FSDP1
+    refuses, but leaves alone a model already wrapped: wrapped here."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import FSDPStrategy
+    from torch import nn
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from gradclip_plugin import ClipByGlobalNorm
+    from helpers import make_loader
+
+    class CPUFSDPStrategy(FSDPStrategy):  # Fabric refuses `type(strategy) is FSDPStrategy` without a GPU
+        pass
+
+    fabric = Fabric(accelerator="cpu", devices=2, strategy=CPUFSDPStrategy())
+    fabric.launch()
+    fabric.seed_everything(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    model = fabric.setup_module(FullyShardedDataParallel(net, device_id=torch.device("cpu"), use_orig_params=True))
+    opt = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=0.01))
+    clip = ClipByGlobalNorm(0.1)
+    res: dict = {"local_squares": [], "metrics": [], "after_squares": []}
+    for step, (x, y) in enumerate(make_loader(n=16, batch_size=4, seed=fabric.global_rank)):
+        fabric.backward(nn.functional.mse_loss(model(x), y))
+        res["local_squares"].append(sum(float(p.grad.double().square().sum()) for p in model.parameters() if p.grad is not None))
+        res["metrics"].append(clip.clip_gradients(model, opt, fabric=fabric))
+        res["after_squares"].append(sum(float(p.grad.double().square().sum()) for p in model.parameters() if p.grad is not None))
+        opt.step()
+        opt.zero_grad()
+    torch.save(res, out_dir / f"fabric_fsdp_cpu_rank{fabric.global_rank}.pt")
+
+
 SCENARIOS = {
+    "fabric_ddp": scenario_fabric_ddp,
+    "fabric_fsdp_cpu": scenario_fabric_fsdp_cpu,
     "dtensor": scenario_dtensor,
     "ddp": scenario_ddp,
     "model_parallel": scenario_model_parallel,
@@ -760,9 +844,26 @@ def test_ddp_ranks_agree_on_norms_clipping_and_skips(tmp_path):
     _check_lightning_run(r0, r1)
 
 
-def test_model_parallel_fsdp2_clips_by_the_full_norm(tmp_path):
-    r0, r1 = run_lightning("model_parallel", tmp_path)
+@pytest.mark.parametrize("ns", ["pytorch_lightning", "lightning.pytorch"])
+def test_model_parallel_fsdp2_clips_by_the_full_norm(tmp_path, ns):
+    r0, r1 = run_lightning("model_parallel", tmp_path, ns)
     _check_lightning_run(r0, r1)
+
+
+def test_fabric_ddp_ranks_agree_on_norms_clipping_and_skips(tmp_path):
+    r0, r1 = run_lightning("fabric_ddp", tmp_path)
+    _equal_on_both_ranks(r0, r1)
+    for step, (before, after, metrics) in enumerate(zip(r0["before"], r0["after"], r0["metrics"])):
+        if step == BAD_STEP:  # a NaN on rank 1 reached both through DDP's all-reduce: both skip
+            assert not all(torch.isfinite(g).all() for g in before)
+            assert all(g is None for g in after) and metrics["grad_clip/nonfinite_steps"] == 1.0
+            assert all(torch.equal(a, b) for a, b in zip(r0["weights"][step], r0["weights"][step + 1]))
+            continue
+        norm = ref_norm(before, 2.0)
+        _close(torch.tensor(metrics["grad_clip/norm"], dtype=torch.float64), norm.double())
+        for g, a in zip(before, after):
+            _close(a, g * (0.1 / norm.item()))
+    assert r0["adam_steps"] == [DDP_STEPS - 1] * 4
 
 
 def _check_flat_shard_run(r0: dict, r1: dict) -> None:
@@ -798,8 +899,19 @@ def _check_flat_shard_run(r0: dict, r1: dict) -> None:
         assert all(int(s) == DDP_STEPS - 1 for s in res["adam_steps"])
 
 
-def test_fsdp_strategy_on_cpu_clips_by_the_full_norm(tmp_path):
-    r0, r1 = run_lightning("fsdp_cpu", tmp_path)
+def test_fabric_fsdp_clips_by_the_norm_of_the_full_gradients(tmp_path):
+    r0, r1 = run_lightning("fabric_fsdp_cpu", tmp_path)
+    assert r0["metrics"] == r1["metrics"]  # both ranks measure the same norm
+    for step, metrics in enumerate(r0["metrics"]):
+        full = math.sqrt(r0["local_squares"][step] + r1["local_squares"][step])  # the two shards make the whole
+        assert 0 < r0["local_squares"][step] < full**2  # each rank holds only part of it
+        assert metrics["grad_clip/norm"] == pytest.approx(full, rel=1e-5)
+        assert math.sqrt(r0["after_squares"][step] + r1["after_squares"][step]) == pytest.approx(0.1, rel=1e-5)
+
+
+@pytest.mark.parametrize("ns", ["pytorch_lightning", "lightning.pytorch"])
+def test_fsdp_strategy_on_cpu_clips_by_the_full_norm(tmp_path, ns):
+    r0, r1 = run_lightning("fsdp_cpu", tmp_path, ns)
     _check_flat_shard_run(r0, r1)
 
 
