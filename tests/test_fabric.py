@@ -100,7 +100,7 @@ def test_fabric_monitor_gives_the_norms_of_the_gradients():
     params = dict(model.module.named_parameters())
     assert norms["grad_norm/total"] == pytest.approx(norm64(p.grad for p in params.values()), rel=1e-6)
     assert norms["grad_norm/0"] == pytest.approx(norm64([params["0.weight"].grad, params["0.bias"].grad]), rel=1e-6)
-    assert set(norms) == {"grad_norm/total", "grad_norm/0", "grad_norm/2"}
+    assert set(norms) == {"grad_norm/total", "grad_norm/0", "grad_norm/2", "grad_norm/nonfinite_steps"}
 
 
 def run_loop(batches, model, clip, start: int = 0):

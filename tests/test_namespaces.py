@@ -76,7 +76,7 @@ def test_tensorboard_layout_histograms_and_rule_in_the_namespaces_logger(tmp_pat
     ns.make_trainer(tmp_path, callbacks, logger=logger, max_steps=2).fit(ns.TinyModel(), make_loader())
     acc = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0, "histograms": 0})
     acc.Reload()
-    assert {"grad_norm/values/encoder", "grad_norm/values/head"} <= set(acc.Tags()["histograms"])
+    assert {"grad_values/grad_norm/encoder", "grad_values/grad_norm/head"} <= set(acc.Tags()["histograms"])
     assert {"custom_scalars__config__", "grad_clip/callback/text_summary"} <= set(acc.Tags()["tensors"])
     assert {"grad_clip/norm", "grad_norm/total"} <= set(acc.Tags()["scalars"])
 

@@ -121,7 +121,7 @@ class AdaptiveGradientClipping(GradientClipCallback):
         coefs, limits = agc_coefficients(units, unitwise_norms(params, self.norm_type), self.clip_factor, self.eps)
         scale_units_(grads, coefs)
         p = self.norm_type
-        return ClipStats(step.norm, combine_norms(units * coefs, p), combine_norms(limits, p), (coefs < 1).any())
+        return ClipStats(step.norm, combine_norms(torch.minimum(units, limits), p), combine_norms(limits, p), (coefs < 1).any())
 
 
 class _HistoryClip(GradientClipCallback):
@@ -160,7 +160,7 @@ class _HistoryClip(GradientClipCallback):
         coef = threshold_coefficient(threshold, step.host)
         if coef < 1.0:
             scale_(grads, coef)
-        return ClipStats(step.host, step.host * coef, threshold, coef < 1.0)
+        return ClipStats(step.host, min(step.host, threshold), threshold, coef < 1.0)
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         if self.state_key not in checkpoint.get("callbacks", {}):

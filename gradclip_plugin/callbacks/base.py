@@ -168,7 +168,21 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
             raise ValueError(f"`log_prefix` must be a non-empty string, got {log_prefix!r}")
         self.log_prefix = log_prefix
         self.key_prefix = log_prefix  #: the prefix of the metric names (see ``setup``)
+        # Lightning checks at `Trainer(...)` that state keys are unique, before any hook runs: until
+        # `setup` settles the key, it is unique to this instance
+        self._state_key = self.make_state_key(instance=id(self))
         self._reset()
+
+    def make_state_key(self, **more: Any) -> str:
+        """The class name and ``log_prefix`` (and ``more``), in the form of Lightning's own state keys."""
+        return f"{type(self).__qualname__}{ {'log_prefix': self.log_prefix, **more}!r}"
+
+    @property
+    def state_key(self) -> str:
+        """The class name and ``log_prefix``, plus a position when several clipping callbacks of one class
+        share the prefix (as ``EarlyStopping`` keys on ``monitor`` and ``mode``): a threshold changed, or
+        a callback added, on resume does not orphan the saved state."""
+        return self._state_key
 
     def _reset(self) -> None:
         """Forget everything tied to a fit (called at each fit's ``setup``)."""
@@ -296,7 +310,9 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
     def _write(self, trainer: Any) -> None:
         metrics = self.metrics()
         if metrics and trainer.is_global_zero:
-            values = read_metrics(metrics)
+            # a non-finite value is left out: a chart cannot draw it (TensorBoard would repeat the last
+            # finite one); `nonfinite_steps` counts such steps
+            values = {k: v for k, v in read_metrics(metrics).items() if math.isfinite(v)}
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=L.log_step(trainer))
 
@@ -379,9 +395,6 @@ class GradientClipCallback(GradientCallback):
             raise ValueError(f"`nonfinite` must be one of ['skip', 'error', 'zero', 'ignore'], got {nonfinite!r}")
         self.nonfinite = nonfinite
         super().__init__(include=include, exclude=exclude, group_depth=group_depth, log_prefix=log_prefix)
-        # Lightning checks at `Trainer(...)` that state keys are unique, before any hook runs: until
-        # `setup` settles the key, it is unique to this instance
-        self._state_key = f"{type(self).__qualname__}{ {'log_prefix': log_prefix, 'instance': id(self)}!r}"
 
     def _reset(self) -> None:
         super()._reset()
@@ -407,13 +420,6 @@ class GradientClipCallback(GradientCallback):
         return False
 
     # ------------------------------------------------------------------ Lightning hooks
-    @property
-    def state_key(self) -> str:
-        """The class name and ``log_prefix``, plus a position when several callbacks of this class share
-        the prefix (as ``EarlyStopping`` keys on ``monitor`` and ``mode``): a threshold changed, or a
-        callback added, on resume does not orphan the saved state."""
-        return self._state_key
-
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         name = type(self).__name__
@@ -428,8 +434,7 @@ class GradientClipCallback(GradientCallback):
         shared = [cb for cb in trainer.callbacks if isinstance(cb, GradientClipCallback) and cb.log_prefix == self.log_prefix]
         same = [cb for cb in shared if type(cb) is type(self)]
         position = same.index(self) if len(same) > 1 else None
-        key = {"log_prefix": self.log_prefix, **({} if position is None else {"position": position})}
-        self._state_key = f"{type(self).__qualname__}{key!r}"  # the form of Lightning's own keys
+        self._state_key = self.make_state_key(**({} if position is None else {"position": position}))
         self.key_prefix = self.log_prefix
         if len(shared) > 1:
             self.key_prefix = f"{self.log_prefix}/{name}{'' if position is None else position}"

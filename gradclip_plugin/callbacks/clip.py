@@ -123,7 +123,8 @@ class ClipByNorm(_MaxNormCallback):
             return unclipped
         coefs = clip_coefficient(self.max_norm, step.norms)
         scale_(grads, coefs)
-        return ClipStats(step.norm, combine_norms(step.norms * coefs, self.norm_type), self.max_norm, (coefs < 1).any())
+        clipped = combine_norms(step.norms.clamp(max=self.max_norm), self.norm_type)  # exact: no rounding noise
+        return ClipStats(step.norm, clipped, self.max_norm, (coefs < 1).any())
 
 
 class ClipByGlobalNorm(_MaxNormCallback):
@@ -158,4 +159,4 @@ class ClipByGlobalNorm(_MaxNormCallback):
             return unclipped
         coef = clip_coefficient(self.max_norm, step.norm)
         scale_(grads, coef)
-        return ClipStats(step.norm, step.norm * coef, self.max_norm, coef < 1)
+        return ClipStats(step.norm, step.norm.clamp(max=self.max_norm), self.max_norm, coef < 1)

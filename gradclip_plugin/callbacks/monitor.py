@@ -83,10 +83,24 @@ class GradientNormMonitor(GradientCallback):
     def _reset(self) -> None:
         super()._reset()
         self._pending: dict[int, dict[str, Tensor]] = {}  # this batch's norms, per optimizer index
+        self._nonfinite: dict[int, Value] = {}  # measured steps whose norm was not finite, per optimizer
+        self._warned = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"nonfinite_steps": {i: int(n) for i, n in self._nonfinite.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._nonfinite = {int(i): int(n) for i, n in state_dict.get("nonfinite_steps", {}).items()}
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_fit_start(trainer, pl_module)
+        for optimizer in trainer.optimizers:  # the groups, for the TensorBoard layout
+            self.plan(optimizer, pl_module)
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._state_key = self.make_state_key()  # two monitors have two prefixes (refused otherwise)
         same = [cb for cb in trainer.callbacks if isinstance(cb, GradientNormMonitor) and cb.log_prefix == self.log_prefix]
         if len(same) > 1:
             raise L.misconfiguration(
@@ -105,7 +119,7 @@ class GradientNormMonitor(GradientCallback):
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         log = L.should_log(trainer)
         every, step = self.histogram_every_n_steps, L.log_step(trainer)
-        writers = L.tensorboard_writers(trainer) if every is not None and (step + 1) % every == 0 else []
+        writers = L.tensorboard_writers(trainer) if every is not None and step % every == 0 else []
         if not (log or writers):
             return  # nothing runs on a step that does not log
         idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
@@ -137,8 +151,10 @@ class GradientNormMonitor(GradientCallback):
         if grads:
             norms = tensor_norms(grads, self.norm_type, shard_group=self._shard_group)
             groups = self.group_norms(plan, positions, norms, self.norm_type)
-            self._pending[idx] = {"total": combine_norms(norms, self.norm_type)}
-            self._pending[idx].update((g if g != "total" else "total_", n) for g, n in groups.items())
+            total = combine_norms(norms, self.norm_type)
+            self._nonfinite[idx] = self._nonfinite.get(idx, 0) + ~torch.isfinite(total)  # no host read
+            self._pending[idx] = {"total": total, "nonfinite_steps": self._nonfinite[idx]}
+            self._pending[idx].update((g if g not in self._pending[idx] else f"{g}_", n) for g, n in groups.items())
 
     def metrics(self, idx: Optional[int] = None) -> dict[str, Value]:
         out = {self.metric_key(k, i): v for i, values in self._pending.items() if idx in (None, i) for k, v in values.items()}
@@ -147,9 +163,11 @@ class GradientNormMonitor(GradientCallback):
 
     def charts(self, n_optimizers: int) -> dict[str, list[str]]:
         out = {}
-        for i in range(n_optimizers):
-            base = self.metric_key("total", i, n_optimizers)[: -len("/total")]
-            out[f"{base}: total and per-group norms"] = [f"{base}/*"]
+        for i, plan in enumerate(self._plans.values()):
+            names = ["total"] + [g if g not in ("total", "nonfinite_steps") else f"{g}_" for g in plan.group_names]
+            out[f"{self.metric_key('', i, n_optimizers)[:-1]}: total and per-group norms"] = [
+                self.metric_key(n, i, n_optimizers) for n in names
+            ]
         return out
 
     def _histograms(self, writer: Any, tag_prefix: str, plan: Plan, idx: int, step: int) -> None:
@@ -161,6 +179,14 @@ class GradientNormMonitor(GradientCallback):
         for group, parts in members.items():
             values = torch.cat(parts)
             values = values[torch.isfinite(values)]  # TensorBoard cannot bin inf or NaN
-            if values.numel():
-                tag = tag_prefix + self.metric_key(f"values/{plan.group_names[group]}", idx)
-                writer.add_histogram(tag, values, global_step=step)
+            name = plan.group_names[group]
+            if values.numel():  # in a section of their own: gradient values, not norms
+                opt = f"opt{idx}/" if self._n_optimizers > 1 else ""
+                writer.add_histogram(f"{tag_prefix}grad_values/{self.log_prefix}/{opt}{name}", values, global_step=step)
+            elif not self._warned:
+                self._warned = True
+                L.rank_zero_warn(
+                    f"GradientNormMonitor: no histogram of `{name}` at step {step}: every gradient value is inf or "
+                    "NaN (TensorBoard cannot bin them). Such steps are counted in "
+                    f"`{self.log_prefix}/nonfinite_steps`; this warning is shown once."
+                )

@@ -52,6 +52,7 @@ def expected(probe: GradProbe, groups: dict[str, str], norm_type: float, steps: 
     for step in steps:
         grads = {name: g for name, g in probe.steps[step].items() if g is not None}
         out.setdefault(f"{prefix}/total", []).append((step, reference_norm(list(grads.values()), norm_type)))
+        out.setdefault(f"{prefix}/nonfinite_steps", []).append((step, 0.0))
         for start, group in groups.items():
             members = [g for name, g in grads.items() if name.startswith(start)]
             out.setdefault(f"{prefix}/{group}", []).append((step, reference_norm(members, norm_type)))
@@ -76,7 +77,7 @@ def test_tensorboard_values_match_probe_gradients(tmp_path, norm_type):
     trainer = make_trainer(tmp_path, [probe, monitor], logger=logger, max_steps=4)
     trainer.fit(TinyModel(), make_loader())
     logged = tb_scalars(logger.log_dir)
-    assert set(logged) == {"grad_norm/total", "grad_norm/encoder", "grad_norm/head"}
+    assert set(logged) == {"grad_norm/total", "grad_norm/encoder", "grad_norm/head", "grad_norm/nonfinite_steps"}
     want = expected(probe, {"encoder.": "encoder", "head.": "head"}, norm_type, [0, 1, 2, 3])
     assert_logged(logged, want)
 
@@ -233,7 +234,7 @@ def test_include_exclude(tmp_path):
     make_trainer(tmp_path, [probe, monitor], logger=logger, max_steps=2).fit(TinyModel(), make_loader())
     logged = csv_scalars(logger.log_dir)
     assert {k for k in logged if k.startswith("grad_norm")} == {
-        "grad_norm/total", "grad_norm/encoder.weight", "grad_norm/head.weight"
+        "grad_norm/total", "grad_norm/encoder.weight", "grad_norm/head.weight", "grad_norm/nonfinite_steps"
     }
     for step, (_, total) in enumerate(logged["grad_norm/total"]):
         grads = probe.steps[step]
@@ -261,7 +262,8 @@ def test_two_optimizers_log_per_optimizer(tmp_path):
     trainer.fit(TwoOptimizerModel(), make_loader())
     logged = csv_scalars(logger.log_dir)
     assert {k for k in logged if k.startswith("grad_norm")} == {
-        "grad_norm/opt0/total", "grad_norm/opt0/encoder", "grad_norm/opt1/total", "grad_norm/opt1/head"
+        "grad_norm/opt0/total", "grad_norm/opt0/encoder", "grad_norm/opt1/total", "grad_norm/opt1/head",
+        "grad_norm/opt0/nonfinite_steps", "grad_norm/opt1/nonfinite_steps",
     }
     # Manual optimization: every optimizer.step() is a probe entry; the logging step index is
     # Lightning's (one per training batch), so both optimizers of batch k log at step k.
@@ -274,7 +276,7 @@ def test_two_optimizers_log_per_optimizer(tmp_path):
                 assert v == pytest.approx(reference_norm([t for t in g.values() if t is not None], 2.0), rel=1e-5)
 
 
-def test_nonfinite_gradients_are_logged_not_raised(tmp_path):
+def test_nonfinite_gradients_are_counted_not_raised_and_not_drawn(tmp_path):
     class Poison(Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             pl_module.head.bias.grad[0] = float("inf")
@@ -287,9 +289,16 @@ def test_nonfinite_gradients_are_logged_not_raised(tmp_path):
     trainer = make_trainer(tmp_path, [Poison(), GradientNormMonitor(), Heal()], logger=logger, max_steps=2)
     trainer.fit(TinyModel(), make_loader())
     logged = csv_scalars(logger.log_dir)
-    assert all(math.isinf(v) for _, v in logged["grad_norm/total"])
-    assert all(math.isinf(v) for _, v in logged["grad_norm/head"])
-    assert all(math.isfinite(v) for _, v in logged["grad_norm/encoder"])
+    # an inf norm is not written (a chart would draw the last finite value in its place): it is counted
+    assert "grad_norm/total" not in logged and "grad_norm/head" not in logged
+    assert logged["grad_norm/nonfinite_steps"] == [(0, 1.0), (1, 2.0)]
+    assert all(math.isfinite(v) for _, v in logged["grad_norm/encoder"]) and len(logged["grad_norm/encoder"]) == 2
+    assert nonfinite_steps_of(trainer) == {0: 2}  # kept in checkpoints
+
+
+def nonfinite_steps_of(trainer):
+    (monitor,) = [cb for cb in trainer.callbacks if isinstance(cb, GradientNormMonitor)]
+    return monitor.state_dict()["nonfinite_steps"]
 
 
 # --- histograms -----------------------------------------------------------------------------------
@@ -301,10 +310,11 @@ def test_histograms_every_n_steps_hold_the_gradient_values(tmp_path):
     make_trainer(tmp_path, [probe, monitor], logger=logger, max_steps=7).fit(TinyModel(), make_loader())
     acc = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0})
     acc.Reload()
-    assert sorted(acc.Tags()["histograms"]) == ["grad_norm/values/encoder", "grad_norm/values/head"]
+    # in a section of their own (values, not norms), from the first step on
+    assert sorted(acc.Tags()["histograms"]) == ["grad_values/grad_norm/encoder", "grad_values/grad_norm/head"]
     for group in ("encoder", "head"):
-        events = acc.Histograms(f"grad_norm/values/{group}")
-        assert [e.step for e in events] == [2, 5]
+        events = acc.Histograms(f"grad_values/grad_norm/{group}")
+        assert [e.step for e in events] == [0, 3, 6]
         for event in events:
             values = torch.cat([g.reshape(-1) for n, g in probe.steps[event.step].items() if n.startswith(group)])
             h = event.histogram_value
@@ -312,6 +322,22 @@ def test_histograms_every_n_steps_hold_the_gradient_values(tmp_path):
             assert h.min == pytest.approx(values.min().item(), rel=1e-6)
             assert h.max == pytest.approx(values.max().item(), rel=1e-6)
             assert h.sum == pytest.approx(values.double().sum().item(), rel=1e-4, abs=1e-6)
+
+
+def test_a_histogram_of_only_nonfinite_values_is_skipped_and_said_once(tmp_path):
+    class Poison(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            pl_module.head.bias.grad.fill_(float("nan"))
+            pl_module.head.weight.grad.fill_(float("nan"))
+
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    trainer = make_trainer(tmp_path, [Poison(), GradientNormMonitor(histogram_every_n_steps=1)], logger=logger, max_steps=3)
+    with pytest.warns(UserWarning, match=r"no histogram of `head` at step 0: every gradient value is inf or NaN") as record:
+        trainer.fit(TinyModel(), make_loader())
+    assert sum("no histogram" in str(w.message) for w in record) == 1
+    acc = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0})
+    acc.Reload()
+    assert acc.Tags()["histograms"] == ["grad_values/grad_norm/encoder"]
 
 
 def test_histograms_need_a_tensorboard_logger(tmp_path):
