@@ -32,7 +32,7 @@ from gradclip_plugin import ClipByGlobalNorm, GradientNormMonitor  # noqa: E402
 def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--max-norm", type=float, default=1.0)
+    p.add_argument("--max-norm", type=float, default=50.0)
     p.add_argument("--precision", default="32-true", choices=["32-true", "16-mixed"])
     p.add_argument("--log-every", type=int, default=10)
     args = p.parse_args(argv)
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> float:
     fabric.seed_everything(0)
     data = SequenceSumData(num_train=args.steps * 32)
     model = IRNNRegressor()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.5)
     model, optimizer = fabric.setup(model, optimizer)
     train = fabric.setup_dataloaders(DataLoader(data.make(args.steps * 32, 0), batch_size=32))
     clip = ClipByGlobalNorm(args.max_norm, group_depth=1)  # also logs the pre-clip norm of each module

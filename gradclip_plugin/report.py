@@ -30,6 +30,8 @@ PathLike = Union[str, Path]
 Series = tuple[np.ndarray, np.ndarray]  # (steps, values)
 
 PERCENTILES = (50, 90, 99)
+#: a norm this many times the median of those before it, unclipped, breaks a run down
+EXPLOSION = 100.0
 
 
 @dataclass
@@ -103,6 +105,7 @@ def suggest_max_norm(
     clip_rate: Optional[float] = None,
     parameter: str = "max_norm",
     quantity: str = "pre-clip norm",
+    clipped: Optional[np.ndarray] = None,
 ) -> tuple[Optional[float], str]:
     """A threshold (``max_norm`` of ``ClipByGlobalNorm``) from the pre-clip norms of a run, and why.
 
@@ -113,8 +116,10 @@ def suggest_max_norm(
     rather small thresholds", so the value is rounded down to two significant figures. Under ten
     logged steps all of them count. A run that already clipped most of its steps and stayed finite
     keeps its threshold: its norms were measured on a trajectory that the clipping itself kept
-    stable, and say little about a looser threshold. A run that diverged before five logged steps
-    gets the smallest finite norm it showed.
+    stable, and say little about a looser threshold. A run breaks down at its first non-finite norm,
+    or at its first unclipped norm over 100 times the median of those before it (an update that size
+    wrecks the weights, and the norms after it are a broken model's); only the steps before count,
+    and a run that broke down within five logged steps gets the smallest norm it showed before.
 
     Args:
         norms: pre-clip norms at the logged steps, in step order.
@@ -122,6 +127,7 @@ def suggest_max_norm(
         clip_rate: the fraction of steps it clipped.
         parameter: the argument the value is for (``"clip_value"`` for ``ClipByValue``).
         quantity: what ``norms`` measure (``"largest |gradient entry|"`` for ``ClipByValue``).
+        clipped: whether clipping changed each logged step (``None``: none was clipped).
 
     Returns:
         ``(value or None, reason)``.
@@ -133,6 +139,10 @@ def suggest_max_norm(
             "look for the source (learning rate, loss, data, loss scale)."
         )
     bad = np.flatnonzero(~np.isfinite(norms))
+    for i in range(1, bad[0] if bad.size else len(norms)):  # an unclipped explosion ends the run as NaN does
+        if norms[i] > EXPLOSION * np.median(norms[:i]) and (clipped is None or not clipped[i]):
+            bad = np.array([i])
+            break
     stable = norms[: bad[0]] if bad.size else norms
     if threshold is not None and clip_rate is not None and clip_rate > 0.5 and not bad.size:
         return threshold, (
@@ -142,17 +152,21 @@ def suggest_max_norm(
             f"show that a looser threshold would be safe. If training is slow, raise {parameter} a step at a time "
             "and report again."
         )
+    breakdown = ""
+    if bad.size:
+        what = "a non-finite norm" if not np.isfinite(norms[bad[0]]) else f"a norm of {norms[bad[0]]:.3g}, unclipped"
+        breakdown = f" before the run broke down ({what}, at logged step {bad[0]})"
     if bad.size and stable.size < 5:
-        value = _round_down(float(np.min(finite)))
+        value = _round_down(float(np.min(stable if stable.size else finite)))
         return value, (
-            f"the run turned non-finite after {stable.size} logged step(s), too few to measure a typical "
-            f"{quantity}; {value:g} is the smallest finite one seen, a cautious start (Pascanu et al. 2013: "
-            "training behaves well even for rather small thresholds). Clip with it, then report on that run."
+            f"only {stable.size} logged step(s) came{breakdown}, too few to measure a typical {quantity}; "
+            f"{value:g} is the smallest one they showed, a cautious start (Pascanu et al. 2013: training behaves "
+            "well even for rather small thresholds). Clip with it, then report on that run."
         )
     recent = stable[len(stable) // 2 :] if stable.size >= 10 else stable
     median = _round_down(float(np.median(recent)))
     window = ("the last " if recent.size < stable.size else "") + f"{recent.size} logged steps"
-    window += " before the first non-finite norm" if bad.size else ""
+    window += breakdown
     reason = (
         f"the median {quantity} over {window} (Pascanu et al. 2013: set the threshold from the typical norm "
         f"over many updates): steps of ordinary size pass nearly unchanged and the spikes, up to "
@@ -170,7 +184,8 @@ def advise(s: NormSummary) -> tuple[str, Optional[float], str]:
     """``(parameter, value or None, reason)``: what ``gradclip report`` advises for ``s``'s rule."""
     rate = "" if s.clip_rate is None else f" It clipped {s.clip_rate:.0%} of the steps."
     if s.rule == "ClipByValue":
-        return "clip_value", *suggest_max_norm(s.norm, s.threshold, s.clip_rate, "clip_value", "largest |gradient entry|")
+        clipped = s.norm_clipped < s.norm
+        return "clip_value", *suggest_max_norm(s.norm, s.threshold, s.clip_rate, "clip_value", "largest |gradient entry|", clipped)
     if s.rule == "ClipByNorm":
         return "max_norm", None, (
             "ClipByNorm bounds each tensor's norm, and the logged norm is the total over all of them: it says "
@@ -193,7 +208,8 @@ def advise(s: NormSummary) -> tuple[str, Optional[float], str]:
             "ZClip sets its threshold itself from the moving mean and spread of the norm, clipping the spikes "
             f"(see `spikes` and `z`), never above its own max_norm.{rate} A lower z_thresh clips more of them."
         )
-    return "max_norm", *suggest_max_norm(s.norm, s.threshold, s.clip_rate)
+    clipped = None if s.norm_clipped is None else s.norm_clipped < s.norm
+    return "max_norm", *suggest_max_norm(s.norm, s.threshold, s.clip_rate, clipped=clipped)
 
 
 def _round_down(x: float) -> float:

@@ -15,22 +15,18 @@ __all__ = ["CATEGORY", "write_layout"]
 #: the title of the category the charts are grouped under in the Custom Scalars dashboard
 CATEGORY = "gradclip"
 
-def tag_pattern(name: str) -> str:
-    """The regular expression (the layout's tags are regexes) for metric ``name``: that name exactly, or,
-    for a name ending in ``/*``, every name one level below it (``grad_norm/*``: ``grad_norm/encoder``...)."""
-    if name.endswith("/*"):
-        return f"^{re.escape(name[:-1])}[^/]+$"
-    return f"^{re.escape(name)}$"
-
-
-def write_layout(writer: Any, charts: dict[str, list[str]], tag_prefix: str = "") -> None:
-    """Write ``charts`` (``{chart title: [metric names]}``) as the run's custom-scalars layout.
+def write_layout(writer: Any, charts: dict[str, tuple[str, list[str]]], tag_prefix: str = "") -> None:
+    """Write ``charts`` as the run's custom-scalars layout.
 
     Args:
         writer: a ``torch.utils.tensorboard.SummaryWriter``.
-        charts: the metric names overlaid in each chart (see :func:`tag_pattern`).
+        charts: ``{chart title: ("Multiline", [metric names])}`` (the metrics overlaid as lines), or
+            ``{chart title: ("Margin", [value, lower, upper])}`` (a line and a band around it).
         tag_prefix: what the logger puts before each metric name (``TensorBoardLogger(prefix=...)``).
     """
     if charts:
-        layout = {title: ["Multiline", [tag_pattern(tag_prefix + n) for n in names]] for title, names in charts.items()}
+        layout = {  # a Multiline chart takes regular expressions, a Margin chart tag names
+            title: [kind, [f"^{re.escape(tag_prefix + n)}$" if kind == "Multiline" else tag_prefix + n for n in names]]
+            for title, (kind, names) in charts.items()
+        }
         writer.add_custom_scalars({CATEGORY: layout})

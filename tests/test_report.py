@@ -169,7 +169,7 @@ def test_suggestion_hand_worked():
 def test_suggestion_ignores_everything_after_the_first_nonfinite_norm():
     norms = np.array([9.0] * 6 + [3.0] * 6 + [math.inf] + [1000.0] * 10)
     value, reason = suggest_max_norm(norms)
-    assert value == 3.0 and "before the first non-finite norm" in reason
+    assert value == 3.0 and "before the run broke down (a non-finite norm, at logged step 12)" in reason
 
 
 def test_suggestion_from_a_short_run_uses_every_step():
@@ -179,9 +179,21 @@ def test_suggestion_from_a_short_run_uses_every_step():
 
 def test_suggestion_for_a_run_that_diverged_at_once():
     value, reason = suggest_max_norm(np.array([78.3575, 8.2e12, math.nan, math.nan]))
-    assert value == 78.0 and "smallest finite" in reason and "after 2 logged step(s)" in reason
+    assert value == 78.0 and "only 1 logged step(s) came before the run broke down (a norm of 8.2e+12, unclipped" in reason
     value, reason = suggest_max_norm(np.array([math.nan, math.inf]))
     assert value is None and "no finite norm" in reason
+
+
+def test_an_unclipped_explosion_ends_the_run_as_a_nonfinite_norm_does():
+    # the demo's unclipped run: 78, 1100, then 9e4 wrecks the weights and the broken model's norms fade
+    norms = np.array([78.0, 1.1e3, 9.3e4] + [0.4] * 100)
+    value, reason = suggest_max_norm(norms)
+    assert value == 78.0 and "before the run broke down (a norm of 9.3e+04, unclipped, at logged step 2)" in reason
+    # the same spike, clipped, leaves a healthy run: its typical norm counts
+    clipped = np.zeros(len(norms), dtype=bool)
+    clipped[2] = True
+    value, reason = suggest_max_norm(norms, clipped=clipped)
+    assert value == 0.4 and "broke down" not in reason
 
 
 def test_tight_clipping_that_kept_the_run_finite_is_kept():

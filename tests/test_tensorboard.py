@@ -17,10 +17,8 @@ from gradclip_plugin.tensorboard import CATEGORY
 
 
 def read_layout(path) -> dict:
-    """The last custom-scalars layout written in the event files under ``path``, ``{}`` if none.
-
-    What `write_layout` wrote: ``{category: {chart title: ["Multiline", [tag regexes]]}}``.
-    """
+    """The last custom-scalars layout written in the event files under ``path``, ``{}`` if none:
+    ``{category: {chart title: ["Multiline", [tag regexes]] or ["Margin", [value, lower, upper]]}}``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.custom_scalar import layout_pb2
 
@@ -31,10 +29,13 @@ def read_layout(path) -> dict:
         return {}
     proto = layout_pb2.Layout()
     proto.ParseFromString(acc.Tensors(tag)[-1].tensor_proto.string_val[0])
-    return {
-        category.title: {chart.title: ["Multiline", list(chart.multiline.tag)] for chart in category.chart}
-        for category in proto.category
-    }
+
+    def chart(c):
+        if c.HasField("margin"):
+            return ["Margin", [t for sr in c.margin.series for t in (sr.value, sr.lower, sr.upper)]]
+        return ["Multiline", list(c.multiline.tag)]
+
+    return {category.title: {c.title: chart(c) for c in category.chart} for category in proto.category}
 
 
 def scalar_tags(log_dir) -> list[str]:
@@ -51,54 +52,52 @@ def fit(tmp_path, callbacks, model=None, **kwargs):
 
 
 def assert_every_chart_has_its_tags(charts: dict, tags: list[str]) -> None:
-    """Each regex of each chart matches a logged scalar, as TensorBoard's dashboard would (``search``)."""
-    for title, (kind, regexes) in charts.items():
-        assert kind == "Multiline"
-        for regex in regexes:
-            assert any(re.search(regex, tag) for tag in tags), f"chart {title!r}: {regex!r} matches none of {tags}"
+    """Each regex of each line chart, each tag of each margin chart, is a logged scalar."""
+    for title, (kind, names) in charts.items():
+        for name in names:
+            found = any(re.search(name, tag) for tag in tags) if kind == "Multiline" else name in tags
+            assert found, f"chart {title!r}: {name!r} matches none of {tags}"
 
 
-def test_layout_overlays_norm_norm_clipped_threshold(tmp_path):
-    trainer, logger = fit(tmp_path, [GradientNormMonitor(), ClipByGlobalNorm(1.0)])
+CLIP = "post-clip norm (line), and the part clipped off (band)"
+
+
+def test_layout_shows_the_post_clip_norm_and_the_part_clipped_off(tmp_path):
+    _, logger = fit(tmp_path, [GradientNormMonitor(), ClipByGlobalNorm(1.0)])
     charts = read_layout(logger.log_dir)[CATEGORY]
-    assert charts["grad_clip: norm, norm_clipped, threshold"] == [
-        "Multiline", ["^grad_clip/norm$", "^grad_clip/norm_clipped$", "^grad_clip/threshold$"]
-    ]
+    # TensorBoard colours every series of a chart by run: a line (what the optimizer got) and a band up to
+    # the pre-clip norm (what clipping removed) are told apart where three lines of one colour are not
+    assert charts[f"grad_clip: {CLIP}"] == ["Margin", ["grad_clip/norm_clipped", "grad_clip/norm_clipped", "grad_clip/norm"]]
+    assert charts["threshold"] == ["Multiline", ["^grad_clip/threshold$"]]
     assert charts["clip_rate"] == ["Multiline", ["^grad_clip/clip_rate$"]]
-    assert len(charts) == 3
-    tags = scalar_tags(logger.log_dir)
-    assert_every_chart_has_its_tags(charts, tags)
-    # the monitor's chart takes its own curves and no one else's
-    monitor_chart = charts["grad_norm: total and per-group norms"][1]
-    assert sorted(t for t in tags if any(re.search(r, t) for r in monitor_chart)) == [
-        "grad_norm/encoder", "grad_norm/head", "grad_norm/total"
-    ]
+    assert charts["grad_norm/total"] == ["Multiline", ["^grad_norm/total$"]]
+    assert len(charts) == 4
+    assert_every_chart_has_its_tags(charts, scalar_tags(logger.log_dir))
 
 
 def test_layout_for_two_optimizers(tmp_path):
-    trainer, logger = fit(tmp_path, [ClipByGlobalNorm(1.0), GradientNormMonitor()], model=TwoOptimizerModel())
+    _, logger = fit(tmp_path, [ClipByGlobalNorm(1.0), GradientNormMonitor()], model=TwoOptimizerModel())
     charts = read_layout(logger.log_dir)[CATEGORY]
     for i in (0, 1):
-        assert charts[f"grad_clip/opt{i}: norm, norm_clipped, threshold"] == [
-            "Multiline", [f"^grad_clip/opt{i}/norm$", f"^grad_clip/opt{i}/norm_clipped$", f"^grad_clip/opt{i}/threshold$"]
-        ]
-        assert f"grad_norm/opt{i}: total and per-group norms" in charts
+        assert charts[f"grad_clip/opt{i}: {CLIP}"][1][2] == f"grad_clip/opt{i}/norm"
+        assert f"grad_norm/opt{i}/total" in charts
     assert_every_chart_has_its_tags(charts, scalar_tags(logger.log_dir))
 
 
 def test_layout_for_two_clipping_callbacks_sharing_a_prefix(tmp_path):
-    trainer, logger = fit(tmp_path, [ClipByValue(5.0), ClipByGlobalNorm(1.0), GradientNormMonitor()])
+    _, logger = fit(tmp_path, [ClipByValue(5.0), ClipByGlobalNorm(1.0), GradientNormMonitor()])
     charts = read_layout(logger.log_dir)[CATEGORY]
-    assert "grad_clip/ClipByValue: norm, norm_clipped, threshold" in charts
-    assert "grad_clip/ClipByGlobalNorm: norm, norm_clipped, threshold" in charts
+    assert f"grad_clip/ClipByValue: {CLIP}" in charts and f"grad_clip/ClipByGlobalNorm: {CLIP}" in charts
+    assert len(charts["clip_rate"][1]) == len(charts["threshold"][1]) == 2
     assert_every_chart_has_its_tags(charts, scalar_tags(logger.log_dir))
 
 
 def test_layout_follows_the_logger_prefix(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="run", version=0, prefix="train")
-    trainer, _ = fit(tmp_path, [GradientNormMonitor(), ClipByGlobalNorm(1.0)], logger=logger)
+    fit(tmp_path, [GradientNormMonitor(), ClipByGlobalNorm(1.0)], logger=logger)
     charts = read_layout(logger.log_dir)[CATEGORY]
-    assert charts["grad_clip: norm, norm_clipped, threshold"][1][0] == "^train\\-grad_clip/norm$"
+    assert charts[f"grad_clip: {CLIP}"][1][2] == "train-grad_clip/norm"
+    assert charts["clip_rate"][1] == ["^train\\-grad_clip/clip_rate$"]
     tags = scalar_tags(logger.log_dir)
     assert "train-grad_clip/norm" in tags
     assert_every_chart_has_its_tags(charts, tags)
@@ -119,10 +118,7 @@ def test_written_once_for_all_callbacks(tmp_path, monkeypatch):
     monkeypatch.setattr(SummaryWriter, "add_custom_scalars", lambda self, lay: calls.append(lay) or original(self, lay))
     _, logger = fit(tmp_path, [GradientNormMonitor(), ClipByGlobalNorm(1.0), GradientNormMonitor(log_prefix="post")])
     assert len(calls) == 1
-    assert set(calls[0][CATEGORY]) == {
-        "grad_norm: total and per-group norms", "grad_clip: norm, norm_clipped, threshold", "clip_rate",
-        "post: total and per-group norms",
-    }
+    assert set(calls[0][CATEGORY]) == {"grad_norm/total", f"grad_clip: {CLIP}", "threshold", "clip_rate", "post/total"}
     assert read_layout(logger.log_dir) == calls[0]
 
 
@@ -144,7 +140,7 @@ def test_a_new_rule_gets_its_chart_from_what_it_logs(tmp_path):
 
     _, logger = fit(tmp_path, [Halve(log_prefix="halve"), ClipByGlobalNorm(1.0)])
     charts = read_layout(logger.log_dir)[CATEGORY]
-    assert charts["halve: norm, norm_clipped, threshold"][1] == ["^halve/norm$", "^halve/norm_clipped$", "^halve/threshold$"]
+    assert charts[f"halve: {CLIP}"][1] == ["halve/norm_clipped", "halve/norm_clipped", "halve/norm"]
     assert charts["clip_rate"][1] == ["^halve/clip_rate$", "^grad_clip/clip_rate$"]
     assert_every_chart_has_its_tags(charts, scalar_tags(logger.log_dir))
 
@@ -159,8 +155,5 @@ def test_each_clipping_callback_says_what_it_is_for_the_report(tmp_path):
 
 
 def test_clipping_callback_alone_writes_the_layout(tmp_path):
-    trainer, logger = fit(tmp_path, [ClipByGlobalNorm(1.0)])
-    assert read_layout(logger.log_dir)[CATEGORY]["grad_clip: norm, norm_clipped, threshold"] == [
-        "Multiline",
-        ["^grad_clip/norm$", "^grad_clip/norm_clipped$", "^grad_clip/threshold$"],
-    ]
+    _, logger = fit(tmp_path, [ClipByGlobalNorm(1.0)])
+    assert set(read_layout(logger.log_dir)[CATEGORY]) == {f"grad_clip: {CLIP}", "threshold", "clip_rate"}

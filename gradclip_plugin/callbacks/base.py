@@ -211,10 +211,10 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
         ours = [cb for cb in trainer.callbacks if isinstance(cb, GradientCallback)]
         if ours[:1] != [self] or not trainer.is_global_zero:
             return
-        charts: dict[str, list[str]] = {}
+        charts: dict[str, tuple[str, list[str]]] = {}
         for cb in ours:  # a title two callbacks share (`clip_rate`) is one chart of both
-            for title, names in cb.charts(self._n_optimizers).items():
-                charts.setdefault(title, []).extend(names)
+            for title, (kind, names) in cb.charts(self._n_optimizers).items():
+                charts.setdefault(title, (kind, []))[1].extend(names)
         for writer, tag_prefix in L.tensorboard_writers(trainer):
             tensorboard.write_layout(writer, charts, tag_prefix)
             for cb in ours:
@@ -237,9 +237,9 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
         metric name; forgets them."""
         raise NotImplementedError
 
-    def charts(self, n_optimizers: int) -> dict[str, list[str]]:
-        """What this callback logs, for the TensorBoard layout: ``{chart title: [metric names]}`` (a name
-        ending in ``/*`` stands for every name one level below it)."""
+    def charts(self, n_optimizers: int) -> dict[str, tuple[str, list[str]]]:
+        """What this callback logs, for the TensorBoard layout: ``{chart title: (kind, [metric names])}``
+        (see :func:`gradclip_plugin.tensorboard.write_layout`)."""
         return {}
 
     def describe(self, writer: Any, tag_prefix: str = "") -> None:
@@ -501,12 +501,17 @@ class GradientClipCallback(GradientCallback):
             t.at_log, t.groups = (t.steps, t.finite, t.clipped), None
         return out
 
-    def charts(self, n_optimizers: int) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {"clip_rate": []}
+    def charts(self, n_optimizers: int) -> dict[str, tuple[str, list[str]]]:
+        # TensorBoard gives every series of a chart its run's colour: one line and a band tell apart
+        # what three lines of one colour could not
+        out: dict[str, tuple[str, list[str]]] = {"threshold": ("Multiline", []), "clip_rate": ("Multiline", [])}
         for i in range(n_optimizers):
-            keys = [self.metric_key(k, i, n_optimizers) for k in ("norm", "norm_clipped", "threshold")]
-            out[f"{keys[0][: -len('/norm')]}: norm, norm_clipped, threshold"] = keys
-            out["clip_rate"].append(self.metric_key("clip_rate", i, n_optimizers))
+            norm, clipped = (self.metric_key(k, i, n_optimizers) for k in ("norm", "norm_clipped"))
+            out[f"{norm[: -len('/norm')]}: post-clip norm (line), and the part clipped off (band)"] = (
+                "Margin", [clipped, clipped, norm]
+            )
+            out["threshold"][1].append(self.metric_key("threshold", i, n_optimizers))
+            out["clip_rate"][1].append(self.metric_key("clip_rate", i, n_optimizers))
         return out
 
     def describe(self, writer: Any, tag_prefix: str = "") -> None:

@@ -161,14 +161,9 @@ class GradientNormMonitor(GradientCallback):
         self._pending = {i: v for i, v in self._pending.items() if idx not in (None, i)}
         return out
 
-    def charts(self, n_optimizers: int) -> dict[str, list[str]]:
-        out = {}
-        for i, plan in enumerate(self._plans.values()):
-            names = ["total"] + [g if g not in ("total", "nonfinite_steps") else f"{g}_" for g in plan.group_names]
-            out[f"{self.metric_key('', i, n_optimizers)[:-1]}: total and per-group norms"] = [
-                self.metric_key(n, i, n_optimizers) for n in names
-            ]
-        return out
+    def charts(self, n_optimizers: int) -> dict[str, tuple[str, list[str]]]:
+        # the total alone: a run's group norms would be lines of one colour (TensorBoard colours by run)
+        return {(key := self.metric_key("total", i, n_optimizers)): ("Multiline", [key]) for i in range(n_optimizers)}
 
     def _histograms(self, writer: Any, tag_prefix: str, plan: Plan, idx: int, step: int) -> None:
         """A histogram of each group's gradient values (TensorBoard bins them on the host: histogram steps only)."""
