@@ -149,12 +149,25 @@ HISTORY: dict[str, Callable[..., Callback]] = {
 CLIPPERS = {**FIXED, **HISTORY}
 
 
-def run(tmp_path, cb: Callback, counter: HostReadCounter, log_every_n_steps: int) -> Counter[str]:
+class FusedAdamModel(TinyModel):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.01, fused=True)
+
+
+class SpikyFusedModel(FusedAdamModel):
+    """Non-finite gradients at step 1, a loss 1e6 times larger at step 3: a skip and a skip_above."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * {1: float("inf"), 3: 1e6}.get(self.global_step, 1.0)
+
+
+def run(tmp_path, cb: Callback, counter: HostReadCounter, log_every_n_steps: int, model=None) -> Counter[str]:
     calls = watch_hooks(counter, cb)
     trainer = make_trainer(
         tmp_path, [cb], max_steps=STEPS, logger=CSVLogger(tmp_path), log_every_n_steps=log_every_n_steps
     )
-    trainer.fit(TinyModel(), make_loader(n=4 * STEPS))
+    trainer.fit(model if model is not None else TinyModel(), make_loader(n=4 * STEPS))
     assert trainer.global_step == STEPS
     assert calls["on_before_optimizer_step"] == STEPS, "the hook under test did not run at every step"
     return calls
@@ -248,6 +261,18 @@ def test_nonfinite_policies_read_the_norm_once_per_step(tmp_path, monkeypatch, n
     assert counter.counts == Counter(item=STEPS)
 
 
+@pytest.mark.parametrize("name", [n for n in FIXED if n != "ClipByValue"] + ["skip_above"])
+def test_a_fused_optimizer_skips_with_no_host_read(tmp_path, monkeypatch, name):
+    """The default `skip` with an optimizer that takes `found_inf` (fused Adam, AdamW, SGD): decided on the
+    device, nothing read on steps that do not log; `skip_above` likewise."""
+    cb = ClipByGlobalNorm(1.0, skip_above=1e4) if name == "skip_above" else FIXED[name]()
+    counter = HostReadCounter(monkeypatch)
+    run(tmp_path, cb, counter, log_every_n_steps=1000, model=SpikyFusedModel())  # warned at a logging step: none here
+    assert counter.counts == Counter(), f"{name} read tensor values with a fused optimizer"
+    tally = cb.state_dict()["tallies"][0]
+    assert tally["steps"] - tally["finite"] == 1 and tally["skipped"] == (name == "skip_above")
+
+
 @pytest.mark.parametrize("log_every_n_steps", [1, 1000])
 @pytest.mark.parametrize("policy", ["skip", "ignore"])
 @pytest.mark.parametrize("name", list(HISTORY))
@@ -292,3 +317,28 @@ def test_cuda_sync_debug_mode(tmp_path, name):
     )
     trainer.fit(TinyModel(), make_loader(n=4 * STEPS))
     assert trainer.global_step == STEPS
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("skip_above", [None, 1e4])
+def test_cuda_sync_debug_mode_over_the_fused_skip(tmp_path, skip_above):
+    """The default `skip` with a fused optimizer on a GPU: no sync in the hook, a skipped step included."""
+    cb = ClipByGlobalNorm(1.0, skip_above=skip_above)
+    hook = cb.on_before_optimizer_step
+
+    def strict(*args: Any, **kwargs: Any) -> Any:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return hook(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    cb.on_before_optimizer_step = strict
+    trainer = make_trainer(
+        tmp_path, [cb], max_steps=STEPS, accelerator="cuda", logger=CSVLogger(tmp_path), log_every_n_steps=1000
+    )
+    trainer.fit(SpikyFusedModel(), make_loader(n=4 * STEPS))
+    tally = cb.state_dict()["tallies"][0]
+    assert tally["steps"] - tally["finite"] == 1

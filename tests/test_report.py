@@ -21,9 +21,7 @@ from gradclip_plugin.report import (
     _interval_weighted_mean,
     _round_down,
     _runs,
-    find_runs,
     main,
-    report,
     suggest_max_norm,
     summarize,
 )

@@ -96,6 +96,19 @@ def unwrap(obj: Any) -> Any:
     return obj
 
 
+def pending_scale(scaler: Optional[torch.amp.GradScaler], optimizer: Any) -> Optional[torch.Tensor]:
+    """The loss scale still on ``optimizer``'s gradients, a 0-dim device tensor, or ``None``.
+
+    A fused optimizer (``AdamW(fused=True)``) unscales inside its ``step()``, so Lightning leaves its
+    gradients scaled; the scaler's private scale tensor and per-optimizer stage tell by how much.
+    """
+    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return None
+    from torch.amp.grad_scaler import OptState
+
+    return scaler._scale if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY else None
+
+
 def loop_scaler(fabric: Any, optimizer: Any) -> Optional[torch.amp.GradScaler]:
     """Fabric's enabled loss scaler, after unscaling ``optimizer``'s gradients (once a step, as
     ``fabric.clip_gradients`` does; the scaler's private per-optimizer stage tells whether it was)."""

@@ -100,6 +100,8 @@ class AdaptiveGradientClipping(GradientClipCallback):
         self.eps = float(eps)
         self.norm_type = check_norm_type(norm_type)
 
+    scale_invariant = False  # limits relative to the weights: a fused optimizer's scaled gradients are unscaled first
+
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_fit_start(trainer, pl_module)
         params = [p for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]]

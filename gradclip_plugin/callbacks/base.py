@@ -186,6 +186,9 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
 
     def _reset(self) -> None:
         """Forget everything tied to a fit (called at each fit's ``setup``)."""
+        for handle in getattr(self, "_hooks", {}).values():
+            handle.remove()
+        self._hooks: dict[int, Any] = {}  # id(optimizer) -> its step post-hook, calling `after_step`
         self._plans: dict[int, Plan] = {}  # id(optimizer) -> its plan
         self._members: dict[tuple[int, ...], Tensor] = {}  # group rows of the gradients present
         self._shard_group: Optional[Any] = None
@@ -241,6 +244,17 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
         """What this callback logs, for the TensorBoard layout: ``{chart title: (kind, [metric names])}``
         (see :func:`gradclip_plugin.tensorboard.write_layout`)."""
         return {}
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        """Have :meth:`after_step` called right after each ``optimizer.step()`` (one hook per optimizer)."""
+        if id(optimizer) not in self._hooks:
+            self._hooks[id(optimizer)] = optimizer.register_step_post_hook(lambda opt, *_: self.after_step(opt))
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Runs right after the step of an optimizer this callback :meth:`watch` es."""
+
+    def written(self, values: dict[str, float]) -> None:
+        """Called with the metrics once they are read (the first moment the host knows them)."""
 
     def describe(self, writer: Any, tag_prefix: str = "") -> None:
         """Write what this callback is to a TensorBoard ``SummaryWriter`` (for ``gradclip report``)."""
@@ -313,6 +327,7 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
             # a non-finite value is left out: a chart cannot draw it (TensorBoard would repeat the last
             # finite one); `nonfinite_steps` counts such steps
             values = {k: v for k, v in read_metrics(metrics).items() if math.isfinite(v)}
+            self.written(values)
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=L.log_step(trainer))
 
@@ -347,7 +362,7 @@ class Tally:
     steps: int = 0  #: optimizer steps
     finite: Value = 0  #: those whose gradients were finite (the others are ``nonfinite_steps``)
     clipped: Value = 0  #: those, among the finite, that clipping changed
-    skipped: int = 0  #: steps the rule skipped (not for non-finite gradients)
+    skipped: Value = 0  #: steps the rule skipped (not for non-finite gradients)
     at_log: tuple[int, Value, Value] = (0, 0, 0)  #: ``(steps, finite, clipped)`` at the last log
     last: Optional[ClipStats] = None  #: the last step's numbers (``None`` if it was skipped)
     groups: Optional[dict[str, Tensor]] = None  #: per-group pre-clip norms of the last logging step
@@ -381,6 +396,11 @@ class GradientClipCallback(GradientCallback):
     norm_type: float = 2.0
     #: whether the rule needs the step's norm on the host (its statistics are Python floats)
     reads_norm: bool = False
+    #: whether the rule depends on the gradients' norms only, not their scale (then the scaled gradients
+    #: of a fused optimizer under a loss scaler are clipped by their norms divided by the scale)
+    scale_invariant: bool = True
+    #: skip a step whose pre-clip total norm exceeds this (``ClipByNorm``, ``ClipByGlobalNorm``)
+    skip_above: Optional[float] = None
 
     def __init__(
         self,
@@ -400,10 +420,8 @@ class GradientClipCallback(GradientCallback):
         super()._reset()
         self._tallies: dict[int, Tally] = {}
         self._warned = False
-        for handle in getattr(self, "_hooks", {}).values():
-            handle.remove()
-        self._hooks: dict[int, Any] = {}  # id(optimizer) -> its step post-hook, which puts hidden gradients back
         self._hidden: dict[int, list[tuple[Tensor, Tensor]]] = {}  # id(optimizer) -> gradients hidden for its step
+        self._flagged: dict[int, torch.optim.Optimizer] = {}  # those given a `found_inf` for their step, by id
 
     # ------------------------------------------------------------------ the rule
     def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
@@ -417,7 +435,7 @@ class GradientClipCallback(GradientCallback):
     @property
     def skips_steps(self) -> bool:
         """Whether the rule may skip a step of its own accord (then ``skipped_steps`` is logged)."""
-        return False
+        return self.skip_above is not None
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -438,17 +456,6 @@ class GradientClipCallback(GradientCallback):
         self.key_prefix = self.log_prefix
         if len(shared) > 1:
             self.key_prefix = f"{self.log_prefix}/{name}{'' if position is None else position}"
-
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        super().on_fit_start(trainer, pl_module)
-        for opt in trainer.optimizers if L.loss_scaler(trainer) is not None else []:
-            if getattr(opt, "_step_supports_amp_scaling", False):
-                raise L.misconfiguration(
-                    trainer,
-                    f"{type(self).__name__} cannot clip for `{type(opt).__name__}` under a loss scaler: this "
-                    "optimizer unscales inside `step()` (e.g. `fused=True`), so the gradients it sees here are still "
-                    "scaled by the loss scale. Use `fused=False`, or `precision='bf16-mixed'` which needs no scaler.",
-                )
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
@@ -478,7 +485,11 @@ class GradientClipCallback(GradientCallback):
         """
         optimizer, plan, idx, scaler = self.loop_step(module, optimizer, fabric)
         self.clip_step(optimizer, plan, idx, scaler, metrics)
-        return read_metrics(self.metrics(idx)) if metrics else {}
+        if not metrics:
+            return {}
+        values = read_metrics(self.metrics(idx))
+        self.written(values)
+        return values
 
     def metrics(self, idx: Optional[int] = None) -> dict[str, Value]:
         out: dict[str, Value] = {}
@@ -522,7 +533,7 @@ class GradientClipCallback(GradientCallback):
         # logging interval still covers the whole interval
         return {
             "tallies": {
-                i: {"steps": t.steps, "finite": int(t.finite), "clipped": int(t.clipped), "skipped": t.skipped,
+                i: {"steps": t.steps, "finite": int(t.finite), "clipped": int(t.clipped), "skipped": int(t.skipped),
                     "at_log": tuple(int(v) for v in t.at_log)}  # fmt: skip
                 for i, t in self._tallies.items()
             }
@@ -551,16 +562,26 @@ class GradientClipCallback(GradientCallback):
         params, grads, positions = self.gradients(plan)
         if not grads:
             return
+        scale = L.pending_scale(scaler, optimizer)  # a fused optimizer's gradients are still scaled
+        if scale is not None and not self.scale_invariant:
+            scaler.unscale_(optimizer)  # a pass over the gradients, for a rule that needs their values
+            scale = None
         tally = self._tallies.setdefault(idx, Tally())
         norms, extra = self.measure(grads)
+        if scale is not None:
+            norms = norms / scale  # the true gradients' norms; the coefficients apply to the scaled ones alike
         norm = combine_norms(norms, self.norm_type)
-        # the policy acts where the host reads the norm; under a loss scaler the scaler skips such steps
+        # The policy acts where there is no loss scaler (the scaler skips such steps itself). A fused
+        # optimizer skips a step given `found_inf`, on the device: then nothing is read; otherwise the
+        # norm is read to the host (the one read of a step) to decide.
         acts = scaler is None and self.nonfinite != "ignore"
-        host = norm.item() if acts or self.reads_norm else None  # the one host read of a step
+        on_device = acts and self.nonfinite == "skip" and not self.reads_norm and getattr(optimizer, "_step_supports_amp_scaling", False)
+        reads = self.reads_norm or (not on_device and (acts or self.skip_above is not None))
+        host = norm.item() if reads else None
         finite: Union[bool, Tensor] = torch.isfinite(norm) if host is None else math.isfinite(host)
         tally.steps += 1
         tally.last, sample = None, True
-        if acts and not finite:
+        if acts and not on_device and not finite:  # known on the host
             if self.nonfinite == "error":
                 bad = [plan.names[i] for i, g in zip(positions, grads) if not torch.isfinite(g).all()]
                 raise RuntimeError(
@@ -580,11 +601,21 @@ class GradientClipCallback(GradientCallback):
             tally.groups = self.group_norms(plan, positions, norms, self.norm_type)
         stats = self.clip_(grads, params, Step(idx, norms, norm, host, sample, extra))
         tally.last = stats
+        skip = stats.skip
+        if self.skip_above is not None:  # a spike too large to clip: the step is skipped
+            skip = skip | ((host if host is not None else norm) > self.skip_above)
         if finite is not False:  # a zeroed step stays non-finite: it is not in the clip rate
             tally.finite = tally.finite + finite
             tally.clipped = tally.clipped + (stats.clipped & finite)
-        if stats.skip:
-            tally.skipped += 1
+            if skip is not False:
+                tally.skipped = tally.skipped + (skip & finite)
+        if on_device:  # weights, moments and step count stay untouched where it is 1
+            optimizer.found_inf = (~finite | skip).float()
+            self._flagged[id(optimizer)] = optimizer
+            self.watch(optimizer)
+        elif skip:
+            if scale is not None:  # the scaler checks for inf what it unscales: without it, its step and update fail
+                scaler.unscale_(optimizer)
             self.skip_step(optimizer)
 
     def skip_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -600,15 +631,26 @@ class GradientClipCallback(GradientCallback):
         self._hidden[id(optimizer)] = [(p, p.grad) for p in params]
         for p in params:
             p.grad = None
-        if id(optimizer) not in self._hooks:
-            self._hooks[id(optimizer)] = optimizer.register_step_post_hook(lambda opt, *_: self.restore_hidden(id(opt)))
+        self.watch(optimizer)
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.restore_hidden(id(optimizer))
 
     def restore_hidden(self, key: Optional[int] = None) -> None:
-        """Put back the gradients hidden for the step of optimizer ``id`` ``key`` (of all, if ``None``)."""
+        """Undo a skip for the step of optimizer ``id`` ``key`` (of all, if ``None``): put back the hidden
+        gradients, and remove the ``found_inf`` given for that step only."""
         for k in list(self._hidden) if key is None else [key]:
             for p, g in self._hidden.pop(k, ()):
                 if p.grad is None:
                     p.grad = g
+        for k in list(self._flagged) if key is None else [key]:
+            if (optimizer := self._flagged.pop(k, None)) is not None:
+                del optimizer.found_inf
+
+    def written(self, values: dict[str, float]) -> None:
+        # a step skipped on the device (`found_inf`) is first known here, at the next logging step
+        if any(v > 0 for k, v in values.items() if k.endswith("/nonfinite_steps")):
+            self._warn_nonfinite("skipping the optimizer step")
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         self.restore_hidden()

@@ -45,6 +45,7 @@ class ClipByValue(GradientClipCallback):
     """
 
     norm_type = float("inf")
+    scale_invariant = False  # the bound is on the values: a fused optimizer's scaled gradients are unscaled first
 
     def __init__(
         self,
@@ -81,15 +82,23 @@ class _MaxNormCallback(GradientClipCallback):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         nonfinite: NonFinitePolicy = "skip",
+        skip_above: Optional[float] = None,
         group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
     ) -> None:
         check_positive("max_norm", max_norm)
+        check_positive("skip_above", skip_above, allow_none=True)
+        if skip_above is not None and not skip_above > max_norm:
+            raise ValueError(
+                f"`skip_above` must be above `max_norm` ({max_norm}): steps above it are skipped, those between "
+                f"are clipped; got {skip_above!r}"
+            )
         super().__init__(
             include=include, exclude=exclude, nonfinite=nonfinite, group_depth=group_depth, log_prefix=log_prefix
         )
         self.max_norm = float(max_norm)
         self.norm_type = check_norm_type(norm_type)
+        self.skip_above = None if skip_above is None else float(skip_above)
 
 
 class ClipByNorm(_MaxNormCallback):
@@ -101,6 +110,9 @@ class ClipByNorm(_MaxNormCallback):
     Args:
         max_norm: the per-tensor threshold, a positive finite number.
         norm_type: order of the norm: any positive number, or ``inf``.
+        skip_above: skip the optimizer step (as ``nonfinite="skip"`` does) when the total pre-clip
+            norm exceeds this, a loss spike too large to clip; counted in ``skipped_steps``. Above
+            ``max_norm``; ``None`` (default) never skips.
         **kwargs: ``include``, ``exclude``, ``nonfinite``, ``group_depth``, ``log_prefix`` (see
             :class:`GradientClipCallback`).
 
@@ -137,6 +149,9 @@ class ClipByGlobalNorm(_MaxNormCallback):
     Args:
         max_norm: the threshold on the global norm, a positive finite number.
         norm_type: order of the norm: any positive number, or ``inf``.
+        skip_above: skip the optimizer step (as ``nonfinite="skip"`` does) when the pre-clip norm
+            exceeds this, a loss spike too large to clip (as Megatron-style trainers do); counted in
+            ``skipped_steps``. Above ``max_norm``; ``None`` (default) never skips.
         **kwargs: ``include``, ``exclude``, ``nonfinite``, ``group_depth``, ``log_prefix`` (see
             :class:`GradientClipCallback`).
 
@@ -147,6 +162,7 @@ class ClipByGlobalNorm(_MaxNormCallback):
             - class_path: gradclip_plugin.ClipByGlobalNorm
               init_args:
                 max_norm: 1.0
+                skip_above: 100.0      # optional: skip the step of a larger spike
 
     References:
         Pascanu et al. 2013, "On the difficulty of training recurrent neural networks";

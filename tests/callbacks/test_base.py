@@ -165,6 +165,36 @@ def test_skip_with_two_optimizers_skips_only_the_one_with_nonfinite_gradients(tm
     assert metrics["grad_clip/opt1/nonfinite_steps"] == {0: 1.0}
 
 
+class FusedNonFiniteModel(NonFiniteModel):
+    def __init__(self, optimizer: str = "adam", **kwargs):
+        super().__init__("loss-inf", bad_steps=(1,), **kwargs)
+        self.kind = optimizer
+
+    def configure_optimizers(self):
+        cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[self.kind]
+        return cls(self.parameters(), lr=0.01, fused=True, **({"momentum": 0.9} if self.kind == "sgd" else {}))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_a_fused_optimizer_skips_on_the_device_exactly_and_the_step_is_counted_and_warned(tmp_path, optimizer):
+    # fused Adam, AdamW and SGD take `found_inf` (what GradScaler uses): the step is skipped with nothing read
+    # back (tests/test_no_sync.py counts the reads), weights and every state tensor bit-for-bit unchanged
+    cb, states = ClipByGlobalNorm(5.0), StateProbe()
+    logger = CSVLogger(tmp_path)
+    trainer = make_trainer(tmp_path, [states, cb], logger=logger, max_steps=4, log_every_n_steps=2)
+    with pytest.warns(UserWarning, match="non-finite gradients found, skipping the optimizer step") as record:
+        trainer.fit(FusedNonFiniteModel(optimizer), make_loader())
+    assert len(nonfinite_warnings(record)) == 1
+    assert_same_snapshot(states.start[1], states.end[1])
+    for k in (0, 2, 3):
+        assert not torch.equal(states.start[k][0]["encoder.weight"], states.end[k][0]["encoder.weight"])
+    assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+    assert read_metrics(logger)["grad_clip/nonfinite_steps"] == {1: 1.0, 3: 1.0}
+    assert not hasattr(trainer.optimizers[0], "found_inf")  # the flag was for that step only
+    if optimizer != "sgd":
+        assert {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {3}
+
+
 class SharedParameterModel(pl.LightningModule):
     """Manual optimization, `SGD([a, shared])` then `SGD([shared, b])`; `a`'s gradient is NaN, the others 1."""
 
@@ -297,7 +327,6 @@ def test_a_failing_step_still_logs_what_it_measured(tmp_path):
     from pytorch_lightning.loggers import Logger
 
     from gradclip_plugin import GradientNormMonitor
-    from gradclip_plugin.callbacks import base
 
     class Recorder(Logger):
         name, version = "recorder", 0

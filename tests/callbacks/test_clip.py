@@ -88,9 +88,10 @@ def read_metrics(logger: CSVLogger) -> dict[str, dict[int, float]]:
     return out
 
 
-def fit(tmp_path, cb, model=None, loader=None, **kwargs):
+def fit(tmp_path, cb, model=None, loader=None, callbacks_after=(), **kwargs):
     """Run a short fit with probes around ``cb`` and a CSVLogger; return the probes and the metrics."""
     before, after, callbacks = probe_around(cb)
+    callbacks = [*callbacks, *callbacks_after]
     logger = CSVLogger(tmp_path)
     trainer = make_trainer(tmp_path, callbacks, logger=logger, **kwargs)
     trainer.fit(model if model is not None else TinyModel(), loader if loader is not None else make_loader())
@@ -402,3 +403,51 @@ def test_a_step_known_to_be_under_the_threshold_scales_nothing(tmp_path, monkeyp
                 assert torch.equal(a[n], b[n])
             else:
                 assert not torch.equal(a[n], b[n])
+
+
+# ---------------------------------------------------------------------- skip_above
+class SpikeModel(TinyModel):
+    """TinyModel whose loss is 1e4 times larger at global step 2: a spike too large to clip."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * 1e4 if self.global_step == 2 else loss
+
+
+@pytest.mark.parametrize("make_cb", [lambda: ClipByGlobalNorm(5.0, skip_above=1e4), lambda: ClipByNorm(5.0, skip_above=1e4)],
+                         ids=["global", "per-tensor"])
+@pytest.mark.parametrize("optimizer", ["sgd", "fused-adam"])
+def test_skip_above_skips_the_spike_and_clips_the_rest(tmp_path, make_cb, optimizer):
+    class Model(SpikeModel):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=0.01, fused=True) if optimizer == "fused-adam" else super().configure_optimizers()
+
+    cb = make_cb()
+    weights = []
+
+    class Weights(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            weights.append([p.detach().clone() for p in pl_module.parameters()])
+
+    model = Model()
+    before, after, metrics = fit(tmp_path, cb, model=model, max_steps=4, callbacks_after=[Weights()])
+    norms = [vec_norm(b.values(), 2.0) for b in before.steps]
+    assert norms[2] > 1e4 > max(norms[:2] + norms[3:])
+    for step in (0, 1, 3):  # clipped by the rule, and stepped
+        ref = expected(cb, before.steps[step])
+        for name in PARAM_NAMES:
+            torch.testing.assert_close(after.steps[step][name], ref[name])
+        assert not all(torch.equal(a, b) for a, b in zip(weights[step - 1] if step else weights[0], weights[step])) or step == 0
+    assert all(torch.equal(a, b) for a, b in zip(weights[1], weights[2]))  # the spike's step: skipped
+    assert metrics["grad_clip/skipped_steps"] == {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0}
+    assert metrics["grad_clip/nonfinite_steps"][3] == 0.0
+    if optimizer == "fused-adam":  # the skipped step did not count in Adam's state either
+        assert {int(s["step"]) for s in model.trainer.optimizers[0].state.values()} == {3}
+
+
+def test_skip_above_must_be_above_max_norm():
+    with pytest.raises(ValueError, match=r"`skip_above` must be above `max_norm` \(5.0\).*got 5.0"):
+        ClipByGlobalNorm(5.0, skip_above=5.0)
+    with pytest.raises(ValueError, match=r"`skip_above` must be a positive finite number, got -1"):
+        ClipByNorm(5.0, skip_above=-1)
+    assert ClipByGlobalNorm(5.0, skip_above=50).skip_above == 50.0

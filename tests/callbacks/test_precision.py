@@ -3,8 +3,9 @@
 * ``16-mixed`` with a loss scaler: the callback sees unscaled gradients and clips them; an overflow
   step is the scaler's to skip (no crash, even with ``nonfinite="error"``; counted once in
   ``nonfinite_steps``; weights and Adam state untouched; the scale backs off).
-* A fused optimizer under a loss scaler unscales inside ``step()``, after the hook: refused with
-  an error that says why. Without a scaler (``bf16-mixed``) it clips normally.
+* A fused optimizer under a loss scaler unscales inside ``step()``, after the hook: the rule acts on
+  the true gradients (their norms divided by the scale, or unscaled first for a rule on values) and
+  the run equals the non-fused one. Without a scaler (``bf16-mixed``) it clips normally.
 * ``bf16-mixed``: float32 gradients, clipped exactly.
 * ``16-true`` / ``bf16-true``: half-precision gradients whose norm is accumulated in float32, so a
   norm beyond float16's range (65504) is measured, not mistaken for an overflow.
@@ -19,10 +20,9 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.precision import MixedPrecision
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from gradclip_plugin import ClipByGlobalNorm, ClipByNorm, ClipByValue
+from gradclip_plugin import AdaptiveGradientClipping, AutoClip, ClipByGlobalNorm, ClipByNorm, ClipByValue, ZClip
 from helpers import TinyModel, make_loader, make_trainer, probe_around, nonfinite_steps
 
 from .test_clip import read_metrics
@@ -71,11 +71,11 @@ class Weights(Callback):
         self.steps.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
 
 
-def fit_with(tmp_path, cb, model, loader=None, **kwargs):
+def fit_with(tmp_path, cb, model, loader=None, callbacks_before=(), **kwargs):
     before, after, callbacks = probe_around(cb)
     weights = Weights()
     logger = CSVLogger(tmp_path)
-    trainer = make_trainer(tmp_path, callbacks + [weights], logger=logger, max_steps=STEPS, **kwargs)
+    trainer = make_trainer(tmp_path, [*callbacks_before, *callbacks, weights], logger=logger, max_steps=STEPS, **kwargs)
     trainer.fit(model, loader if loader is not None else make_loader(scale=1.0))
     return trainer, before, after, weights, read_metrics(logger)
 
@@ -150,22 +150,68 @@ def test_16_mixed_other_rules_skip_overflow_without_crashing(tmp_path, make_cb):
 
 # ---------------------------------------------------------------------- fused optimizers
 class FusedAdamModel(TinyModel):
+    def __init__(self, fused: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.fused = fused
+
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr, fused=True)
+        return torch.optim.Adam(self.parameters(), lr=self.lr, fused=self.fused)
 
 
-def test_fused_optimizer_under_a_loss_scaler_is_refused_with_the_reason(tmp_path):
-    cb = ClipByGlobalNorm(MAX_NORM)
-    model = FusedAdamModel()
-    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = make_trainer(tmp_path, [cb], plugins=[scaler_plugin()])
-    with pytest.raises(
-        MisconfigurationException,
-        match=r"ClipByGlobalNorm cannot clip for `Adam` under a loss scaler: .*`fused=True`.*still scaled by the "
-        r"loss scale\. Use `fused=False`, or `precision='bf16-mixed'`",
-    ):
-        trainer.fit(model, make_loader(scale=1.0))
-    assert all(torch.equal(p, initial[n]) for n, p in model.named_parameters())  # nothing clipped or stepped
+class ScaleProbe(Callback):
+    """The loss scale at each step (the gradients a fused optimizer's hook sees are multiplied by it)."""
+
+    def __init__(self) -> None:
+        self.scales: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.scales.append(trainer.precision_plugin.scaler.get_scale())
+
+
+@pytest.mark.parametrize(
+    "make_cb",
+    [lambda: ClipByGlobalNorm(MAX_NORM), lambda: ClipByNorm(0.2), lambda: ClipByValue(0.05),
+     lambda: AdaptiveGradientClipping(0.01), lambda: AutoClip(), lambda: ZClip(warmup_steps=2),
+     lambda: ClipByGlobalNorm(MAX_NORM, skip_above=2.5)],
+    ids=["global", "per-tensor", "value", "agc", "autoclip", "zclip", "skip_above"],
+)
+def test_a_fused_optimizer_under_a_loss_scaler_is_clipped_on_its_true_gradients(tmp_path, make_cb):
+    # Adam(fused=True) unscales inside step(), after the hook: the hook sees scaled gradients. The rule acts
+    # on the true ones, and the run equals the same run with the non-fused Adam (unscaled before the hook),
+    # overflow step included (the scaler's to skip).
+    runs = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        cb, scales = make_cb(), ScaleProbe()
+        model = _with_overflow(FusedAdamModel(fused=fused))
+        trainer, before, after, weights, metrics = fit_with(tmp_path / str(fused), cb, model, plugins=[scaler_plugin()],
+                                                            callbacks_before=[scales])
+        runs[fused] = (before, weights.steps, metrics, scales.scales)
+    (fb, fw, fm, scales), (rb, rw, rm, _) = runs[True], runs[False]
+    for step in range(STEPS):
+        if step != BAD_STEP:  # the fused run's hook saw the gradients times the loss scale
+            torch.testing.assert_close(flat(fb.steps[step]) / scales[step], flat(rb.steps[step]), rtol=1e-6, atol=1e-9)
+        for name in fw[step + 1]:
+            torch.testing.assert_close(fw[step + 1][name], rw[step + 1][name], rtol=1e-5, atol=1e-7)
+    assert fm["grad_clip/norm"] == pytest.approx(rm["grad_clip/norm"], rel=1e-5)
+    assert fm["grad_clip/clip_rate"] == pytest.approx(rm["grad_clip/clip_rate"])
+    assert max(fm["grad_clip/clip_rate"].values()) == 1.0  # it clipped
+    if cb.skip_above is not None:  # a step skipped by the rule, another stepped: as with the non-fused optimizer
+        assert fm["grad_clip/skipped_steps"] == rm["grad_clip/skipped_steps"]
+        assert 0 < fm["grad_clip/skipped_steps"][STEPS - 1] < STEPS - 1
+    assert fm["grad_clip/nonfinite_steps"][STEPS - 1] == rm["grad_clip/nonfinite_steps"][STEPS - 1] == 1.0
+    assert all(torch.equal(fw[BAD_STEP][n], fw[BAD_STEP + 1][n]) for n in fw[BAD_STEP])  # the scaler skipped it
+    assert not all(torch.equal(fw[0][n], fw[1][n]) for n in fw[0])
+
+
+def _with_overflow(model):
+    class Overflowing(type(model)):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * math.inf if self.global_step == BAD_STEP else loss
+
+    model.__class__ = Overflowing
+    return model
 
 
 def test_fused_optimizer_without_a_scaler_clips(tmp_path):

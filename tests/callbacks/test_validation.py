@@ -67,6 +67,12 @@ TABLE = (
     + [(cls, *row) for cls in (ClipByNorm, ClipByGlobalNorm) for row in positive("max_norm")]
     + [(cls, *row) for cls in (ClipByNorm, ClipByGlobalNorm) for row in NORM_TYPE_BAD]
     + [(cls, *row) for cls in CLASSES for row in COMMON_BAD]
+    + [(cls, *row) for cls in (ClipByNorm, ClipByGlobalNorm) for row in positive("skip_above") if row[1] is not None]
+    + [
+        (cls, "skip_above", v, f"`skip_above` must be above `max_norm` (1.0): steps above it are skipped, those between are clipped; got {v!r}")
+        for cls in (ClipByNorm, ClipByGlobalNorm)
+        for v in (0.5, 1.0, 1)
+    ]
 )
 
 
@@ -101,6 +107,9 @@ GOOD = [
     (ClipByGlobalNorm, {"max_norm": 1.0, "norm_type": INF}, {"norm_type": INF}),
     (ClipByGlobalNorm, {"max_norm": 1.0, "include": ("encoder.*",)}, {"include": ["encoder.*"]}),
     (ClipByGlobalNorm, {"max_norm": 1.0, "include": None, "exclude": None}, {"include": [], "exclude": []}),
+    (ClipByGlobalNorm, {"max_norm": 1.0, "skip_above": 100}, {"skip_above": 100.0}),
+    (ClipByNorm, {"max_norm": 1.0, "skip_above": 1.5}, {"skip_above": 1.5}),
+    (ClipByNorm, {"max_norm": 1.0}, {"skip_above": None}),
 ] + [(ClipByGlobalNorm, {"max_norm": 1.0, "nonfinite": p}, {"nonfinite": p}) for p in ("skip", "error", "zero", "ignore")]
 
 
@@ -155,6 +164,7 @@ CLI_BAD = [
     ("gradclip_plugin.ClipByValue", "clip_value: .inf", "`clip_value` must be a positive finite number, got inf"),
     ("gradclip_plugin.ClipByNorm", "max_norm: 1.0\nnorm_type: 0", "`norm_type` must be a positive number or 'inf', got 0.0"),
     ("gradclip_plugin.ClipByNorm", "max_norm: 1.0\nnorm_type: -.inf", "`norm_type` must be a positive number or 'inf', got -inf"),
+    ("gradclip_plugin.ClipByGlobalNorm", "max_norm: 1.0\nskip_above: 0.5", "`skip_above` must be above `max_norm` (1.0)"),
     ("gradclip_plugin.ClipByNorm", "max_norm: 1.0\nlog_prefix: ''", "`log_prefix` must be a non-empty string, got ''"),
 ]
 
