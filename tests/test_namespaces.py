@@ -72,13 +72,13 @@ def test_a_nonfinite_step_is_skipped_with_weights_and_adam_state_untouched(tmp_p
 
 def test_tensorboard_layout_histograms_and_rule_in_the_namespaces_logger(tmp_path, ns):
     logger = mod(ns, "loggers").TensorBoardLogger(tmp_path, name="run", version=0)
-    callbacks = [GradientNormMonitor(histogram_every_n_steps=1), ClipByGlobalNorm(1.0)]
+    callbacks = [GradientNormMonitor(histogram_every_n_steps=1, weight_norms=True, update_ratio=True), ClipByGlobalNorm(1.0)]
     ns.make_trainer(tmp_path, callbacks, logger=logger, max_steps=2).fit(ns.TinyModel(), make_loader())
     acc = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0, "histograms": 0})
     acc.Reload()
     assert {"grad_values/grad_norm/encoder", "grad_values/grad_norm/head"} <= set(acc.Tags()["histograms"])
     assert {"custom_scalars__config__", "grad_clip/callback/text_summary"} <= set(acc.Tags()["tensors"])
-    assert {"grad_clip/norm", "grad_norm/total"} <= set(acc.Tags()["scalars"])
+    assert {"grad_clip/norm", "grad_norm/total", "grad_norm/weight/head", "grad_norm/update_ratio/head"} <= set(acc.Tags()["scalars"])
 
 
 def test_lightning_cli_builds_the_callback_from_yaml_and_refuses_a_misspelt_key(tmp_path, ns):

@@ -84,6 +84,20 @@ def test_layout_for_two_optimizers(tmp_path):
     assert_every_chart_has_its_tags(charts, scalar_tags(logger.log_dir))
 
 
+def test_layout_charts_weight_norms_and_update_ratios_per_group(tmp_path):
+    _, logger = fit(tmp_path, [GradientNormMonitor(weight_norms=True, update_ratio=True)])
+    charts = read_layout(logger.log_dir)[CATEGORY]
+    assert charts["grad_norm/weight"] == ["Multiline", ["^grad_norm/weight/encoder$", "^grad_norm/weight/head$"]]
+    assert charts["grad_norm/update_ratio"] == ["Multiline", ["^grad_norm/update_ratio/encoder$", "^grad_norm/update_ratio/head$"]]
+    assert_every_chart_has_its_tags(charts, scalar_tags(logger.log_dir))
+    _, logger = fit(tmp_path / "two", [GradientNormMonitor(update_ratio=True)], model=TwoOptimizerModel())
+    charts = read_layout(logger.log_dir)[CATEGORY]
+    assert charts["grad_norm/opt0/update_ratio"] == ["Multiline", ["^grad_norm/opt0/update_ratio/encoder$"]]
+    assert charts["grad_norm/opt1/update_ratio"] == ["Multiline", ["^grad_norm/opt1/update_ratio/head$"]]
+    assert not any("weight" in title for title in charts)
+    assert_every_chart_has_its_tags(charts, scalar_tags(logger.log_dir))
+
+
 def test_layout_for_two_clipping_callbacks_sharing_a_prefix(tmp_path):
     _, logger = fit(tmp_path, [ClipByValue(5.0), ClipByGlobalNorm(1.0), GradientNormMonitor()])
     charts = read_layout(logger.log_dir)[CATEGORY]

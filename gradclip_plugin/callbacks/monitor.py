@@ -37,6 +37,11 @@ class GradientNormMonitor(GradientCallback):
             the most groups without going above ten.
         histogram_every_n_steps: with a ``TensorBoardLogger``, also write a histogram of the
             gradient values of each group every this many optimizer steps; ``None`` for none.
+        weight_norms: also log the norm of each group's weights before the step, ``<prefix>/weight/<group>``.
+        update_ratio: also log ``||w_after - w_before|| / ||w_before||`` of each group over the step,
+            ``<prefix>/update_ratio/<group>`` (about 1e-3 is the usual guideline; much larger means a
+            too large learning rate). It copies the selected weights on logging steps (only then),
+            and is logged at the same step as the step's gradient norms; in a Trainer only.
         include: fnmatch patterns on ``named_parameters()`` names; only matching parameters are
             counted. ``None`` selects every parameter.
         exclude: fnmatch patterns of parameters left out.
@@ -67,11 +72,17 @@ class GradientNormMonitor(GradientCallback):
         norm_type: NormType = 2.0,
         group_depth: GroupDepth = "auto",
         histogram_every_n_steps: Optional[int] = None,
+        weight_norms: bool = False,
+        update_ratio: bool = False,
         *,
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         log_prefix: str = "grad_norm",
     ) -> None:
+        for name, flag in (("weight_norms", weight_norms), ("update_ratio", update_ratio)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"`{name}` must be True or False, got {flag!r}")
+        self.weight_norms, self.update_ratio = weight_norms, update_ratio
         self.norm_type = check_norm_type(norm_type)
         check_group_depth(group_depth)
         every = histogram_every_n_steps
@@ -85,6 +96,7 @@ class GradientNormMonitor(GradientCallback):
         self._pending: dict[int, dict[str, Tensor]] = {}  # this batch's norms, per optimizer index
         self._nonfinite: dict[int, Value] = {}  # measured steps whose norm was not finite, per optimizer
         self._warned = False
+        self._before: dict[int, tuple[int, Plan, list[Tensor], dict[str, Tensor]]] = {}  # for update ratios
 
     def state_dict(self) -> dict[str, Any]:
         return {"nonfinite_steps": {i: int(n) for i, n in self._nonfinite.items()}}
@@ -125,7 +137,9 @@ class GradientNormMonitor(GradientCallback):
         idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
         plan = self.plan(optimizer, pl_module)
         if log:
-            self._measure(plan, idx)
+            self._measure(plan, idx, L.pending_scale(L.loss_scaler(trainer), optimizer))
+            if self.weight_norms or self.update_ratio:
+                self._weights(optimizer, plan, idx)
         for writer, tag_prefix in writers:
             self._histograms(writer, tag_prefix, plan, idx, step)
 
@@ -144,17 +158,41 @@ class GradientNormMonitor(GradientCallback):
         return read_metrics(self.metrics(idx))
 
     # ------------------------------------------------------------------ helpers
+    def _weights(self, optimizer: torch.optim.Optimizer, plan: Plan, idx: int) -> None:
+        """The group norms of the weights before the step; with ``update_ratio``, a copy of them, compared
+        with the weights after the step in :meth:`after_step`."""
+        weights = [p.detach() for p in plan.params]
+        norms = self.group_norms(plan, range(len(weights)), tensor_norms(weights, self.norm_type, shard_group=self._shard_group), self.norm_type)
+        if self.weight_norms:
+            self._pending.setdefault(idx, {}).update((f"weight/{g}", n) for g, n in norms.items())
+        if self.update_ratio:
+            self._before[id(optimizer)] = (idx, plan, torch._foreach_mul(weights, 1.0), norms)  # one foreach copy
+            self.watch(optimizer)
+
     @torch.no_grad()
-    def _measure(self, plan: Plan, idx: int) -> None:
-        """Keep this step's total and group norms of the gradients of ``plan``, to be written."""
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        entry = self._before.pop(id(optimizer), None)
+        if entry is not None:
+            idx, plan, before, weight_norms = entry
+            deltas = torch._foreach_sub([p.detach() for p in plan.params], before)
+            norms = tensor_norms(deltas, self.norm_type, shard_group=self._shard_group)
+            ratios = self.group_norms(plan, range(len(deltas)), norms, self.norm_type)
+            self._pending.setdefault(idx, {}).update((f"update_ratio/{g}", n / weight_norms[g]) for g, n in ratios.items())
+
+    @torch.no_grad()
+    def _measure(self, plan: Plan, idx: int, scale: Optional[Tensor] = None) -> None:
+        """Keep this step's total and group norms of the gradients of ``plan`` (divided by the loss ``scale``
+        still on them, if any), to be written."""
         _, grads, positions = self.gradients(plan)
         if grads:
             norms = tensor_norms(grads, self.norm_type, shard_group=self._shard_group)
+            if scale is not None:
+                norms = norms / scale
             groups = self.group_norms(plan, positions, norms, self.norm_type)
             total = combine_norms(norms, self.norm_type)
             self._nonfinite[idx] = self._nonfinite.get(idx, 0) + ~torch.isfinite(total)  # no host read
             self._pending[idx] = {"total": total, "nonfinite_steps": self._nonfinite[idx]}
-            self._pending[idx].update((g if g not in self._pending[idx] else f"{g}_", n) for g, n in groups.items())
+            self._pending[idx].update((g if g not in ("total", "nonfinite_steps") else f"{g}_", n) for g, n in groups.items())
 
     def metrics(self, idx: Optional[int] = None) -> dict[str, Value]:
         out = {self.metric_key(k, i): v for i, values in self._pending.items() if idx in (None, i) for k, v in values.items()}
@@ -163,7 +201,12 @@ class GradientNormMonitor(GradientCallback):
 
     def charts(self, n_optimizers: int) -> dict[str, tuple[str, list[str]]]:
         # the total alone: a run's group norms would be lines of one colour (TensorBoard colours by run)
-        return {(key := self.metric_key("total", i, n_optimizers)): ("Multiline", [key]) for i in range(n_optimizers)}
+        out = {(key := self.metric_key("total", i, n_optimizers)): ("Multiline", [key]) for i in range(n_optimizers)}
+        for what, on in (("weight", self.weight_norms), ("update_ratio", self.update_ratio)):
+            for i, plan in enumerate(self._plans.values() if on else []):
+                names = [self.metric_key(f"{what}/{g}", i, n_optimizers) for g in plan.group_names]
+                out[names[0].rsplit("/", 1)[0]] = ("Multiline", names)
+        return out
 
     def _histograms(self, writer: Any, tag_prefix: str, plan: Plan, idx: int, step: int) -> None:
         """A histogram of each group's gradient values (TensorBoard bins them on the host: histogram steps only)."""

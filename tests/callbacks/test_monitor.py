@@ -301,6 +301,80 @@ def nonfinite_steps_of(trainer):
     return monitor.state_dict()["nonfinite_steps"]
 
 
+# --- weights and updates -------------------------------------------------------------------------
+
+
+class WeightProbe(Callback):
+    """Records the parameters before each optimizer step and after each batch (after its step)."""
+
+    def __init__(self) -> None:
+        self.before: list[dict[str, torch.Tensor]] = []
+        self.after: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.before.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.after.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_weight_norms_and_update_ratios_match_the_probed_weights(tmp_path, optimizer):
+    torch.manual_seed(0)
+    probe = WeightProbe()
+    monitor = GradientNormMonitor(weight_norms=True, update_ratio=True)
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    trainer = make_trainer(tmp_path, [probe, monitor], logger=logger, max_steps=5, log_every_n_steps=2)
+    trainer.fit(TinyModel(optimizer=optimizer), make_loader())
+    logged = csv_scalars(logger.log_dir)
+    for group in ("encoder", "head"):
+        weights, ratios = logged[f"grad_norm/weight/{group}"], logged[f"grad_norm/update_ratio/{group}"]
+        # at the steps the gradient norms are logged at, of the weights of that step
+        assert [s for s, _ in weights] == [s for s, _ in ratios] == [s for s, _ in logged["grad_norm/total"]] == [1, 3]
+        for (step, weight), (_, ratio) in zip(weights, ratios):
+            before = [t for n, t in probe.before[step].items() if n.startswith(group)]
+            delta = [probe.after[step][n] - t for n, t in probe.before[step].items() if n.startswith(group)]
+            assert weight == pytest.approx(reference_norm(before, 2.0), rel=1e-5)
+            assert ratio == pytest.approx(reference_norm(delta, 2.0) / reference_norm(before, 2.0), rel=1e-4)
+            assert ratio > 0
+
+
+def test_weights_are_copied_and_measured_on_logging_steps_only(tmp_path, monkeypatch):
+    import gradclip_plugin.callbacks.base as base_module
+    import gradclip_plugin.callbacks.monitor as monitor_module
+    import gradclip_plugin.functional.norms as norms_module
+
+    passes, copies = [], []
+    original_norms, original_mul = monitor_module.tensor_norms, torch._foreach_mul
+    monkeypatch.setattr(monitor_module, "tensor_norms", lambda *a, **k: passes.append(1) or original_norms(*a, **k))
+
+    def mul(*args, **kwargs):  # the copy of the weights is a `_foreach_mul` made by the monitor
+        if sys._getframe(1).f_code.co_filename == monitor_module.__file__:
+            copies.append(1)
+        return original_mul(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_mul", mul)
+    reads = HostReadCounter(monkeypatch, monitor_module.__file__, norms_module.__file__, base_module.__file__)
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    monitor = GradientNormMonitor(weight_norms=True, update_ratio=True)
+    trainer = make_trainer(tmp_path, [monitor], logger=logger, max_steps=10, log_every_n_steps=5)
+    trainer.fit(TinyModel(optimizer="adam"), make_loader(n=64))
+    assert len(passes) == 2 * 3  # gradients, weights, updates: on the 2 logging steps, none on the 8 others
+    assert len(copies) == 2
+    assert reads.calls == ["tolist", "tolist"]  # still one batched copy per logging step
+
+
+def test_weight_norms_and_update_ratios_per_optimizer(tmp_path):
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    monitor = GradientNormMonitor(weight_norms=True, update_ratio=True)
+    make_trainer(tmp_path, [monitor], logger=logger, max_steps=4).fit(TwoOptimizerModel(), make_loader())  # 2 batches
+    logged = csv_scalars(logger.log_dir)
+    for opt, group in [(0, "encoder"), (1, "head")]:
+        for what in ("weight", "update_ratio"):
+            assert [s for s, _ in logged[f"grad_norm/opt{opt}/{what}/{group}"]] == [0, 1]
+    assert not any("/weight/head" in k for k in logged if "/opt0/" in k)
+
+
 # --- histograms -----------------------------------------------------------------------------------
 
 
@@ -361,6 +435,8 @@ def test_histograms_need_a_tensorboard_logger(tmp_path):
         (dict(histogram_every_n_steps=2.5), "`histogram_every_n_steps` must be a positive int or None, got 2.5"),
         (dict(include="encoder.*"), "`include` must be a list of fnmatch patterns"),
         (dict(log_prefix=""), "`log_prefix` must be a non-empty string, got ''"),
+        (dict(weight_norms="yes"), "`weight_norms` must be True or False, got 'yes'"),
+        (dict(update_ratio=1), "`update_ratio` must be True or False, got 1"),
     ],
 )
 def test_bad_arguments(kwargs, match):
