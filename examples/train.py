@@ -77,6 +77,8 @@ class IRNNRegressor(pl.LightningModule):
             activations and gradients can grow without bound through time.
         lr: SGD learning rate.
         momentum: SGD momentum.
+        fused: torch's fused SGD (``SGD(fused=True)``), one kernel per step; it takes a device-side
+            ``found_inf``, so gradclip's ``skip`` needs no host read.
 
     References:
         Le, Jaitly and Hinton 2015, "A Simple Way to Initialize Recurrent Networks of Rectified Linear Units".
@@ -89,6 +91,7 @@ class IRNNRegressor(pl.LightningModule):
         recurrent_gain: float = 1.0,
         lr: float = 0.001,
         momentum: float = 0.5,
+        fused: bool = False,
     ) -> None:
         super().__init__()
         if not lr > 0:
@@ -119,7 +122,7 @@ class IRNNRegressor(pl.LightningModule):
         self.log("val_loss", nn.functional.mse_loss(self(x), y))
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum, fused=self.hparams.fused)
 
 
 def main(args: Optional[list[str]] = None, run: bool = True) -> LightningCLI:
