@@ -49,6 +49,7 @@ class NormSummary:
     clip_rate: Optional[float] = None  #: fraction of (finite) optimizer steps clipped
     nonfinite: int = 0  #: optimizer steps with a non-finite norm
     nonfinite_scope: str = "logged steps"  #: ``"all steps"`` when a clipping callback counted them
+    skipped: Optional[int] = None  #: steps the rule skipped (``skip_above``, ZClip), where it logs them
     stats: dict[str, float] = field(default_factory=dict)  #: p50, p90, p99, max of the finite norms
     parameter: str = "max_norm"  #: the argument ``suggestion`` is a value for
     suggestion: Optional[float] = None
@@ -240,6 +241,8 @@ def summarize(run: PathLike, scalars: Optional[dict[str, Series]] = None) -> lis
             s.nonfinite, s.nonfinite_scope = int(scalars[f"{prefix}/nonfinite_steps"][1][-1]), "all steps"
         else:
             s.nonfinite = int(np.sum(~np.isfinite(norm)))
+        if f"{prefix}/skipped_steps" in scalars:  # a running count over all steps
+            s.skipped = int(scalars[f"{prefix}/skipped_steps"][1][-1])
         out.append(s)
     if not out:
         for tag in sorted(t for t in scalars if t.endswith("/total")):
@@ -334,6 +337,8 @@ def format_summary(s: NormSummary) -> str:
     if s.clip_rate is not None:
         lines.append(f"    clip rate         {s.clip_rate:.1%}")
     lines.append(f"    non-finite steps  {s.nonfinite} (counted on {s.nonfinite_scope})")
+    if s.skipped is not None:
+        lines.append(f"    skipped steps     {s.skipped} (by the rule, counted on all steps)")
     if s.rule:
         lines.append(f"    rule              {s.rule}")
     lines.append(f"    suggested {s.parameter} {'-' if s.suggestion is None else f'{s.suggestion:g}'}")

@@ -21,6 +21,7 @@ from gradclip_plugin.report import (
     _interval_weighted_mean,
     _round_down,
     _runs,
+    format_summary,
     main,
     suggest_max_norm,
     summarize,
@@ -133,6 +134,21 @@ def test_nonfinite_steps_are_counted(tmp_path):
     (s,) = summarize(logger.log_dir)
     assert s.nonfinite == 2 and s.nonfinite_scope == "all steps"
     assert len(s.steps) == 4  # skipped steps log no norm
+
+
+def test_steps_the_rule_skipped_are_counted(tmp_path):
+    from callbacks.test_clip import SpikeModel  # its step 2 has a norm above 1e4
+
+    logger = TensorBoardLogger(tmp_path, name="run", version="")
+    cb = ClipByGlobalNorm(5.0, skip_above=1e4)
+    make_trainer(tmp_path, [cb], logger=logger, max_steps=4).fit(SpikeModel(), make_loader())
+    (s,) = summarize(logger.log_dir)
+    assert s.skipped == int(cb.state_dict()["tallies"][0]["skipped"]) == 1
+    assert "    skipped steps     1 (by the rule, counted on all steps)" in format_summary(s).splitlines()
+    logger = TensorBoardLogger(tmp_path, name="plain", version="")
+    make_trainer(tmp_path, [ClipByGlobalNorm(5.0)], logger=logger, max_steps=2).fit(TinyModel(), make_loader())
+    (s,) = summarize(logger.log_dir)
+    assert s.skipped is None and "skipped" not in format_summary(s)
 
 
 def test_monitor_only_and_two_optimizers(tmp_path):

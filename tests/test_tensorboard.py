@@ -87,14 +87,17 @@ def test_layout_for_two_optimizers(tmp_path):
 def test_layout_charts_weight_norms_and_update_ratios_per_group(tmp_path):
     _, logger = fit(tmp_path, [GradientNormMonitor(weight_norms=True, update_ratio=True)])
     charts = read_layout(logger.log_dir)[CATEGORY]
-    assert charts["grad_norm/weight"] == ["Multiline", ["^grad_norm/weight/encoder$", "^grad_norm/weight/head$"]]
-    assert charts["grad_norm/update_ratio"] == ["Multiline", ["^grad_norm/update_ratio/encoder$", "^grad_norm/update_ratio/head$"]]
+    # one chart per group: TensorBoard would draw a run's groups in one colour
+    for what in ("weight", "update_ratio"):
+        for group in ("encoder", "head"):
+            assert charts[f"grad_norm/{what}/{group}"] == ["Multiline", [f"^grad_norm/{what}/{group}$"]]
+    assert len(charts) == 5
     assert_every_chart_has_its_tags(charts, scalar_tags(logger.log_dir))
     _, logger = fit(tmp_path / "two", [GradientNormMonitor(update_ratio=True)], model=TwoOptimizerModel())
     charts = read_layout(logger.log_dir)[CATEGORY]
-    assert charts["grad_norm/opt0/update_ratio"] == ["Multiline", ["^grad_norm/opt0/update_ratio/encoder$"]]
-    assert charts["grad_norm/opt1/update_ratio"] == ["Multiline", ["^grad_norm/opt1/update_ratio/head$"]]
-    assert not any("weight" in title for title in charts)
+    assert charts["grad_norm/opt0/update_ratio/encoder"] == ["Multiline", ["^grad_norm/opt0/update_ratio/encoder$"]]
+    assert charts["grad_norm/opt1/update_ratio/head"] == ["Multiline", ["^grad_norm/opt1/update_ratio/head$"]]
+    assert not any("weight" in title or "opt0/update_ratio/head" in title for title in charts)
     assert_every_chart_has_its_tags(charts, scalar_tags(logger.log_dir))
 
 

@@ -200,13 +200,13 @@ class GradientNormMonitor(GradientCallback):
         return out
 
     def charts(self, n_optimizers: int) -> dict[str, tuple[str, list[str]]]:
-        # the total alone: a run's group norms would be lines of one colour (TensorBoard colours by run)
-        out = {(key := self.metric_key("total", i, n_optimizers)): ("Multiline", [key]) for i in range(n_optimizers)}
+        # one series a chart: TensorBoard colours by run, so a run's group norms in one chart would be
+        # lines of one colour; a chart of one series shows every run of the log directory apart
+        keys = [self.metric_key("total", i, n_optimizers) for i in range(n_optimizers)]
         for what, on in (("weight", self.weight_norms), ("update_ratio", self.update_ratio)):
-            for i, plan in enumerate(self._plans.values() if on else []):
-                names = [self.metric_key(f"{what}/{g}", i, n_optimizers) for g in plan.group_names]
-                out[names[0].rsplit("/", 1)[0]] = ("Multiline", names)
-        return out
+            for i, plan in enumerate(self._plans.values() if on else []):  # made in optimizer order at fit start
+                keys += [self.metric_key(f"{what}/{g}", i, n_optimizers) for g in plan.group_names]
+        return {key: ("Multiline", [key]) for key in keys}
 
     def _histograms(self, writer: Any, tag_prefix: str, plan: Plan, idx: int, step: int) -> None:
         """A histogram of each group's gradient values (TensorBoard bins them on the host: histogram steps only)."""
