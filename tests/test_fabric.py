@@ -147,6 +147,28 @@ def test_the_torch_habit_of_passing_parameters_works_in_a_plain_loop():
         assert torch.equal(p.detach(), w)
 
 
+def test_a_plain_loop_with_its_own_grad_scaler_and_a_fused_optimizer_skips_on_the_host():
+    # the callback cannot see the loop's GradScaler, whose step() would overwrite a `found_inf`: in a plain
+    # loop the skip is decided on the host (one read), and the scaler's step and update go on as usual
+    model, batches = model_and_data()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    clip = ClipByGlobalNorm(1.0, skip_above=1e4)
+    for k, (x, y) in enumerate(batches):
+        loss = nn.functional.mse_loss(model(x), y) * (1e6 if k == 2 else 1.0)  # a spike at step 2
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        metrics = clip.clip_gradients(model, optimizer)
+        weights = [p.detach().clone() for p in model.parameters()]
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters())) == (k == 2), k
+        assert metrics["grad_clip/skipped_steps"] == (k >= 2)
+    assert {int(s["step"]) for s in optimizer.state.values()} == {3}
+    assert not hasattr(optimizer, "found_inf")
+
+
 def test_the_fabric_example_runs_and_learns(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["fabric_train.py", "--steps", "150"])
     monkeypatch.chdir(tmp_path)  # its logs land here

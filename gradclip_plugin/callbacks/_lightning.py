@@ -96,17 +96,24 @@ def unwrap(obj: Any) -> Any:
     return obj
 
 
-def pending_scale(scaler: Optional[torch.amp.GradScaler], optimizer: Any) -> Optional[torch.Tensor]:
+def pending_scale(scaler: Optional[torch.amp.GradScaler], optimizer: Any, divisible: bool = True) -> Optional[torch.Tensor]:
     """The loss scale still on ``optimizer``'s gradients, a 0-dim device tensor, or ``None``.
 
     A fused optimizer (``AdamW(fused=True)``) unscales inside its ``step()``, so Lightning leaves its
     gradients scaled; the scaler's private scale tensor and per-optimizer stage tell by how much.
+    Unless the caller can divide its norms by the scale (``divisible``), the gradients are unscaled
+    here instead (a pass over them, as Lightning's for other optimizers) and ``None`` is returned.
     """
-    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
-        return None
     from torch.amp.grad_scaler import OptState
 
-    return scaler._scale if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY else None
+    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return None
+    if scaler._per_optimizer_states[id(optimizer)]["stage"] is not OptState.READY:
+        return None
+    if not divisible:
+        scaler.unscale_(optimizer)
+        return None
+    return scaler._scale
 
 
 def loop_scaler(fabric: Any, optimizer: Any) -> Optional[torch.amp.GradScaler]:

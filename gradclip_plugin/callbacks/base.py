@@ -45,6 +45,9 @@ Value = Union[float, int, bool, Tensor]
 
 #: ``group_depth="auto"`` keeps at most this many groups (unless depth 1 already has more)
 AUTO_MAX_GROUPS = 10
+#: norm orders whose norms of loss-scaled gradients can be divided by the scale: the powers of the scale
+#: in the others' sums overflow float32 (65536 ** 8 alone does), so their gradients are unscaled first
+EXACT_UNDER_SCALE = (1.0, 2.0, math.inf)
 _GRAD = operator.attrgetter("grad")
 
 
@@ -126,6 +129,20 @@ def plan_params(
         names.append("?" if name is None else name)
         groups.append(group_names.index(group))
     return Plan(len(params), chosen, names, groups, group_names)
+
+
+def takes_found_inf(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> bool:
+    """Whether ``optimizer.step()`` obeys a device-side ``optimizer.found_inf`` (1: no change at all), as
+    torch's fused Adam, AdamW and SGD do for ``GradScaler``.
+
+    Not a fused SGD with momentum before its first step: torch makes its momentum buffers with
+    ``empty_like`` and a skipped step leaves them uninitialised (later steps would read garbage).
+    """
+    if not (isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)) and optimizer.defaults.get("fused")):
+        return False
+    if isinstance(optimizer, torch.optim.SGD) and any(group["momentum"] for group in optimizer.param_groups):
+        return any("momentum_buffer" in optimizer.state.get(p, ()) for p in params)  # the first, once stepped
+    return True
 
 
 def read_metrics(metrics: dict[str, Value]) -> dict[str, float]:
@@ -397,7 +414,8 @@ class GradientClipCallback(GradientCallback):
     #: whether the rule needs the step's norm on the host (its statistics are Python floats)
     reads_norm: bool = False
     #: whether the rule depends on the gradients' norms only, not their scale (then the scaled gradients
-    #: of a fused optimizer under a loss scaler are clipped by their norms divided by the scale)
+    #: of a fused optimizer under a loss scaler are clipped by their norms divided by the scale, for the
+    #: norm orders of ``EXACT_UNDER_SCALE``; other rules and orders unscale the gradients first)
     scale_invariant: bool = True
     #: skip a step whose pre-clip total norm exceeds this (``ClipByNorm``, ``ClipByGlobalNorm``)
     skip_above: Optional[float] = None
@@ -421,7 +439,8 @@ class GradientClipCallback(GradientCallback):
         self._tallies: dict[int, Tally] = {}
         self._warned = False
         self._hidden: dict[int, list[tuple[Tensor, Tensor]]] = {}  # id(optimizer) -> gradients hidden for its step
-        self._flagged: dict[int, torch.optim.Optimizer] = {}  # those given a `found_inf` for their step, by id
+        self._flagged: dict[int, tuple[torch.optim.Optimizer, Tensor]] = {}  # id -> the optimizer and its `found_inf`
+        self._on_device = False  # whether a skip was left to the device (then warned about once read)
 
     # ------------------------------------------------------------------ the rule
     def measure(self, grads: list[Tensor]) -> tuple[Tensor, Any]:
@@ -484,7 +503,8 @@ class GradientClipCallback(GradientCallback):
             the names the callback logs in a Trainer (one optimizer's), ready for ``fabric.log_dict``.
         """
         optimizer, plan, idx, scaler = self.loop_step(module, optimizer, fabric)
-        self.clip_step(optimizer, plan, idx, scaler, metrics)
+        # a plain loop may have a GradScaler of its own, which would overwrite a `found_inf`
+        self.clip_step(optimizer, plan, idx, scaler, metrics, device_skip=fabric is not None)
         if not metrics:
             return {}
         values = read_metrics(self.metrics(idx))
@@ -556,26 +576,26 @@ class GradientClipCallback(GradientCallback):
         scaler: Optional[torch.amp.GradScaler],
         log_groups: bool,
         where: str = "",
+        device_skip: bool = True,
     ) -> None:
-        """Clip the gradients of ``plan``'s parameters for ``optimizer``'s coming step (the pipeline above)."""
+        """Clip the gradients of ``plan``'s parameters for ``optimizer``'s coming step (the pipeline above);
+        ``device_skip``: whether ``scaler`` is the only loss scaler there can be (not in a plain loop)."""
         self.restore_hidden()  # gradients hidden for a step that never ran (a loss scaler skipped it)
         params, grads, positions = self.gradients(plan)
         if not grads:
             return
-        scale = L.pending_scale(scaler, optimizer)  # a fused optimizer's gradients are still scaled
-        if scale is not None and not self.scale_invariant:
-            scaler.unscale_(optimizer)  # a pass over the gradients, for a rule that needs their values
-            scale = None
+        # a fused optimizer's gradients are still scaled
+        scale = L.pending_scale(scaler, optimizer, self.scale_invariant and self.norm_type in EXACT_UNDER_SCALE)
         tally = self._tallies.setdefault(idx, Tally())
         norms, extra = self.measure(grads)
         if scale is not None:
-            norms = norms / scale  # the true gradients' norms; the coefficients apply to the scaled ones alike
+            norms = norms / scale.to(norms.device)  # the true norms; the coefficients apply to the scaled gradients alike
         norm = combine_norms(norms, self.norm_type)
         # The policy acts where there is no loss scaler (the scaler skips such steps itself). A fused
         # optimizer skips a step given `found_inf`, on the device: then nothing is read; otherwise the
         # norm is read to the host (the one read of a step) to decide.
         acts = scaler is None and self.nonfinite != "ignore"
-        on_device = acts and self.nonfinite == "skip" and not self.reads_norm and getattr(optimizer, "_step_supports_amp_scaling", False)
+        on_device = acts and device_skip and self.nonfinite == "skip" and not self.reads_norm and takes_found_inf(optimizer, params)
         reads = self.reads_norm or (not on_device and (acts or self.skip_above is not None))
         host = norm.item() if reads else None
         finite: Union[bool, Tensor] = torch.isfinite(norm) if host is None else math.isfinite(host)
@@ -610,8 +630,10 @@ class GradientClipCallback(GradientCallback):
             if skip is not False:
                 tally.skipped = tally.skipped + (skip & finite)
         if on_device:  # weights, moments and step count stay untouched where it is 1
-            optimizer.found_inf = (~finite | skip).float()
-            self._flagged[id(optimizer)] = optimizer
+            flag, other = (~finite | skip).float(), getattr(optimizer, "found_inf", None)  # another callback's
+            optimizer.found_inf = flag if other is None else torch.maximum(other, flag)
+            self._flagged[id(optimizer)] = (optimizer, optimizer.found_inf)
+            self._on_device = True
             self.watch(optimizer)
         elif skip:
             if scale is not None:  # the scaler checks for inf what it unscales: without it, its step and update fail
@@ -644,12 +666,13 @@ class GradientClipCallback(GradientCallback):
                 if p.grad is None:
                     p.grad = g
         for k in list(self._flagged) if key is None else [key]:
-            if (optimizer := self._flagged.pop(k, None)) is not None:
+            optimizer, flag = self._flagged.pop(k, (None, None))
+            if optimizer is not None and optimizer.__dict__.get("found_inf") is flag:  # not another's
                 del optimizer.found_inf
 
     def written(self, values: dict[str, float]) -> None:
         # a step skipped on the device (`found_inf`) is first known here, at the next logging step
-        if any(v > 0 for k, v in values.items() if k.endswith("/nonfinite_steps")):
+        if self._on_device and any(v > 0 for k, v in values.items() if k.endswith("/nonfinite_steps")):
             self._warn_nonfinite("skipping the optimizer step")
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
@@ -659,6 +682,8 @@ class GradientClipCallback(GradientCallback):
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             self.restore_hidden()
+            if self._on_device and any(t.steps > int(t.finite) for t in self._tallies.values()):  # no log read it
+                self._warn_nonfinite("skipping the optimizer step")
 
     def _warn_nonfinite(self, action: str) -> None:
         if not self._warned:

@@ -8,7 +8,16 @@ import torch
 from torch import Tensor
 
 from gradclip_plugin.callbacks import _lightning as L
-from gradclip_plugin.callbacks.base import GradientCallback, GroupDepth, NormType, Plan, Value, check_group_depth, read_metrics
+from gradclip_plugin.callbacks.base import (
+    EXACT_UNDER_SCALE,
+    GradientCallback,
+    GroupDepth,
+    NormType,
+    Plan,
+    Value,
+    check_group_depth,
+    read_metrics,
+)
 from gradclip_plugin.functional import combine_norms, tensor_norms
 from gradclip_plugin.functional.norms import check_norm_type
 
@@ -41,7 +50,7 @@ class GradientNormMonitor(GradientCallback):
         update_ratio: also log ``||w_after - w_before|| / ||w_before||`` of each group over the step,
             ``<prefix>/update_ratio/<group>`` (about 1e-3 is the usual guideline; much larger means a
             too large learning rate). It copies the selected weights on logging steps (only then),
-            and is logged at the same step as the step's gradient norms; in a Trainer only.
+            and is logged at the same step as the step's gradient norms. Both in a Trainer only.
         include: fnmatch patterns on ``named_parameters()`` names; only matching parameters are
             counted. ``None`` selects every parameter.
         exclude: fnmatch patterns of parameters left out.
@@ -137,7 +146,7 @@ class GradientNormMonitor(GradientCallback):
         idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
         plan = self.plan(optimizer, pl_module)
         if log:
-            self._measure(plan, idx, L.pending_scale(L.loss_scaler(trainer), optimizer))
+            self._measure(plan, idx, L.pending_scale(L.loss_scaler(trainer), optimizer, self.norm_type in EXACT_UNDER_SCALE))
             if self.weight_norms or self.update_ratio:
                 self._weights(optimizer, plan, idx)
         for writer, tag_prefix in writers:

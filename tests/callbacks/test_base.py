@@ -166,8 +166,8 @@ def test_skip_with_two_optimizers_skips_only_the_one_with_nonfinite_gradients(tm
 
 
 class FusedNonFiniteModel(NonFiniteModel):
-    def __init__(self, optimizer: str = "adam", **kwargs):
-        super().__init__("loss-inf", bad_steps=(1,), **kwargs)
+    def __init__(self, optimizer: str = "adam", bad_steps=(1,), **kwargs):
+        super().__init__("loss-inf", bad_steps=bad_steps, **kwargs)
         self.kind = optimizer
 
     def configure_optimizers(self):
@@ -175,13 +175,18 @@ class FusedNonFiniteModel(NonFiniteModel):
         return cls(self.parameters(), lr=0.01, fused=True, **({"momentum": 0.9} if self.kind == "sgd" else {}))
 
 
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", CUDA])
 @pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
-def test_a_fused_optimizer_skips_on_the_device_exactly_and_the_step_is_counted_and_warned(tmp_path, optimizer):
+def test_a_fused_optimizer_skips_on_the_device_exactly_and_the_step_is_counted_and_warned(tmp_path, optimizer, accelerator):
     # fused Adam, AdamW and SGD take `found_inf` (what GradScaler uses): the step is skipped with nothing read
     # back (tests/test_no_sync.py counts the reads), weights and every state tensor bit-for-bit unchanged
+    # (on CUDA too: its fused kernels are not CPU's)
     cb, states = ClipByGlobalNorm(5.0), StateProbe()
     logger = CSVLogger(tmp_path)
-    trainer = make_trainer(tmp_path, [states, cb], logger=logger, max_steps=4, log_every_n_steps=2)
+    trainer = make_trainer(tmp_path, [states, cb], logger=logger, max_steps=4, log_every_n_steps=2, accelerator=accelerator)
     with pytest.warns(UserWarning, match="non-finite gradients found, skipping the optimizer step") as record:
         trainer.fit(FusedNonFiniteModel(optimizer), make_loader())
     assert len(nonfinite_warnings(record)) == 1
@@ -193,6 +198,46 @@ def test_a_fused_optimizer_skips_on_the_device_exactly_and_the_step_is_counted_a
     assert not hasattr(trainer.optimizers[0], "found_inf")  # the flag was for that step only
     if optimizer != "sgd":
         assert {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {3}
+
+
+def test_a_fused_sgd_with_momentum_skipping_its_first_step_keeps_an_empty_state(tmp_path):
+    # torch's fused SGD makes its momentum buffers with `empty_like` at its first step, and a step skipped by
+    # `found_inf` never writes them: that step is decided on the host, its state stays empty, and the run
+    # equals the non-fused SGD's
+    runs = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        cb, states = ClipByGlobalNorm(5.0), StateProbe()
+        model = FusedNonFiniteModel("sgd", bad_steps=(0,))
+        if not fused:
+            model.configure_optimizers = lambda m=model: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+        with pytest.warns(UserWarning, match="skipping the optimizer step"):
+            make_trainer(tmp_path / str(fused), [states, cb], max_steps=4).fit(model, make_loader())
+        runs[fused] = states
+    fused, plain = runs[True], runs[False]
+    assert_same_snapshot(fused.start[0], fused.end[0])
+    assert fused.end[0][1] == {}  # no momentum buffer
+    for k in range(4):
+        for name, w in fused.end[k][0].items():
+            torch.testing.assert_close(w, plain.end[k][0][name])
+
+
+def test_two_callbacks_on_one_fused_optimizer_skip_if_either_asks(tmp_path):
+    # the first callback asks to skip the spike's step (`skip_above`), the second (a value clip that leaves a
+    # finite norm) would not: both decisions are on the device, and the step is skipped
+    from .test_clip import SpikeModel
+
+    class Model(SpikeModel):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=0.01, fused=True)
+
+    first, second, states = ClipByGlobalNorm(5.0, skip_above=1e4), ClipByValue(1.0), StateProbe()
+    trainer = make_trainer(tmp_path, [states, first, second], max_steps=4)
+    trainer.fit(Model(), make_loader())
+    assert_same_snapshot(states.start[2], states.end[2])
+    assert not torch.equal(states.start[3][0]["encoder.weight"], states.end[3][0]["encoder.weight"])
+    assert {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {3}
+    assert not hasattr(trainer.optimizers[0], "found_inf")
 
 
 class SharedParameterModel(pl.LightningModule):

@@ -22,7 +22,7 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 
-from gradclip_plugin import AdaptiveGradientClipping, AutoClip, ClipByGlobalNorm, ClipByNorm, ClipByValue, ZClip
+from gradclip_plugin import AdaptiveGradientClipping, AutoClip, ClipByGlobalNorm, ClipByNorm, ClipByValue, GradientNormMonitor, ZClip
 from helpers import TinyModel, make_loader, make_trainer, probe_around, nonfinite_steps
 
 from .test_clip import read_metrics
@@ -202,6 +202,26 @@ def test_a_fused_optimizer_under_a_loss_scaler_is_clipped_on_its_true_gradients(
     assert fm["grad_clip/nonfinite_steps"][STEPS - 1] == rm["grad_clip/nonfinite_steps"][STEPS - 1] == 1.0
     assert all(torch.equal(fw[BAD_STEP][n], fw[BAD_STEP + 1][n]) for n in fw[BAD_STEP])  # the scaler skipped it
     assert not all(torch.equal(fw[0][n], fw[1][n]) for n in fw[0])
+
+
+@pytest.mark.parametrize("monitor", [False, True])
+def test_a_high_norm_order_of_scaled_gradients_is_taken_unscaled(tmp_path, monitor):
+    # sum |S g|^12 overflows float32 at S = 2^12 (2^144) where sum |g|^12 does not: such orders unscale first
+    # (the clip and the monitor alike), so the norms and weights equal the non-fused run's
+    runs = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        cb = GradientNormMonitor(norm_type=12.0) if monitor else ClipByGlobalNorm(0.1, norm_type=12.0)
+        plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**12))
+        _, _, _, weights, metrics = fit_with(tmp_path / str(fused), cb, FusedAdamModel(fused=fused), plugins=[plugin])
+        runs[fused] = weights.steps, metrics
+    (fw, fm), (rw, rm) = runs[True], runs[False]
+    key = "grad_norm/total" if monitor else "grad_clip/norm"
+    assert len(rm[key]) == STEPS and all(math.isfinite(v) for v in rm[key].values())
+    assert fm[key] == pytest.approx(rm[key], rel=1e-5)
+    for step in range(1, STEPS + 1):
+        for name in fw[step]:
+            torch.testing.assert_close(fw[step][name], rw[step][name], rtol=1e-5, atol=1e-7)
 
 
 def _with_overflow(model):
