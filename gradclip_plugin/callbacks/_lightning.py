@@ -104,10 +104,10 @@ def pending_scale(scaler: Optional[torch.amp.GradScaler], optimizer: Any, divisi
     Unless the caller can divide its norms by the scale (``divisible``), the gradients are unscaled
     here instead (a pass over them, as Lightning's for other optimizers) and ``None`` is returned.
     """
-    from torch.amp.grad_scaler import OptState
-
     if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
         return None
+    from torch.amp.grad_scaler import OptState
+
     if scaler._per_optimizer_states[id(optimizer)]["stage"] is not OptState.READY:
         return None
     if not divisible:
