@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -95,9 +96,12 @@ def test_16_mixed_overflow_step_is_the_scalers_to_skip(tmp_path, nonfinite):
     cb = ClipByGlobalNorm(MAX_NORM, nonfinite=nonfinite)
     model = OverflowModel(optimizer="adam")
     plugin = scaler_plugin()
-    trainer, before, after, weights, metrics = fit_with(tmp_path, cb, model, plugins=[plugin])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer, before, after, weights, metrics = fit_with(tmp_path, cb, model, plugins=[plugin])
 
     assert trainer.global_step == STEPS  # no crash: training went on
+    assert not [w for w in record if "non-finite" in str(w.message)]  # the scaler's skip, not the callback's
     # one back-off (x0.5) for the one overflow step, no growth (growth_interval is 2000 steps)
     assert plugin.scaler.get_scale() == INIT_SCALE * 0.5
     # the step itself did not happen: weights and Adam's step counter untouched
