@@ -295,12 +295,8 @@ def test_nonfinite_policies_on_logging_steps_read_at_most_twice(tmp_path, monkey
 # ------------------------------------------------------------------------------------ CUDA
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("name", list(FIXED) + ["GradientNormMonitor"])
-def test_cuda_sync_debug_mode(tmp_path, name):
-    """On a GPU, the hooks run under ``set_sync_debug_mode("error")``: any sync raises."""
-    cb = monitor_factory()() if name == "GradientNormMonitor" else CLIPPERS[name](nonfinite="ignore")
+def fit_with_no_sync_in_the_hook(tmp_path, cb, model) -> Any:
+    """Fit ``model`` on CUDA with ``cb``'s hook under ``set_sync_debug_mode("error")``: any sync in it raises."""
     hook = cb.on_before_optimizer_step
 
     def strict(*args: Any, **kwargs: Any) -> Any:
@@ -315,8 +311,17 @@ def test_cuda_sync_debug_mode(tmp_path, name):
     trainer = make_trainer(
         tmp_path, [cb], max_steps=STEPS, accelerator="cuda", logger=CSVLogger(tmp_path), log_every_n_steps=1000
     )
-    trainer.fit(TinyModel(), make_loader(n=4 * STEPS))
-    assert trainer.global_step == STEPS
+    trainer.fit(model, make_loader(n=4 * STEPS))
+    return trainer
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(FIXED) + ["GradientNormMonitor"])
+def test_cuda_sync_debug_mode(tmp_path, name):
+    """On a GPU, the hooks run under ``set_sync_debug_mode("error")``: any sync raises."""
+    cb = monitor_factory()() if name == "GradientNormMonitor" else CLIPPERS[name](nonfinite="ignore")
+    assert fit_with_no_sync_in_the_hook(tmp_path, cb, TinyModel()).global_step == STEPS
 
 
 @pytest.mark.cuda
@@ -325,20 +330,6 @@ def test_cuda_sync_debug_mode(tmp_path, name):
 def test_cuda_sync_debug_mode_over_the_fused_skip(tmp_path, skip_above):
     """The default `skip` with a fused optimizer on a GPU: no sync in the hook, a skipped step included."""
     cb = ClipByGlobalNorm(1.0, skip_above=skip_above)
-    hook = cb.on_before_optimizer_step
-
-    def strict(*args: Any, **kwargs: Any) -> Any:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return hook(*args, **kwargs)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    cb.on_before_optimizer_step = strict
-    trainer = make_trainer(
-        tmp_path, [cb], max_steps=STEPS, accelerator="cuda", logger=CSVLogger(tmp_path), log_every_n_steps=1000
-    )
-    trainer.fit(SpikyFusedModel(), make_loader(n=4 * STEPS))
+    fit_with_no_sync_in_the_hook(tmp_path, cb, SpikyFusedModel())
     tally = cb.state_dict()["tallies"][0]
     assert tally["steps"] - tally["finite"] == 1
