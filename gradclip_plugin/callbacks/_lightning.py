@@ -104,11 +104,7 @@ def pending_scale(scaler: Optional[torch.amp.GradScaler], optimizer: Any, divisi
     Unless the caller can divide its norms by the scale (``divisible``), the gradients are unscaled
     here instead (a pass over them, as Lightning's for other optimizers) and ``None`` is returned.
     """
-    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
-        return None
-    from torch.amp.grad_scaler import OptState
-
-    if scaler._per_optimizer_states[id(optimizer)]["stage"] is not OptState.READY:
+    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False) or not _scaled(scaler, optimizer):
         return None
     if not divisible:
         scaler.unscale_(optimizer)
@@ -122,11 +118,16 @@ def loop_scaler(fabric: Any, optimizer: Any) -> Optional[torch.amp.GradScaler]:
     scaler = getattr(getattr(getattr(fabric, "strategy", None), "precision", None), "scaler", None)
     if scaler is None or not scaler.is_enabled():
         return None
-    from torch.amp.grad_scaler import OptState
-
-    if scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY:
+    if _scaled(scaler, optimizer):
         scaler.unscale_(optimizer)
     return scaler
+
+
+def _scaled(scaler: torch.amp.GradScaler, optimizer: Any) -> bool:
+    """Whether ``optimizer``'s gradients are still scaled this step (the scaler's private per-optimizer stage)."""
+    from torch.amp.grad_scaler import OptState
+
+    return scaler._per_optimizer_states[id(optimizer)]["stage"] is OptState.READY
 
 
 def loop_shard_group(fabric: Any, module: Any) -> Optional[Any]:

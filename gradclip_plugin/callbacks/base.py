@@ -8,7 +8,8 @@ A clipping callback follows one optimizer step's gradients in ``on_before_optimi
    combine into the step's total norm;
 3. **policy**: with ``nonfinite="skip"``/``"error"``/``"zero"`` the total norm is read to the host
    (the one read of a step), and a non-finite one is acted on; with ``"ignore"``, or under a loss
-   scaler (which skips such steps itself), nothing is read;
+   scaler (which skips such steps itself), nothing is read; with ``"skip"`` and an optimizer that
+   takes a ``found_inf`` (:func:`takes_found_inf`), the step is skipped on the device, unread;
 4. **clip**: the rule's ``clip_(grads, params, step)`` scales the gradients in place and returns the
    step's :class:`ClipStats`, computed from the same numbers;
 5. **tally**: the step is added to the optimizer's :class:`Tally` (Python numbers where the host knows

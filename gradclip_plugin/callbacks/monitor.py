@@ -196,7 +196,7 @@ class GradientNormMonitor(GradientCallback):
         if grads:
             norms = tensor_norms(grads, self.norm_type, shard_group=self._shard_group)
             if scale is not None:
-                norms = norms / scale
+                norms = norms / scale.to(norms.device)
             groups = self.group_norms(plan, positions, norms, self.norm_type)
             total = combine_norms(norms, self.norm_type)
             self._nonfinite[idx] = self._nonfinite.get(idx, 0) + ~torch.isfinite(total)  # no host read
