@@ -90,8 +90,9 @@ def load_callbacks(path: str | os.PathLike, namespace: str = "pytorch_lightning"
             f"{where}: no such file (looked for {os.path.abspath(file)!r}). Set {ENV_VAR} to the path of a "
             f"YAML file of callbacks, or unset it."
         ) from None
-    except OSError as err:
-        raise GradclipConfigError(f"{where}: cannot read the file: {err}") from None
+    except (OSError, ValueError) as err:  # ValueError: UnicodeDecodeError (PowerShell's `>` writes UTF-16), a NUL
+        fix = "; it must be UTF-8: re-save it as UTF-8 (`Out-File -Encoding utf8`)" if isinstance(err, UnicodeError) else ""
+        raise GradclipConfigError(f"{where}: cannot read the file: {err}{fix}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
@@ -102,13 +103,15 @@ def load_callbacks(path: str | os.PathLike, namespace: str = "pytorch_lightning"
 def _entries(data: Any, where: str) -> list[Any]:
     if isinstance(data, dict) and "class_path" in data:
         return [data]
+    got = "an empty file" if data is None else _describe(data)
     if isinstance(data, dict) and isinstance(data.get("trainer"), dict) and "callbacks" in data["trainer"]:
         data = data["trainer"]["callbacks"]
+        got = f"a file whose `trainer.callbacks` is {_describe(data)}"
     if isinstance(data, list) and data:
         return data
     raise GradclipConfigError(
         f"{where}: expected a non-empty list of `class_path`/`init_args` entries (the form of `trainer.callbacks` "
-        f"in a LightningCLI config), got {_describe(data)}. For example:\n{_EXAMPLE}"
+        f"in a LightningCLI config), got {got}: list at least one callback. For example:\n{_EXAMPLE}"
     )
 
 
@@ -126,19 +129,18 @@ def _build(entry: Any, where: str, namespace: str) -> Any:
         raise GradclipConfigError(f"{where} ({class_path}): `init_args` must be a mapping, got {init_args!r}")
     cls = _resolve(class_path, where, namespace)
     where = f"{where} ({class_path})"
-    params = inspect.signature(cls).parameters
+    params = _arguments(cls)
     unknown = [k for k in init_args if k not in params]
     if unknown:
         raise GradclipConfigError(
-            f"{where}: {cls.__name__} has no argument `{unknown[0]}`; its arguments are "
-            + ", ".join(f"`{k}`" for k in params if k not in ("args", "kwargs"))
+            f"{where}: {cls.__name__} has no argument `{unknown[0]}`; its arguments are " + ", ".join(f"`{k}`" for k in params)
         )
     try:
         from jsonargparse import ArgumentParser
     except ImportError:  # the constructor checks the values alone
         try:
             return cls(**init_args)
-        except (TypeError, ValueError) as err:
+        except Exception as err:  # TypeError, the constructor's ValueError: as jsonargparse's route below
             expected = ", ".join(f"`{k}`: {params[k].annotation}" for k in init_args)
             raise GradclipConfigError(f"{where}: {err} (expected {expected})") from err
     parser = ArgumentParser(exit_on_error=False)
@@ -152,19 +154,30 @@ def _build(entry: Any, where: str, namespace: str) -> Any:
             raise GradclipConfigError(f"{where}: {' '.join(message.split())}") from err
 
 
+def _arguments(cls: type) -> dict[str, inspect.Parameter]:
+    """The named arguments of ``cls``, following ``**kwargs`` up the MRO to the base classes' ``__init__`` as
+    LightningCLI (jsonargparse) does."""
+    params: dict[str, inspect.Parameter] = {}
+    for base in cls.__mro__:  # a class without its own `__init__` repeats the next one's: nothing changes
+        found = list(inspect.signature(base.__init__).parameters.values())[1:]  # without `self`
+        params.update({p.name: p for p in found if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in params})
+        if all(p.kind is not p.VAR_KEYWORD for p in found):
+            break
+    return params
+
+
 def _resolve(class_path: str, where: str, namespace: str) -> type:
     modules = ("gradclip_plugin", f"{namespace}.callbacks")
     candidates = [tuple(class_path.rsplit(".", 1))] if "." in class_path else [(m, class_path) for m in modules]
     for module_name, name in candidates:
         try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
+            cls = getattr(importlib.import_module(module_name), name, None)
+        except Exception as err:  # ImportError, or the module's own error
             if "." in class_path:
                 raise GradclipConfigError(
                     f"{where}: cannot import module {module_name!r} of `class_path: {class_path}`: {err}"
                 ) from err
             continue
-        cls = getattr(module, name, None)
         if cls is None:
             continue
         callback = importlib.import_module(f"{namespace}.callbacks").Callback
@@ -179,7 +192,7 @@ def _resolve(class_path: str, where: str, namespace: str) -> type:
 
 def _describe(data: Any) -> str:
     if data is None:
-        return "an empty file"
+        return "null"
     if isinstance(data, list):
         return "an empty list"
     if isinstance(data, dict):

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from pytorch_lightning.callbacks import LearningRateMonitor
 
-from gradclip_plugin.callbacks import ClipByGlobalNorm, ClipByValue
+from gradclip_plugin.callbacks import ClipByGlobalNorm, ClipByValue, ClipStats, GradientClipCallback
 from gradclip_plugin.callbacks.monitor import GradientNormMonitor
+from gradclip_plugin.functional import scale_
 from gradclip_plugin.plugin import ENV_VAR, GradclipConfigError, callbacks_factory, load_callbacks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,10 +30,23 @@ LIST = """\
 """
 
 
-def write(tmp_path: Path, text: str, name: str = "gradclip.yaml") -> Path:
+def write(tmp_path: Path, text: str, name: str = "gradclip.yaml", encoding: str = "utf-8") -> Path:
     path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
+    path.write_text(textwrap.dedent(text), encoding=encoding)
     return path
+
+
+class ClipToHalfTheNorm(GradientClipCallback):
+    """The README's example rule: its own argument, the base class's through ``**kwargs``."""
+
+    def __init__(self, max_norm: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.max_norm = max_norm
+
+    def clip_(self, grads, params, step):
+        coef = (step.norm <= self.max_norm).float() * 0.5 + 0.5
+        scale_(grads, coef)
+        return ClipStats(step.norm, step.norm * coef, self.max_norm, coef < 1)
 
 
 # --- the file -------------------------------------------------------------------------------------
@@ -73,6 +87,9 @@ def test_each_call_builds_new_callbacks(tmp_path):
     "text, match",
     [
         ("", "expected a non-empty list of `class_path`/`init_args` entries .* got an empty file"),
+        ("trainer:\n  callbacks:\n", "got a file whose `trainer.callbacks` is null: list at least one callback"),
+        ("trainer: {callbacks: null}\nmodel: {lr: 0.1}\n", "`trainer.callbacks` is null: list at least one callback"),
+        ("trainer: {callbacks: []}\n", "got a file whose `trainer.callbacks` is an empty list: list at least one"),
         ("[]\n", "got an empty list"),
         ("max_norm: 1.0\n", r"got a mapping with keys \['max_norm'\]"),
         ("- [unclosed\n", "not valid YAML"),
@@ -105,8 +122,30 @@ def test_missing_file(tmp_path):
 
 
 def test_unreadable_file(tmp_path):
-    with pytest.raises(GradclipConfigError, match="cannot read the file"):
+    with pytest.raises(GradclipConfigError, match=f"{ENV_VAR}=.*: cannot read the file") as info:
         load_callbacks(tmp_path)  # a directory
+    assert str(tmp_path) in str(info.value)
+
+
+def test_a_file_not_in_utf8_is_refused_naming_the_file_and_the_fix(tmp_path):
+    path = write(tmp_path, LIST, encoding="utf-16")  # PowerShell's default for `>` and `Out-File`
+    with pytest.raises(GradclipConfigError, match=r"cannot read the file: .utf-8. codec can.t decode.*; it must be UTF-8: re-save it as UTF-8") as info:
+        load_callbacks(path)
+    assert f"GRADCLIP_CONFIG={str(path)!r}" in str(info.value)
+
+
+def test_a_module_that_fails_to_import_is_named_with_its_error(tmp_path, monkeypatch):
+    (tmp_path / "broken_rules.py").write_text("raise RuntimeError('a bug in the module')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write(tmp_path, "- class_path: broken_rules.Clip\n")
+    match = r"entry 1: cannot import module 'broken_rules' of `class_path: broken_rules.Clip`: a bug in the module"
+    with pytest.raises(GradclipConfigError, match=match) as info:
+        load_callbacks(path)
+    assert f"GRADCLIP_CONFIG={str(path)!r}" in str(info.value)
+
+
+def test_a_utf8_file_with_a_byte_order_mark_is_read(tmp_path):
+    assert len(load_callbacks(write(tmp_path, LIST, encoding="utf-8-sig"))) == 2
 
 
 # --- the factory ----------------------------------------------------------------------------------
@@ -192,6 +231,19 @@ def test_values_are_converted_as_lightning_cli_converts_them(tmp_path):
 def test_a_value_of_the_wrong_type_is_refused_naming_the_argument_and_the_type(tmp_path):
     path = write(tmp_path, '- class_path: ClipByGlobalNorm\n  init_args: {max_norm: "one"}\n')
     with pytest.raises(GradclipConfigError, match=r'entry 1 \(ClipByGlobalNorm\): .*"max_norm".*float.*one'):
+        load_callbacks(path)
+
+
+@pytest.mark.parametrize("jsonargparse", [True, False])
+def test_a_rule_with_kwargs_takes_the_arguments_of_its_base_classes(tmp_path, monkeypatch, jsonargparse):
+    if not jsonargparse:
+        monkeypatch.setitem(sys.modules, "jsonargparse", None)
+    class_path = f"{__name__}.ClipToHalfTheNorm"  # this module, as pytest imported it
+    path = write(tmp_path, f"- class_path: {class_path}\n  init_args: {{max_norm: 2.0, log_prefix: half, nonfinite: zero}}\n")
+    (rule,) = load_callbacks(path)
+    assert isinstance(rule, ClipToHalfTheNorm) and (rule.max_norm, rule.log_prefix, rule.nonfinite) == (2.0, "half", "zero")
+    path = write(tmp_path, f"- class_path: {class_path}\n  init_args: {{max_norm: 2.0, log_prefx: half}}\n")
+    with pytest.raises(GradclipConfigError, match=r"ClipToHalfTheNorm has no argument `log_prefx`; its arguments are `max_norm`, .*`log_prefix`"):
         load_callbacks(path)
 
 
