@@ -24,9 +24,10 @@ from typing import Literal, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
+from gradclip_plugin.functional.clip import is_parameter
 from gradclip_plugin.functional.distributed import is_dtensor
 from gradclip_plugin.functional.norms import Tensors, accumulation_dtype, as_tensor_list, check_norm_type
-from gradclip_plugin.functional.norms import check_positive, combine_norms
+from gradclip_plugin.functional.norms import check_positive, check_real, combine_norms, group_norms
 
 __all__ = [
     "AutoClipState",
@@ -53,17 +54,23 @@ def unitwise_norm(x: Tensor, norm_type: float = 2.0) -> Tensor:
 
     A unit is a slice along the first (output) dimension, as PyTorch stores ``Linear`` and
     ``ConvNd`` weights; a tensor of one dimension or less (a bias, a gain) is one unit. Accumulated
-    in float32 (float64 for float64 inputs).
+    in float32 (float64 for float64 inputs). A unit with no entry has norm 0, whatever ``norm_type``.
 
     Returns:
         A 0-dim tensor for ``x.dim() <= 1``, else a tensor of shape ``(x.shape[0], 1, ..., 1)``.
+
+    Raises:
+        ValueError: for a complex ``x`` (see :func:`unitwise_norms`).
 
     References:
         Brock et al. 2021, "High-Performance Large-Scale Image Recognition Without Normalization";
         timm ``timm/utils/agc.py``.
     """
     norm_type = check_norm_type(norm_type)
+    check_real(x.dtype, "AGC", "x")
     acc = accumulation_dtype(x.dtype)
+    if x.numel() == 0:  # torch's inf norm refuses an empty reduction (it has no identity)
+        return torch.zeros(x.shape[:1] + (1,) * (x.dim() - 1) if x.dim() > 1 else (), dtype=acc, device=x.device)
     if x.dim() <= 1:
         return torch.linalg.vector_norm(x, norm_type, dtype=acc)
     return torch.linalg.vector_norm(x, norm_type, dim=tuple(range(1, x.dim())), keepdim=True, dtype=acc)
@@ -81,13 +88,14 @@ def unitwise_norms(tensors: Tensors, norm_type: float = 2.0) -> Tensor:
     Tensor ``i`` contributes ``unit_counts(tensors)[i]`` entries, in order. Tensors of one dimension
     or less are grouped by (device, dtype) into one ``torch._foreach_norm`` call; each tensor of two
     or more dimensions is one ``vector_norm`` over its flattened trailing dimensions. Nothing is read
-    back to the host.
+    back to the host. A zero-size tensor's units have norm 0, whatever ``norm_type``.
 
     Returns:
         A 1-D float32 tensor (float64 if every tensor is float64); empty for no tensors.
 
     Raises:
-        ValueError: for a ``DTensor`` (sharded) input.
+        ValueError: for a ``DTensor`` (sharded) input, or a complex one (AGC does not support complex
+            parameters).
     """
     tensors = as_tensor_list(tensors)
     norm_type = check_norm_type(norm_type)
@@ -103,18 +111,15 @@ def unitwise_norms(tensors: Tensors, norm_type: float = 2.0) -> Tensor:
     parts: list[Optional[Tensor]] = [None] * len(tensors)
     small: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
+        check_real(t.dtype, "AGC", "tensors")
         if t.dim() <= 1:
             small.setdefault((t.device, t.dtype), []).append(i)
+        elif t.numel() == 0:  # torch's inf norm refuses an empty reduction: zero-size units have norm 0
+            parts[i] = torch.zeros(t.shape[0], dtype=accumulation_dtype(t.dtype), device=t.device)
         else:
             parts[i] = torch.linalg.vector_norm(t.flatten(1), norm_type, dim=1, dtype=accumulation_dtype(t.dtype))
     for (device, dtype), idx in small.items():
-        group = [tensors[i] for i in idx]
-        acc = accumulation_dtype(dtype)
-        if device.type in ("cpu", "cuda"):
-            norms = torch._foreach_norm(group, norm_type, dtype=acc)
-        else:
-            norms = [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in group]
-        for i, n in zip(idx, norms):
+        for i, n in zip(idx, group_norms([tensors[i] for i in idx], norm_type, device, dtype)):
             parts[i] = n.reshape(1)
     dtype = torch.float64 if all(p.dtype == torch.float64 for p in parts) else torch.float32  # type: ignore[union-attr]
     return torch.cat([p.to(device=first, dtype=dtype) for p in parts])  # type: ignore[union-attr]
@@ -184,8 +189,8 @@ def adaptive_clip_grad_(
     exceeds that limit (see :func:`agc_coefficients`).
 
     Args:
-        parameters: a parameter or an iterable of parameters (the limits come from the weights);
-            those without ``.grad`` are skipped.
+        parameters: a parameter or an iterable of parameters (the limits come from the weights):
+            ``nn.Parameter``s, frozen or not, stand for their ``.grad``; those without one are skipped.
         clip_factor: the allowed ratio of gradient to parameter norm, per unit.
         eps: floor on the parameter norm (so zero-initialised parameters can still move).
         norm_type: order of the unit-wise norms.
@@ -194,17 +199,19 @@ def adaptive_clip_grad_(
         The pre-clip norm of all gradients together, a 0-dim tensor.
 
     Raises:
-        ValueError: when no tensor is a parameter (requires grad): gradients, say.
+        ValueError: for a tensor that is not a parameter (see ``is_parameter``): a gradient, say; for a
+            complex parameter (AGC does not support them); nothing is clipped then.
 
     References:
         Brock et al. 2021, "High-Performance Large-Scale Image Recognition Without Normalization".
     """
     params = as_tensor_list(parameters)
-    if params and not any(p.requires_grad for p in params):  # frozen parameters among others are passed over
-        raise ValueError(
-            "`parameters` must be the parameters (tensors that require grad), not their gradients: AGC's limits "
-            "come from the weights. Pass `model.parameters()`."
-        )
+    for p in params:
+        if not is_parameter(p):
+            raise ValueError(
+                f"`parameters` must be the parameters (nn.Parameter, frozen or not), not their gradients: got a "
+                f"tensor of shape {tuple(p.shape)}; AGC's limits come from the weights. Pass `model.parameters()`."
+            )
     params = [p for p in params if p.grad is not None]
     grads = [p.grad for p in params]
     grad_norms = unitwise_norms(grads, norm_type)

@@ -7,8 +7,9 @@ In place (names ending in ``_``) follow ``torch.nn.utils.clip_grad_*_``, "measur
 norm is computed once and returned, the coefficient is ``min(1, max_norm / norm)`` with no epsilon
 (a tensor at or under the threshold is multiplied by exactly 1.0), and nothing reads a value back to
 the host, so the ops can run every step on a GPU without a sync. They take what torch's take:
-parameters (tensors that require grad), whose ``.grad`` they clip, or the gradients themselves; a
-weight is never changed.
+parameters (``nn.Parameter``, frozen or not), whose ``.grad`` they clip, or the gradients themselves;
+a weight is never changed. The out-of-place forms take gradients only and refuse an ``nn.Parameter``.
+Complex gradients are measured by their entries' moduli and scaled by a real coefficient, as torch's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from gradclip_plugin.functional.distributed import has_dtensor, local_tensor
 from gradclip_plugin.functional.norms import Tensors, as_tensor_list, check_positive, global_norm, tensor_norms
-from gradclip_plugin.functional.norms import group_by_device_and_dtype
+from gradclip_plugin.functional.norms import check_real, group_by_device_and_dtype
 
 __all__ = [
     "clip_by_global_norm",
@@ -52,11 +53,13 @@ def clip_by_value(t: Tensor, clip_value_min: Union[Number, Tensor], clip_value_m
         A new tensor of ``t``'s shape and dtype.
 
     Raises:
+        TypeError: if ``t`` is an ``nn.Parameter`` (use :func:`clip_by_value_` on parameters).
         ValueError: if both bounds are numbers and ``clip_value_min > clip_value_max``.
 
     References:
         TensorFlow, ``tf.clip_by_value``.
     """
+    refuse_parameters("clip_by_value", [t])
     if not isinstance(clip_value_min, Tensor) and not isinstance(clip_value_max, Tensor):
         if clip_value_min > clip_value_max:
             raise ValueError(
@@ -85,17 +88,21 @@ def clip_by_norm(t: Tensor, clip_norm: Union[Number, Tensor], axes: Optional[Seq
         axes: dimensions to take the norm over (one norm per remaining index); ``None`` for all.
 
     Returns:
-        A new tensor of ``t``'s shape and dtype.
+        A new tensor of ``t``'s shape and dtype (a complex one scaled by the norm of its moduli).
+
+    Raises:
+        TypeError: if ``t`` is an ``nn.Parameter`` (use :func:`clip_by_norm_` on parameters).
 
     References:
         TensorFlow, ``tf.clip_by_norm``.
     """
+    refuse_parameters("clip_by_norm", [t])
     check_positive("clip_norm", clip_norm)
-    x = t if t.dtype in (torch.float32, torch.float64) else t.float()
+    x = t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
     # torch's reduction computes TF's sqrt(sum(t * t)) with a correctly rounded root (the CPU's
     # vectorised sqrt of a tensor can be an ulp off); a zero slice has norm 0 and is left unchanged.
     l2norm = torch.linalg.vector_norm(x, 2, dim=None if axes is None else tuple(axes), keepdim=True)
-    clip = torch.as_tensor(clip_norm, dtype=x.dtype, device=x.device)
+    clip = torch.as_tensor(clip_norm, dtype=l2norm.dtype, device=x.device)  # real, as the norm of complex `x`
     return ((x * clip) / torch.maximum(l2norm, clip)).to(t.dtype)
 
 
@@ -118,14 +125,19 @@ def clip_by_global_norm(
         float16/bfloat16 tensors are multiplied in float32 and rounded once (TensorFlow casts the
         scale to the tensor's dtype first, which can overshoot for tiny coefficients).
 
+    Raises:
+        TypeError: for a single tensor, or an ``nn.Parameter`` in ``t_list`` (use
+            :func:`clip_by_global_norm_` on parameters).
+
     References:
         TensorFlow, ``tf.clip_by_global_norm``; Pascanu et al. 2013, "On the difficulty of
         training recurrent neural networks".
     """
     if isinstance(t_list, Tensor):
         raise TypeError("`t_list` must be a sequence of tensors, got a single tensor; wrap it in a list")
-    check_positive("clip_norm", clip_norm)
     t_list = list(t_list)
+    refuse_parameters("clip_by_global_norm", t_list)
+    check_positive("clip_norm", clip_norm)
     norm = global_norm(t_list) if use_norm is None else torch.as_tensor(use_norm)
     clip = torch.as_tensor(clip_norm, dtype=norm.dtype, device=norm.device)
     # `norm - norm` is 0 for a finite norm and NaN otherwise: TensorFlow's non-finite signal.
@@ -133,12 +145,27 @@ def clip_by_global_norm(
     return [None if t is None else _scaled(t, scale) for t in t_list], norm
 
 
+def is_parameter(t: Tensor) -> bool:
+    """Whether ``t`` is a parameter: an ``nn.Parameter`` (frozen or not) or another leaf tensor that requires grad."""
+    return isinstance(t, torch.nn.Parameter) or (t.is_leaf and t.requires_grad)
+
+
 def as_gradients(tensors: Tensors) -> list[Tensor]:
-    """The tensors to clip: a parameter (a leaf tensor that requires grad) stands for its ``.grad``, skipped
-    if ``None``; any other tensor (a gradient) for itself. So ``model.parameters()`` clips the gradients,
-    as ``torch.nn.utils.clip_grad_norm_`` does, and never the weights."""
-    grads = (t.grad if t.is_leaf and t.requires_grad else t for t in as_tensor_list(tensors))
+    """The tensors to clip: a parameter (:func:`is_parameter`) stands for its ``.grad``, skipped if ``None``;
+    any other tensor (a gradient) for itself. So ``model.parameters()`` clips the gradients, frozen layers'
+    included, as ``torch.nn.utils.clip_grad_norm_`` does, and never the weights."""
+    grads = (t.grad if is_parameter(t) else t for t in as_tensor_list(tensors))
     return [g for g in grads if g is not None]
+
+
+def refuse_parameters(op: str, tensors: list[Optional[Tensor]]) -> None:
+    """Raise ``TypeError`` for an ``nn.Parameter`` given to the out-of-place ``op``, naming its in-place form."""
+    for t in tensors:
+        if isinstance(t, torch.nn.Parameter):
+            raise TypeError(
+                f"{op} takes gradients, got an nn.Parameter of shape {tuple(t.shape)}: to clip parameters' "
+                f"gradients in place use {op}_(model.parameters(), ...)"
+            )
 
 
 def _local(tensors: list[Tensor]) -> list[Tensor]:
@@ -173,15 +200,18 @@ def scale_(tensors: Tensors, coef: Union[Tensor, float]) -> None:
     one per tensor.
 
     Uses the foreach kernels per (device, dtype) group; reads nothing back to the host. A DTensor
-    is scaled through its local shard (DTensor's foreach ops refuse lists mixing it with plain tensors).
+    is scaled through its local shard (DTensor's foreach ops refuse lists mixing it with plain tensors);
+    a complex tensor through its real view, each part multiplied by the real coefficient.
     """
     tensors = _local(as_tensor_list(tensors))
     if not tensors:
         return
     per_tensor = isinstance(coef, Tensor) and coef.dim() == 1
     groups = group_by_device_and_dtype(tensors)
-    for (device, _), idx in groups.items():
+    for (device, dtype), idx in groups.items():
         group = tensors if len(groups) == 1 else [tensors[i] for i in idx]
+        if dtype.is_complex:  # (a + bi) * (c + 0i) would make inf * 0 = NaN where the part is inf
+            group = [torch.view_as_real(t) for t in group]
         # a float becomes a float32 0-dim tensor (a fill kernel, no copy): torch's CPU foreach kernels
         # round a Python-float factor to the tensors' dtype first, which for float16 can overshoot
         c = coef.to(device) if isinstance(coef, Tensor) else torch.full((), coef, dtype=torch.float32, device=device)
@@ -200,14 +230,20 @@ def clip_by_value_(tensors: Tensors, clip_value: Number) -> None:
         tensors: parameters (their ``.grad`` is clamped) or gradients, one or an iterable.
         clip_value: the bound, a positive finite number.
 
+    Raises:
+        ValueError: for complex gradients, which have no order (torch's ``clip_grad_value_`` raises
+            ``NotImplementedError`` for them: "clamp is not supported for complex types"); nothing is
+            clamped then.
+
     References:
         Mikolov 2012 (thesis), Pascanu et al. 2013: element-wise gradient clipping.
     """
     check_positive("clip_value", clip_value)
     tensors = _local(as_gradients(tensors))
-    if not tensors:
-        return
-    for _, idx in group_by_device_and_dtype(tensors).items():
+    groups = group_by_device_and_dtype(tensors) if tensors else {}
+    for _, dtype in groups:  # all checked before any is clamped
+        check_real(dtype, "clip_by_value_", "tensors")
+    for idx in groups.values():
         group = [tensors[i] for i in idx]
         torch._foreach_clamp_min_(group, -clip_value)
         torch._foreach_clamp_max_(group, clip_value)

@@ -3,7 +3,8 @@
 Tensors are grouped by (device, dtype) with torch's own grouping, and each group is one
 ``torch._foreach_norm(..., dtype=torch.float32)`` call (float64 stays float64), as in torch's
 ``torch.nn.utils.get_total_norm``: half-precision tensors are measured in float32, whatever their
-dtype. Nothing here reads a value back to the host.
+dtype. A complex tensor is measured by its entries' moduli, as torch does, in float32 (float64 for
+complex128). Nothing here reads a value back to the host.
 
 Sharded tensors (``DTensor``, as FSDP2 and tensor parallelism store gradients; FSDP1 flat shards
 with ``shard_group=``) are measured as the full tensors they are shards of: see
@@ -61,8 +62,20 @@ def check_norm_type(norm_type: Any) -> float:
     return value
 
 
+def check_real(dtype: torch.dtype, op: str, arg: str) -> None:
+    """Raise ``ValueError`` naming ``op`` and ``arg`` for a complex ``dtype``, which ``op`` has no rule for."""
+    if dtype.is_complex:
+        raise ValueError(
+            f"{op} does not support complex parameters, got {dtype} in `{arg}`. Clip complex gradients by norm "
+            "(clip_by_norm_, clip_by_global_norm_), which measures them by their entries' moduli."
+        )
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype accumulates in float32."""
+    """float64 stays float64; every other floating dtype accumulates in float32. A complex dtype gives
+    complex128 or complex64, the ``dtype=`` that torch's norms take for it (their result is real)."""
+    if dtype.is_complex:
+        return torch.complex128 if dtype == torch.complex128 else torch.complex64
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -86,11 +99,13 @@ def tensor_norms(tensors: Tensors, norm_type: float = 2.0, *, shard_group: Optio
             plain tensors are whole.
 
     Returns:
-        A 1-D float32 tensor (float64 if any input is float64) with one norm per (non-``None``)
-        tensor, in input order; empty for no tensors. For a ``DTensor`` sharded over a device
-        mesh, the norm of the full tensor, reduced across the ranks that hold its shards (one
-        collective for all such tensors) and the same on every rank; the result is a plain
-        tensor on the local device. A tensor holding inf has norm inf, one holding NaN norm NaN.
+        A 1-D float32 tensor (float64 if any input is float64 or complex128) with one norm per
+        (non-``None``) tensor, in input order; empty for no tensors. A complex tensor's norm is that
+        of its entries' moduli, as ``torch.linalg.vector_norm`` and ``get_total_norm`` take it. For
+        a ``DTensor`` sharded over a device mesh, the norm of the full tensor, reduced across the
+        ranks that hold its shards (one collective for all such tensors) and the same on every rank;
+        the result is a plain tensor on the local device. A tensor holding inf has norm inf, one
+        holding NaN norm NaN.
 
     Raises:
         ValueError: for a ``DTensor`` with a ``Partial`` placement (see :func:`shard_groups`).
@@ -106,27 +121,28 @@ def tensor_norms(tensors: Tensors, norm_type: float = 2.0, *, shard_group: Optio
     groups = group_by_device_and_dtype(tensors)
     if len(groups) == 1:  # the usual case: one device, one dtype
         ((device, dtype),) = groups
-        out = _norms(tensors, norm_type, device, dtype)
+        out = group_norms(tensors, norm_type, device, dtype)
     else:
         out = [None] * len(tensors)
         for (device, dtype), idx in groups.items():
-            for i, n in zip(idx, _norms([tensors[i] for i in idx], norm_type, device, dtype)):
+            for i, n in zip(idx, group_norms([tensors[i] for i in idx], norm_type, device, dtype)):
                 out[i] = n.to(tensors[0].device)
     if keys is not None and any(keys):
         out = reduce_shard_norms(out, keys, norm_type)
     return torch.stack(out)
 
 
-def _norms(group: list[Tensor], norm_type: float, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
-    """The norms of tensors of one device and dtype: one foreach call, accumulated in float32 (float64 kept)."""
+def group_norms(group: list[Tensor], norm_type: float, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
+    """The norms of tensors of one device and dtype: one foreach call, accumulated in float32 (float64 kept;
+    complex tensors give the real norm of their moduli, as ``torch.linalg.vector_norm``), 0 for an empty tensor."""
     acc = accumulation_dtype(dtype)
+    if norm_type == math.inf and any(t.numel() == 0 for t in group):
+        # the inf norm refuses an empty tensor (often a rank's share of a small sharded one): norm 0
+        nonempty = [t for t in group if t.numel()]
+        full = iter(group_norms(nonempty, norm_type, device, dtype) if nonempty else [])
+        return [next(full) if t.numel() else torch.zeros((), dtype=acc.to_real(), device=device) for t in group]
     if device.type not in ("cpu", "cuda"):  # no foreach kernels (MPS, XLA...): one reduction per tensor
         return [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in group]
-    if norm_type == math.inf and any(t.numel() == 0 for t in group):
-        # the inf-norm kernel refuses an empty tensor (often a rank's share of a small sharded one): norm 0
-        nonempty = [t for t in group if t.numel()]
-        full = iter(torch._foreach_norm(nonempty, norm_type, dtype=acc) if nonempty else [])
-        return [next(full) if t.numel() else torch.zeros((), dtype=acc, device=device) for t in group]
     return list(torch._foreach_norm(group, norm_type, dtype=acc))
 
 
@@ -148,7 +164,8 @@ def global_norm(tensors: Tensors, norm_type: float = 2.0, *, shard_group: Option
         shard_group: process group the plain tensors are sharded over (see :func:`tensor_norms`).
 
     Returns:
-        A 0-dim float32 tensor (float64 for float64 inputs); 0 for an empty list.
+        A 0-dim float32 tensor (float64 for float64 or complex128 inputs); 0 for an empty list. Complex
+        tensors count by their entries' moduli, as in ``torch.nn.utils.get_total_norm``.
     """
     return combine_norms(tensor_norms(tensors, norm_type, shard_group=shard_group), norm_type)
 

@@ -186,6 +186,8 @@ def test_adaptive_clip_grad_refuses_gradients_naming_the_fix():
     p.grad = torch.ones(3, 2)
     with pytest.raises(ValueError, match=r"`parameters` must be the parameters .*Pass `model.parameters\(\)`"):
         adaptive_clip_grad_([p.grad])
+    with pytest.raises(ValueError, match=r"`parameters` must be the parameters"):  # a gradient among parameters
+        adaptive_clip_grad_([p, p.grad])
     assert torch.equal(p.grad, torch.ones(3, 2))
 
 
@@ -194,6 +196,61 @@ def test_adaptive_clip_grad_passes_over_frozen_parameters():
     trained.grad = torch.full((3, 2), 10.0)
     adaptive_clip_grad_([frozen, trained], clip_factor=0.01)
     torch.testing.assert_close(torch.linalg.vector_norm(trained.grad[0]), 0.01 * torch.linalg.vector_norm(trained[0].detach()))
+
+
+def test_adaptive_clip_grad_over_frozen_parameters_alone_clips_nothing():
+    # nn.Parameters stand for their gradients, frozen or not (torch's rule): none has one, so nothing is clipped.
+    model = torch.nn.Linear(3, 2).requires_grad_(False)
+    weights = [p.detach().clone() for p in model.parameters()]
+    assert adaptive_clip_grad_(model.parameters()).item() == 0.0
+    assert all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), weights))
+
+
+ZERO_SIZE = [(3, 0), (0,), (0, 4), (2, 0, 5)]
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.0, INF])
+def test_unitwise_norms_of_zero_size_tensors_are_zero(norm_type):
+    # torch's inf norm refuses an empty reduction (no identity): an empty unit's norm is 0, as for any other order
+    ts = [torch.tensor([[3.0, -4.0], [1.0, 2.0]]), *[torch.empty(s) for s in ZERO_SIZE], torch.tensor([-5.0, 2.0])]
+    assert unit_counts(ts) == [2, 3, 1, 0, 2, 1]
+    got = unitwise_norms(ts, norm_type)
+    expected = torch.cat([direct_unit_norm(ts[0], norm_type), torch.zeros(6, dtype=torch.float64),
+                          direct_unit_norm(ts[-1], norm_type)])
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
+    if norm_type == INF:  # by hand
+        assert got.tolist() == [4.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0]
+    for s in ZERO_SIZE:
+        one = unitwise_norm(torch.empty(s), norm_type)
+        assert one.shape == (() if len(s) <= 1 else (s[0],) + (1,) * (len(s) - 1)) and not one.any()
+
+
+@pytest.mark.parametrize("norm_type", [2.0, INF])
+def test_agc_passes_over_zero_size_parameters(norm_type):
+    (w, g), (b, gb) = agc_cases()["linear"], agc_cases()["bias"]
+    params = [torch.nn.Parameter(t.clone()) for t in [w, torch.empty(0, 4), torch.empty(3, 0), b, torch.empty(0)]]
+    for p, grad in zip(params, [g, torch.empty(0, 4), torch.empty(3, 0), gb, torch.empty(0)]):
+        p.grad = grad.clone()
+    norm = adaptive_clip_grad_(params, clip_factor=0.01, eps=1e-3, norm_type=norm_type)
+    expected = torch.linalg.vector_norm(torch.cat([g.reshape(-1), gb]), norm_type)
+    assert norm.item() == pytest.approx(expected.item(), rel=1e-6)
+    for p, (weight, grad) in zip([params[0], params[3]], [(w, g), (b, gb)]):  # the others as without the empty ones
+        expected = direct_agc(weight, grad, 0.01, 1e-3, norm_type)
+        torch.testing.assert_close(p.grad.double(), expected, rtol=1e-6, atol=1e-12)
+        if norm_type == 2.0:
+            torch.testing.assert_close(p.grad, timm_formula(weight, grad, 0.01, 1e-3), rtol=1e-6, atol=1e-12)
+    assert [p.grad.shape for p in params[1:3] + params[4:]] == [(0, 4), (3, 0), (0,)]
+
+
+def test_agc_refuses_complex_parameters_before_clipping_anything():
+    real = torch.nn.Parameter(torch.ones(3))
+    real.grad = torch.full((3,), 10.0)
+    cplx = torch.nn.Parameter(torch.ones(3, 2, dtype=torch.complex64))
+    cplx.grad = torch.full((3, 2), 10 + 10j)
+    for call in (lambda: adaptive_clip_grad_([real, cplx]), lambda: unitwise_norms([real.grad, cplx.grad])):
+        with pytest.raises(ValueError, match=r"AGC does not support complex parameters, got torch\.complex64 in `"):
+            call()
+    assert torch.equal(real.grad, torch.full((3,), 10.0)) and torch.equal(cplx.grad, torch.full((3, 2), 10 + 10j))
 
 
 # ---------------------------------------------------------------------------------------------- AutoClip

@@ -731,3 +731,177 @@ def test_scale_by_a_float_applies_it_in_float32(dtype):
     scale_([by_tensor], torch.tensor(0.015 / norm))
     assert torch.equal(by_float, by_tensor)
     assert torch.linalg.vector_norm(by_float.float()).item() == pytest.approx(0.015, rel=2 * torch.finfo(dtype).eps)
+
+
+# --- what the in-place forms take: frozen parameters (issue 17) -----------------------------------
+
+
+def _model_with_a_frozen_layer(stale_grad: bool) -> torch.nn.Module:
+    """Two linear layers, the first frozen: without a gradient, or keeping one from before it was frozen."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x = torch.randn(8, 4) * 10
+    if stale_grad:
+        model(x).pow(2).sum().backward()
+    model[0].requires_grad_(False)
+    model(x).pow(2).sum().backward()
+    return model
+
+
+FROZEN_CASES = [("global_norm", p) for p in NORM_TYPES] + [("norm", p) for p in NORM_TYPES] + [("value", None)]
+
+
+@pytest.mark.parametrize("stale_grad", [False, True], ids=["no-grad", "stale-grad"])
+@pytest.mark.parametrize("op, norm_type", FROZEN_CASES)
+def test_in_place_forms_over_a_model_with_a_frozen_layer_match_torch(op, norm_type, stale_grad):
+    # A frozen nn.Parameter stands for its .grad like any parameter (torch's rule): its weights are never
+    # clamped or scaled, nor counted in the norm.
+    ours, theirs = _model_with_a_frozen_layer(stale_grad), _model_with_a_frozen_layer(stale_grad)
+    weights = _clones(ours.parameters())
+    grads = [None if p.grad is None else p.grad.clone() for p in ours.parameters()]
+    assert any(not p.requires_grad for p in ours.parameters())
+    if op == "global_norm":
+        norm = clip_by_global_norm_(ours.parameters(), 0.1, norm_type)
+        _exact(norm, torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.1, norm_type))
+        coefs = [torch.clamp(torch.tensor(0.1) / norm, max=1.0)] * len(grads)
+    elif op == "norm":
+        norms = iter(clip_by_norm_(ours.parameters(), 0.1, norm_type))
+        coefs = []
+        for p, g in zip(theirs.parameters(), grads):
+            n = None if g is None else next(norms)
+            if g is not None:  # torch's clip_grad_norm_ on that parameter alone
+                torch_norm = torch.nn.utils.clip_grad_norm_([p], 0.1, norm_type)
+                torch.testing.assert_close(n, torch_norm, rtol=1.3e-6, atol=0.0)
+            coefs.append(None if n is None else torch.clamp(torch.tensor(0.1) / n, max=1.0))
+    else:
+        clip_by_value_(ours.parameters(), 0.1)
+        torch.nn.utils.clip_grad_value_(theirs.parameters(), 0.1)
+        coefs = [None] * len(grads)
+    for p, q, w, g, c in zip(ours.parameters(), theirs.parameters(), weights, grads, coefs):
+        _exact(p.detach(), w)  # a weight never changes
+        if g is None:
+            assert p.grad is None
+        elif op == "value":
+            _exact(p.grad, q.grad)
+        else:
+            _exact(p.grad, g * c)
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=0.0)  # torch's differs by its epsilon
+
+
+def test_in_place_forms_over_frozen_parameters_alone_clip_nothing():
+    model = torch.nn.Linear(3, 2).requires_grad_(False)
+    weights = _clones(model.parameters())
+    _exact(clip_by_global_norm_(model.parameters(), 1e-3), 0.0)
+    assert clip_by_norm_(model.parameters(), 1e-3).shape == (0,)
+    clip_by_value_(model.parameters(), 1e-3)
+    for p, w in zip(model.parameters(), weights):
+        _exact(p.detach(), w)
+
+
+# --- the out-of-place forms take gradients, not parameters (issue 17) -----------------------------
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+@pytest.mark.parametrize(
+    "name, call",
+    [
+        ("clip_by_value", lambda ts: clip_by_value(ts[0], -0.1, 0.1)),
+        ("clip_by_norm", lambda ts: clip_by_norm(ts[0], 0.1)),
+        ("clip_by_global_norm", lambda ts: clip_by_global_norm(ts, 0.1)),
+        ("clip_by_global_norm", lambda ts: clip_by_global_norm(iter([ts[0].grad, ts[1]]), 0.1)),
+    ],
+    ids=["clip_by_value", "clip_by_norm", "clip_by_global_norm", "clip_by_global_norm-mixed"],
+)
+def test_out_of_place_forms_refuse_parameters_naming_the_in_place_form(name, call, frozen):
+    model = _linear_with_gradients().requires_grad_(not frozen)
+    params = list(model.parameters())
+    pattern = rf"^{name} takes gradients, got an nn\.Parameter of shape \([\d, ]+\): to clip parameters' "
+    with pytest.raises(TypeError, match=pattern + rf"gradients in place use {name}_\(model\.parameters\(\), \.\.\.\)$"):
+        call(params)
+
+
+def test_out_of_place_forms_take_plain_tensors_that_require_grad():
+    # TensorFlow-style tensors: variables and gradients made with create_graph=True require grad.
+    leaf = torch.tensor([3.0, 4.0], requires_grad=True)
+    (grad,) = torch.autograd.grad((leaf**2).sum() / 2, [leaf], create_graph=True)
+    for t in (leaf, grad):
+        _exact(clip_by_value(t, -1, 1), [1.0, 1.0])
+        _exact(clip_by_norm(t, 1.0), [0.6, 0.8])
+    out, norm = clip_by_global_norm([leaf, grad], 5.0 * math.sqrt(2) * 2)
+    _exact(norm, torch.linalg.vector_norm(torch.tensor([3.0, 4.0, 3.0, 4.0])))
+    _exact(leaf.detach(), [3.0, 4.0])
+
+
+# --- complex gradients (issue 17) -----------------------------------------------------------------
+
+
+def _complex_params(seed: int, dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """Complex parameters with complex gradients of assorted shapes (real and imaginary parts independent)."""
+    params = []
+    for re_, im in zip(_params(seed, 1.0), _params(seed + 100, 1.0)):
+        p = torch.nn.Parameter(torch.zeros(re_.shape, dtype=dtype))
+        p.grad = torch.complex(re_.grad, im.grad).to(dtype)
+        params.append(p)
+    return params
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_clip_by_global_norm_in_place_of_complex_gradients_against_torch(dtype, norm_type):
+    ours, theirs = _complex_params(26, dtype), _complex_params(26, dtype)
+    original = _clones(_grads(ours))
+    norm = clip_by_global_norm_(ours, 0.5, norm_type)
+    _exact(norm, torch.nn.utils.clip_grad_norm_(theirs, 0.5, norm_type))
+    assert norm.dtype == torch.tensor(0, dtype=dtype).real.dtype and norm > 0.5
+    coef = torch.clamp(torch.full_like(norm, 0.5) / norm, max=1.0)
+    for p, q, g in zip(ours, theirs, original):
+        _exact(torch.view_as_real(p.grad), torch.view_as_real(g) * coef)  # both parts scaled by the real coefficient
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=0.0)
+    # post-clip norm of the moduli at the threshold
+    after = torch.cat([p.grad.to(torch.complex128).abs().reshape(-1) for p in ours])
+    assert torch.linalg.vector_norm(after, norm_type) == pytest.approx(0.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_clip_by_norm_in_place_of_complex_gradients_per_tensor(norm_type):
+    grads = _grads(_complex_params(27, torch.complex64))
+    original = _clones(grads)
+    norms = clip_by_norm_(grads, 0.5, norm_type)
+    assert norms.dtype == torch.float32
+    for g, o, n in zip(grads, original, norms):
+        torch.testing.assert_close(n, torch.linalg.vector_norm(o, norm_type), rtol=1.3e-6, atol=0.0)
+        _exact(torch.view_as_real(g), torch.view_as_real(o) * torch.clamp(torch.tensor(0.5) / n, max=1.0))
+
+
+def test_scale_multiplies_real_and_imaginary_parts_by_a_real_coefficient():
+    z = torch.tensor([3 - 4j, complex(1.5, math.inf)], dtype=torch.complex64)
+    w = torch.tensor([1 + 2j], dtype=torch.complex128)
+    r = torch.tensor([2.0])
+    scale_([z, w, r], 0.5)  # (1.5 + inf j) * (0.5 + 0j) would be NaN: a real coefficient keeps the parts apart
+    _exact(torch.view_as_real(z), [[1.5, -2.0], [0.75, math.inf]])
+    _exact(torch.view_as_real(w), [[0.5, 1.0]])
+    _exact(r, [1.0])
+    scale_([z, w, r], torch.tensor([2.0, 4.0, 0.25]))  # one coefficient per tensor
+    _exact(torch.view_as_real(z), [[3.0, -4.0], [1.5, math.inf]])
+    _exact(torch.view_as_real(w), [[2.0, 4.0]])
+    _exact(r, [0.25])
+
+
+def test_out_of_place_norm_forms_keep_the_imaginary_part():
+    z = torch.tensor([3 + 4j, 0j], dtype=torch.complex64)
+    _exact(torch.view_as_real(clip_by_norm(z, 1.0)), [[0.6, 0.8], [0.0, 0.0]])
+    out, norm = clip_by_global_norm([z, None], 1.0)
+    _exact(norm, 5.0)
+    _exact(torch.view_as_real(out[0]), [[0.6, 0.8], [0.0, 0.0]])
+
+
+def test_clip_by_value_in_place_refuses_complex_gradients_as_torch_does():
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.complex64))
+    p.grad = torch.tensor([3 + 4j])
+    with pytest.raises(NotImplementedError, match="clamp is not supported for complex types"):
+        torch.nn.utils.clip_grad_value_([p], 1.0)
+    r = torch.tensor([3.0, -3.0])
+    pattern = r"^clip_by_value_ does not support complex parameters, got torch\.complex64 in `tensors`\. .*clip_by_norm_"
+    with pytest.raises(ValueError, match=pattern):
+        clip_by_value_([r, p], 1.0)
+    _exact(r, [3.0, -3.0])  # nothing was clamped before the error

@@ -292,3 +292,38 @@ def test_property_global_norm_matches_float64_reference(tensors, norm_type):
     per_tensor = tensor_norms(tensors, norm_type)
     expected = torch.stack([torch.linalg.vector_norm(t.double(), norm_type) for t in tensors])
     torch.testing.assert_close(per_tensor.double(), expected, rtol=1e-5, atol=1e-30)
+
+
+# --- complex tensors ------------------------------------------------------------------------------
+
+
+def _complex_tensors(seed: int, dtype: torch.dtype = torch.complex64) -> list[torch.Tensor]:
+    """Complex tensors of the shapes of :func:`_tensors`, with independent real and imaginary parts."""
+    return [torch.complex(a, b).to(dtype) for a, b in zip(_tensors(seed), _tensors(seed + 100))]
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+@pytest.mark.parametrize("dtype, real", [(torch.complex64, torch.float32), (torch.complex128, torch.float64)])
+def test_complex_tensors_are_measured_by_their_moduli_as_torch(dtype, real, norm_type):
+    # torch.linalg.vector_norm and get_total_norm take a complex tensor's norm as that of |z|, in the real dtype
+    # of its precision: ours are torch's, bit for bit, and the definition in float64.
+    tensors = _complex_tensors(14, dtype)
+    norms = tensor_norms(tensors, norm_type)
+    assert norms.dtype == real
+    torch.testing.assert_close(norms, torch.stack([torch.linalg.vector_norm(t, norm_type) for t in tensors]),
+                               rtol=1.3e-6, atol=0.0)
+    total = global_norm(tensors, norm_type)
+    assert total.dtype == real
+    assert torch.equal(total, torch.nn.utils.get_total_norm(tensors, norm_type)), total
+    moduli = torch.cat([t.to(torch.complex128).abs().reshape(-1) for t in tensors])
+    torch.testing.assert_close(total.double(), torch.linalg.vector_norm(moduli, norm_type), rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_tensor_norms_of_complex_and_real_tensors_together_keep_their_order(norm_type):
+    real, cplx = _tensors(15), _complex_tensors(16)
+    tensors = [real[0], cplx[1], real[2], cplx[3], real[1].half()]
+    norms = tensor_norms(tensors, norm_type)
+    assert norms.dtype == torch.float32
+    expected = torch.stack([torch.linalg.vector_norm(t.to(torch.complex128), norm_type) for t in tensors])
+    torch.testing.assert_close(norms.double(), expected, rtol=1e-6, atol=0.0)
