@@ -1,28 +1,30 @@
 """``gradclip report LOGDIR``: summarise the gradient norms of a run from its TensorBoard event files.
 
-For every run under ``LOGDIR`` (a directory holding ``events.out.tfevents.*`` files) and every
-clipping callback in it (``<prefix>/norm``, ``norm_clipped``, ``threshold``), prints the number of
-steps, the pre-clip norm's p50/p90/p99/max, the clip rate, the non-finite steps, and advice for that
-callback's rule (which each clipping callback records in the logs): a value for the argument that
-sets its threshold (``max_norm`` of ``ClipByGlobalNorm``, ``clip_value`` of ``ClipByValue``), or a
-word on the rule's own parameters; and writes a PNG of the pre-clip norm, the post-clip norm and
-the threshold over steps. A run with a :class:`GradientNormMonitor` and no clipping callback is
-summarised from ``<prefix>/total`` (advice for ``ClipByGlobalNorm``).
+For every run under ``LOGDIR`` (a directory of ``events.out.tfevents.*`` files) and every clipping
+callback in it, prints the steps, the pre-clip norm's p50/p90/p99/max, the clip rate, the non-finite
+and skipped steps, and advice for the rule the callback recorded: a ``max_norm`` (``clip_value``)
+with the share of the steps it would have clipped, or a word on the rule's own parameters; lists
+``skipped_steps.csv``; plots the norms and the threshold over steps. A run with a monitor and no
+clipping callback is summarised from ``<prefix>/total``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import csv
 import math
 import os
 import sys
 import textwrap
-from decimal import ROUND_FLOOR, Decimal
 from dataclasses import dataclass, field
+from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
+
+from gradclip_plugin import names as N
 
 __all__ = ["NormSummary", "advise", "find_runs", "load_scalars", "main", "plot", "suggest_max_norm", "summarize"]
 
@@ -30,35 +32,37 @@ PathLike = Union[str, Path]
 Series = tuple[np.ndarray, np.ndarray]  # (steps, values)
 
 PERCENTILES = (50, 90, 99)
-#: a norm this many times the median of those before it, unclipped, breaks a run down
-EXPLOSION = 100.0
+SERIES = {"clip": (N.NORM, N.NORM_MAX, N.NORM_CLIPPED, N.THRESHOLD, N.SKIPPED_STEPS, N.CLIP_RATE),  # read by step: the norm,
+          "monitor": (N.TOTAL, N.TOTAL_MAX)}  # its largest since the previous log, then the rest
+EXPLOSION = 100.0  #: a norm this many times the median of those before it, unclipped, breaks a run down
+TARGET = 95  #: the suggested threshold is this percentile of the pre-clip norms: it clips the top 5%
+KEEP = (0.15, 2.0)  #: a threshold that clipped at most 15% of the steps, at most twice the suggestion, is kept
+_NONFINITE = "Clipping cannot repair inf/NaN gradients: look for their source (learning rate, loss, data, loss scale)."
 
 
 @dataclass
 class NormSummary:
-    """What ``gradclip report`` says about one norm series of one run."""
+    """What ``gradclip report`` says about one norm series of one run; its arrays are by logged step."""
 
     run: Path
     prefix: str  #: the metric prefix, e.g. ``grad_clip`` or ``grad_clip/opt0`` (``grad_norm`` for a monitor)
     kind: str  #: ``"clip"`` (a clipping callback's pre-clip norm) or ``"monitor"`` (a monitor's total)
-    steps: np.ndarray  #: the logged steps
-    norm: np.ndarray  #: the norm at those steps (pre-clip for ``"clip"``)
+    steps: np.ndarray  #: the steps at which any series of ``prefix`` was written
+    norm: np.ndarray  #: the norm at those steps (pre-clip for ``"clip"``); NaN where none was written
     rule: Optional[str] = None  #: the clipping callback's class, as it recorded it (``None`` if unknown)
-    norm_clipped: Optional[np.ndarray] = None
-    thresholds: Optional[np.ndarray] = None
+    args: dict[str, Any] = field(default_factory=dict)  #: the arguments it recorded (those that are constants)
+    norm_clipped: Optional[np.ndarray] = None  #: NaN where none was written (a skipped or non-finite step)
+    thresholds: Optional[np.ndarray] = None  #: NaN where none was written
+    threshold: Optional[float] = None  #: the last threshold written
+    peaks: Optional[np.ndarray] = None  #: the largest norm since the previous log (``norm_max``, else ``norm``)
+    guarded: Optional[np.ndarray] = None  #: whether that largest norm was clipped or skipped
     clip_rate: Optional[float] = None  #: fraction of (finite) optimizer steps clipped
-    nonfinite: int = 0  #: optimizer steps with a non-finite norm
-    nonfinite_scope: str = "logged steps"  #: ``"all steps"`` when a clipping callback counted them
+    nonfinite: int = 0  #: optimizer steps with a non-finite norm, as the callback counted them
     skipped: Optional[int] = None  #: steps the rule skipped (``skip_above``, ZClip), where it logs them
-    stats: dict[str, float] = field(default_factory=dict)  #: p50, p90, p99, max of the finite norms
+    stats: dict[str, float] = field(default_factory=dict)  #: p50, p90, p99 of the finite norms, max of the peaks
     parameter: str = "max_norm"  #: the argument ``suggestion`` is a value for
     suggestion: Optional[float] = None
     reason: str = ""
-
-    @property
-    def threshold(self) -> Optional[float]:
-        """The last threshold in force, or ``None`` without a clipping callback."""
-        return None if self.thresholds is None or not len(self.thresholds) else float(self.thresholds[-1])
 
 
 def find_runs(logdir: PathLike) -> list[Path]:
@@ -69,148 +73,157 @@ def find_runs(logdir: PathLike) -> list[Path]:
     return sorted({p.parent for p in root.rglob("events.out.tfevents.*") if p.is_file()})
 
 
-def load_scalars(run: PathLike) -> dict[str, Series]:
-    """Every scalar of the event files in ``run`` (not its subdirectories): ``{tag: (steps, values)}``.
-
-    A step logged twice (a resumed run) keeps its last value.
-    """
+def _events(run: PathLike, kind: str):
+    """The event files of ``run`` (not its subdirectories), every event of ``kind`` kept."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(run), size_guidance={kind: 0})
     acc.Reload()
-    out: dict[str, Series] = {}
+    return acc
+
+
+def load_scalars(run: PathLike) -> dict[str, Series]:
+    """Every scalar of ``run``: ``{tag: (steps, values)}``; a step written twice keeps its last value."""
+    acc, out = _events(run, "scalars"), {}
     for tag in acc.Tags()["scalars"]:
-        last = {e.step: e.value for e in acc.Scalars(tag)}
-        steps = np.array(sorted(last), dtype=np.int64)
-        out[tag] = (steps, np.array([last[s] for s in steps], dtype=np.float64))
+        last = dict(sorted({e.step: e.value for e in acc.Scalars(tag)}.items()))
+        out[tag] = (np.array(list(last), dtype=np.int64), np.array(list(last.values()), dtype=np.float64))
     return out
 
 
 def load_rules(run: PathLike) -> dict[str, str]:
-    """The rule of each clipping callback of ``run``, as it recorded it: ``{metric prefix: class name}``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run), size_guidance={"tensors": 0})
-    acc.Reload()
-    suffix = "/callback/text_summary"
-    return {
-        tag[: -len(suffix)]: acc.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
-        for tag in acc.Tags().get("tensors", [])
-        if tag.endswith(suffix)
-    }
+    """What each callback of ``run`` recorded of itself: ``{metric prefix: "ClipByGlobalNorm(max_norm=1.0, ...)"}``."""
+    acc, suffix = _events(run, "tensors"), f"/{N.RULE}/text_summary"
+    tags = [t for t in acc.Tags().get("tensors", []) if t.endswith(suffix)]
+    return {t[: -len(suffix)]: acc.Tensors(t)[-1].tensor_proto.string_val[0].decode() for t in tags}
 
 
-def suggest_max_norm(
-    norms: np.ndarray,
-    threshold: Optional[float] = None,
-    clip_rate: Optional[float] = None,
-    parameter: str = "max_norm",
-    quantity: str = "pre-clip norm",
-    clipped: Optional[np.ndarray] = None,
-) -> tuple[Optional[float], str]:
-    """A threshold (``max_norm`` of ``ClipByGlobalNorm``) from the pre-clip norms of a run, and why.
+def parse_rule(text: str) -> tuple[str, dict[str, Any]]:
+    """A rule's class and its arguments that are constants, from what it recorded: ``"ZClip(max_norm=1.0, ...)"``
+    gives ``("ZClip", {"max_norm": 1.0, ...})``; a bare class name (older logs) gives no arguments."""
+    try:
+        node = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        return text.split("(")[0], {}
+    args = {k.arg: k.value.value for k in getattr(node, "keywords", []) if isinstance(k.value, ast.Constant)}
+    return getattr(getattr(node, "func", node), "id", text.split("(")[0]), args
 
-    The rule is Pascanu et al.'s (2013): set the threshold from the typical norm over many updates;
-    here the median of the finite norms of the second half of the logged steps before any non-finite
-    one (the first steps of a run are often far larger and do not represent the rest; after a
-    non-finite norm the weights are usually ruined). They add that training "behaves well even for
-    rather small thresholds", so the value is rounded down to two significant figures. Under ten
-    logged steps all of them count. A run that already clipped most of its steps and stayed finite
-    keeps its threshold: its norms were measured on a trajectory that the clipping itself kept
-    stable, and say little about a looser threshold. A run breaks down at its first non-finite norm,
-    or at its first unclipped norm over 100 times the median of those before it (an update that size
-    wrecks the weights, and the norms after it are a broken model's); only the steps before count,
-    and a run that broke down within five logged steps gets the smallest norm it showed before.
 
-    Args:
-        norms: pre-clip norms at the logged steps, in step order.
-        threshold: the threshold in force at the end of the run, if it clipped.
-        clip_rate: the fraction of steps it clipped.
-        parameter: the argument the value is for (``"clip_value"`` for ``ClipByValue``).
-        quantity: what ``norms`` measure (``"largest |gradient entry|"`` for ``ClipByValue``).
-        clipped: whether clipping changed each logged step (``None``: none was clipped).
+def breakdown(norms: np.ndarray, peaks: Optional[np.ndarray] = None, guarded: Optional[np.ndarray] = None,
+              steps: Optional[np.ndarray] = None) -> tuple[int, str]:  # fmt: skip
+    """Where a run broke down: ``(logged index, what)``, ``(len(norms), "")`` if it did not. At the first logged
+    step (of ``steps``) whose largest norm (``peaks``), neither clipped nor skipped (``guarded``), is over
+    ``EXPLOSION`` times the median norm before it (that update wrecks the weights), or where the norm stops
+    being finite for good (inf/NaN weights); not at a non-finite step that finite ones follow (a skip)."""
+    peaks, steps = norms if peaks is None else peaks, np.arange(len(norms)) if steps is None else steps
+    finite = np.isfinite(norms)
+    end = len(norms) - int(np.argmax(finite[::-1])) if finite.any() else 0  # after the last finite norm
+    lowest = np.concatenate([norms[:1], np.fmin.accumulate(norms)[:-1]])  # under the median before: a cheap filter
+    for i in np.flatnonzero(peaks[:end] > EXPLOSION * lowest[:end]):
+        before = norms[: max(i, 1)]  # the first interval's largest norm is compared with its last
+        if peaks[i] > EXPLOSION * np.median(before[np.isfinite(before)]) and (guarded is None or not guarded[i]):
+            return int(i), f"a norm of {peaks[i]:.3g}, neither clipped nor skipped, by step {steps[i]}"
+    return end, f"non-finite norms from step {steps[end]} on" if end < len(norms) else ""
 
-    Returns:
-        ``(value or None, reason)``.
-    """
-    finite = norms[np.isfinite(norms)]
-    if finite.size == 0:
-        return None, (
-            "no finite norm was logged: the gradients were inf/NaN from the start. Clipping cannot repair that; "
-            "look for the source (learning rate, loss, data, loss scale)."
+
+def suggest_max_norm(norms: np.ndarray, threshold: Optional[float] = None, *, peaks: Optional[np.ndarray] = None,
+                     guarded: Optional[np.ndarray] = None, steps: Optional[np.ndarray] = None,
+                     parameter: str = "max_norm", quantity: str = "pre-clip norm") -> tuple[Optional[float], str]:  # fmt: skip
+    """A threshold (``max_norm`` of ``ClipByGlobalNorm``) from the pre-clip ``norms`` at the logged steps, and why.
+
+    The ``TARGET`` (95th) percentile of the finite norms of the second half of the logged steps before any
+    :func:`breakdown` (all of them under 20), rounded down to two significant figures: it clips the spikes,
+    about 5% of the steps; the reason says how many. The run's ``threshold`` is kept if it clipped at most
+    15% of them and is at most twice that value (``KEEP``) in a run that did not break down; a run that broke
+    down within five logged steps gets the smallest norm it showed. ``peaks``, ``guarded``, ``steps``: as
+    in :func:`breakdown`; ``parameter``, ``quantity``: the argument, and what ``norms`` measure."""
+    if not np.isfinite(norms).any():
+        return None, "no finite norm was logged: the gradients were inf/NaN from the start. " + _NONFINITE
+    stop, what = breakdown(norms, peaks, guarded, steps)
+    stable = np.flatnonzero(np.isfinite(norms[:stop]))  # the finite norms before it: one at least
+    after = f" before the run broke down ({what})" if what else ""
+    if what and stable.size < 5:
+        return _too_few(norms[stable], after, quantity)
+    window = norms[stable[stable.size // 2 if stable.size >= 20 else 0 :]]
+    top = float(np.nanmax((norms if peaks is None else peaks)[stable[-window.size] : stop]))
+    where = ("the last " if window.size < stable.size else "") + f"{window.size} logged steps{after}"
+    value = _round_down(float(np.sort(window)[int(TARGET / 100 * (window.size - 1))]))  # the norm at or below it
+    old = math.nan if threshold is None else float(np.mean(window > threshold))
+    if not what and old <= KEEP[0] and threshold <= KEEP[1] * value:
+        return threshold, (f"keep {parameter}={threshold:g}: it clipped {old:.0%} of {where} (at most {KEEP[0]:.0%}) and is "
+                           f"within {KEEP[1]:g}x of their {TARGET}th percentile, {value:g}.")  # fmt: skip
+    reason = (f"{parameter} {value:g} would have clipped {np.mean(window > value):.0%} of {where}: the spikes, up to "
+              f"{top:.3g}, above the {TARGET}th percentile of the {quantity}; the other steps pass unchanged.")  # fmt: skip
+    if threshold is not None:
+        reason += f" The run's {parameter}={threshold:g} clipped {old:.0%} of them" + (
+            ": most updates were scaled down, as by a smaller learning rate (fine if it trained well)." if old > 0.5 else "."
         )
-    bad = np.flatnonzero(~np.isfinite(norms))
-    for i in range(1, bad[0] if bad.size else len(norms)):  # an unclipped explosion ends the run as NaN does
-        if norms[i] > EXPLOSION * np.median(norms[:i]) and (clipped is None or not clipped[i]):
-            bad = np.array([i])
-            break
-    stable = norms[: bad[0]] if bad.size else norms
-    if threshold is not None and clip_rate is not None and clip_rate > 0.5 and not bad.size:
-        return threshold, (
-            f"keep {parameter}={threshold:g}: it clipped {clip_rate:.0%} of the steps and every step stayed finite. "
-            f"Clipping that often bounds every update, which is what kept this run stable; the {quantity} it "
-            f"measured ({_round_down(float(np.median(stable))):g} at the median) was measured under it and does not "
-            f"show that a looser threshold would be safe. If training is slow, raise {parameter} a step at a time "
-            "and report again."
-        )
-    breakdown = ""
-    if bad.size:
-        what = "a non-finite norm" if not np.isfinite(norms[bad[0]]) else f"a norm of {norms[bad[0]]:.3g}, unclipped"
-        breakdown = f" before the run broke down ({what}, at logged step {bad[0]})"
-    if bad.size and stable.size < 5:
-        value = _round_down(float(np.min(stable if stable.size else finite)))
-        return value, (
-            f"only {stable.size} logged step(s) came{breakdown}, too few to measure a typical {quantity}; "
-            f"{value:g} is the smallest one they showed, a cautious start (Pascanu et al. 2013: training behaves "
-            "well even for rather small thresholds). Clip with it, then report on that run."
-        )
-    recent = stable[len(stable) // 2 :] if stable.size >= 10 else stable
-    median = _round_down(float(np.median(recent)))
-    window = ("the last " if recent.size < stable.size else "") + f"{recent.size} logged steps"
-    window += breakdown
-    reason = (
-        f"the median {quantity} over {window} (Pascanu et al. 2013: set the threshold from the typical norm "
-        f"over many updates): steps of ordinary size pass nearly unchanged and the spikes, up to "
-        f"{float(np.max(finite)):.3g}, are scaled down."
-    )
-    if recent.size < 10:
-        reason += f" Only {recent.size} logged steps: a rough figure; report on a longer run to refine it."
-    if threshold is not None and clip_rate is not None:
-        reason += f" The run's {parameter}={threshold:g} clipped {clip_rate:.0%} of the steps"
-        reason += ", so it hardly ever acted." if clip_rate < 0.05 else "."
-    return median, reason
+    reason += f" Only {window.size} logged steps: a rough figure." if window.size < 10 else ""
+    return value, reason + (f" {_NONFINITE}" if what.startswith("non-finite") else "")
+
+
+def _too_few(norms: np.ndarray, after: str, quantity: str) -> tuple[Optional[float], str]:
+    """The suggestion from the few finite ``norms`` of a run that broke down soon (``after`` says where)."""
+    if not norms.size:
+        return None, f"no logged step came{after}: log every step (`log_every_n_steps=1`) and report again."
+    value = _round_down(float(np.min(norms)))
+    return value, (f"only {norms.size} logged step(s) came{after}: {value:g} is the smallest {quantity} they showed, a "
+                   "cautious start (Pascanu et al. 2013: training behaves well even for rather small thresholds).")
+
+
+class Advice(NamedTuple):
+    """What ``gradclip report`` advises for one rule (``ADVICE``, keyed by the class name it records)."""
+
+    parameter: str  #: the argument the advice is about
+    quantity: str = "pre-clip norm"  #: what the rule logs as ``norm``
+    note: str = ""  #: the advice for a rule that sets its threshold itself (then no value is suggested)
+    skip: str = "skip_above"  #: the argument that makes the rule skip steps
+    cap: str = ""  #: the argument that caps the rule's own threshold
+
+
+ADVICE = {
+    "ClipByGlobalNorm": Advice("max_norm"),
+    "ClipByValue": Advice("clip_value", "largest |gradient entry|"),
+    "ClipByNorm": Advice("max_norm", note="ClipByNorm bounds each tensor's norm; the logged norm is the total, which says "
+        "nothing of a per-tensor bound. Log each tensor's (`group_depth='parameter'`) and choose from the largest."),
+    "AdaptiveGradientClipping": Advice("clip_factor", note="AGC has no max_norm: each unit's gradient is limited to clip_factor "
+        "times its weight's norm (0.01 at batch size 4096, larger for smaller batches): raise it if AGC clips every step."),
+    "AutoClip": Advice("percentile", note="AutoClip sets its threshold itself, at a percentile of the norms seen so "
+        "far: there is no max_norm to choose. A lower percentile clips harder; the paper's 10 works across its tasks."),
+    "ZClip": Advice("z_thresh", skip="skip_step_z_thresh", cap="max_norm", note="ZClip sets its threshold itself from the "
+        "moving mean and spread of the norm (see `spikes` and `z`), under its max_norm. A lower z_thresh clips more."),
+}  # fmt: skip
 
 
 def advise(s: NormSummary) -> tuple[str, Optional[float], str]:
-    """``(parameter, value or None, reason)``: what ``gradclip report`` advises for ``s``'s rule."""
-    rate = "" if s.clip_rate is None else f" It clipped {s.clip_rate:.0%} of the steps."
-    if s.rule == "ClipByValue":
-        clipped = s.norm_clipped < s.norm
-        return "clip_value", *suggest_max_norm(s.norm, s.threshold, s.clip_rate, "clip_value", "largest |gradient entry|", clipped)
-    if s.rule == "ClipByNorm":
-        return "max_norm", None, (
-            "ClipByNorm bounds each tensor's norm, and the logged norm is the total over all of them: it says "
-            "nothing about a per-tensor bound. Log each tensor's norm (`group_depth='parameter'`) and choose "
-            f"max_norm from the largest of them.{rate}"
-        )
-    if s.rule == "AdaptiveGradientClipping":
-        return "clip_factor", None, (
-            "AGC has no max_norm: each unit of a gradient is limited to clip_factor times its weight's norm, so its "
-            f"threshold follows the weights.{rate} The paper uses clip_factor=0.01 at batch size 4096 and larger "
-            "values for smaller batches: raise it if AGC clips nearly every step and training is slow."
-        )
-    if s.rule == "AutoClip":
-        return "percentile", None, (
-            "AutoClip sets its threshold itself, at a percentile of the norms seen so far: there is no max_norm "
-            f"to choose.{rate} A lower percentile clips harder; the paper's 10 works across its tasks."
-        )
-    if s.rule == "ZClip":
-        return "z_thresh", None, (
-            "ZClip sets its threshold itself from the moving mean and spread of the norm, clipping the spikes "
-            f"(see `spikes` and `z`), never above its own max_norm.{rate} A lower z_thresh clips more of them."
-        )
-    clipped = None if s.norm_clipped is None else s.norm_clipped < s.norm
-    return "max_norm", *suggest_max_norm(s.norm, s.threshold, s.clip_rate, clipped=clipped)
+    """``(parameter, value or None, reason)``: what ``gradclip report`` advises for ``s``'s rule (``ADVICE``)."""
+    rule = ADVICE.get(s.rule or "", ADVICE["ClipByGlobalNorm"])
+    total, p99 = int(s.steps[-1]) + 1, s.stats.get("p99", math.nan)
+    named = f"{rule.skip}={s.args[rule.skip]:g}" if isinstance(s.args.get(rule.skip), float) else rule.skip
+    skips = f" {named} skipped {s.skipped} of the {total} steps ({s.skipped / total:.0%})." if s.skipped else ""
+    if s.skipped and s.skipped > total / 2:
+        return rule.skip, None, (f"{named} is too low: the rule skipped {s.skipped} of the {total} steps, so the model hardly "
+                                 f"trained. Raise it well above the {rule.quantity}s (p99 {p99:.3g}) or remove it.")  # fmt: skip
+    capped = _capped(s, rule.cap) if rule.cap else ""
+    if capped or rule.note:
+        rate = "" if s.clip_rate is None else f" It clipped {s.clip_rate:.0%} of the steps."
+        return (rule.cap, None, capped + skips) if capped else (rule.parameter, None, rule.note + rate + skips)
+    value, reason = suggest_max_norm(s.norm, s.threshold, peaks=s.peaks, guarded=s.guarded, steps=s.steps,
+                                     parameter=rule.parameter, quantity=rule.quantity)  # fmt: skip
+    return rule.parameter, value, reason + skips
+
+
+def _capped(s: NormSummary, cap: str) -> str:
+    """What to say if most clipped logged steps were cut to the rule's ``cap`` argument, else ``""``."""
+    if s.thresholds is None or s.norm_clipped is None:  # both written at one step at least, if at all
+        return ""
+    value, cut = s.args.get(cap), s.norm_clipped < s.norm * (1 - 1e-5)  # older logs name no cap: none is known
+    n, finite = int(np.sum(cut & np.isclose(s.thresholds, value or math.nan, rtol=1e-6))), int(np.isfinite(s.norm).sum())
+    if value is None or n <= cut.sum() / 2:
+        return ""
+    which = "every logged step was" if n == finite else f"{n} of the {int(cut.sum())} clipped logged steps were"
+    return (f"{which} cut to the {cap} cap {value:g}, not by the rule's own threshold: raise or remove {cap} (the "
+            f"pre-clip norm's p50 here is {s.stats.get('p50', math.nan):.3g}).")  # fmt: skip
 
 
 def _round_down(x: float) -> float:
@@ -224,37 +237,45 @@ def _round_down(x: float) -> float:
 
 def summarize(run: PathLike, scalars: Optional[dict[str, Series]] = None) -> list[NormSummary]:
     """One :class:`NormSummary` per clipping callback (and optimizer) of ``run``; a monitor's if none."""
-    run = Path(run)
+    run, rules = Path(run), load_rules(run)
     scalars = load_scalars(run) if scalars is None else scalars
-    rules = load_rules(run)
-    out: list[NormSummary] = []
-    for prefix in sorted(t[: -len("/norm")] for t in scalars if t.endswith("/norm") and f"{t}_clipped" in scalars):
-        steps, norm = scalars[f"{prefix}/norm"]
-        owner = prefix.rsplit("/opt", 1)[0] if prefix.rsplit("/opt", 1)[-1].isdigit() else prefix
-        s = NormSummary(run, prefix, "clip", steps, norm, rule=rules.get(owner))
-        s.norm_clipped = scalars[f"{prefix}/norm_clipped"][1]
-        if f"{prefix}/threshold" in scalars:
-            s.thresholds = scalars[f"{prefix}/threshold"][1]
-        if f"{prefix}/clip_rate" in scalars:
-            s.clip_rate = _interval_weighted_mean(*scalars[f"{prefix}/clip_rate"])
-        if f"{prefix}/nonfinite_steps" in scalars:  # a running count over all steps
-            s.nonfinite, s.nonfinite_scope = int(scalars[f"{prefix}/nonfinite_steps"][1][-1]), "all steps"
-        else:
-            s.nonfinite = int(np.sum(~np.isfinite(norm)))
-        if f"{prefix}/skipped_steps" in scalars:  # a running count over all steps
-            s.skipped = int(scalars[f"{prefix}/skipped_steps"][1][-1])
-        out.append(s)
-    if not out:
-        for tag in sorted(t for t in scalars if t.endswith("/total")):
-            steps, norm = scalars[tag]
-            out.append(NormSummary(run, tag[: -len("/total")], "monitor", steps, norm, nonfinite=int(np.sum(~np.isfinite(norm)))))
+    prefixes = sorted(t[: -len(N.NONFINITE_STEPS) - 1] for t in scalars if t.endswith(f"/{N.NONFINITE_STEPS}"))
+    kinds = {p: "monitor" if f"{p}/{N.TOTAL}" in scalars else "clip" for p in prefixes}  # every callback logs the count
+    out = [_summary(scalars, run, p, k, rules) for p, k in kinds.items() if k == "clip"] or [
+        _summary(scalars, run, p, k, rules) for p, k in kinds.items()]  # fmt: skip
     for s in out:
         finite = s.norm[np.isfinite(s.norm)]
         if finite.size:
-            s.stats = {f"p{p}": float(np.percentile(finite, p)) for p in PERCENTILES}
-            s.stats["max"] = float(np.max(finite))
+            s.stats = {f"p{p}": float(np.percentile(finite, p)) for p in PERCENTILES} | {"max": float(np.nanmax(s.peaks))}
         s.parameter, s.suggestion, s.reason = advise(s)
     return out
+
+
+def _summary(scalars: dict[str, Series], run: Path, prefix: str, kind: str, rules: dict[str, str]) -> NormSummary:
+    """The series of ``prefix`` paired by step (NaN at a step a series was not written at), and its counts."""
+    read = SERIES[kind]
+    tags = {n: f"{prefix}/{n}" for n in (*read, N.NONFINITE_STEPS) if f"{prefix}/{n}" in scalars}
+    steps = np.unique(np.concatenate([scalars[t][0] for t in tags.values()]))
+    v = {n: np.full(len(steps), np.nan) for n in (N.NORM_CLIPPED, N.THRESHOLD, N.SKIPPED_STEPS, N.NONFINITE_STEPS, *read)}
+    for n, t in tags.items():
+        v[n][np.searchsorted(steps, scalars[t][0])] = scalars[t][1]
+    owner = prefix.rsplit("/opt", 1)[0] if prefix.rsplit("/opt", 1)[-1].isdigit() else prefix
+    rule = parse_rule(rules[owner]) if kind == "clip" and owner in rules else ()
+    s = NormSummary(run, prefix, kind, steps, v[read[0]], *rule)
+    s.norm_clipped, s.thresholds = (v[n] if n in tags else None for n in (N.NORM_CLIPPED, N.THRESHOLD))
+    s.threshold = float(scalars[tags[N.THRESHOLD]][1][-1]) if N.THRESHOLD in tags else None
+    s.peaks = np.fmax(s.norm, v[read[1]])  # where the step's largest norm is not logged, its last
+    # a threshold not written (a skipped step) is the one before; a skip raises `skipped_steps`
+    s.guarded = (s.peaks > _ffill(v[N.THRESHOLD])) | (np.diff(_ffill(v[N.SKIPPED_STEPS]), prepend=0) > 0)
+    s.nonfinite = int(scalars[tags[N.NONFINITE_STEPS]][1][-1])  # a running count: its last value
+    s.skipped = int(scalars[tags[N.SKIPPED_STEPS]][1][-1]) if N.SKIPPED_STEPS in tags else None
+    s.clip_rate = _interval_weighted_mean(*scalars[tags[N.CLIP_RATE]]) if N.CLIP_RATE in tags else None
+    return s
+
+
+def _ffill(x: np.ndarray) -> np.ndarray:
+    """``x`` with each NaN replaced by the last value before it (NaN before the first)."""
+    return x[np.maximum.accumulate(np.where(np.isnan(x), 0, np.arange(len(x))))]
 
 
 def _interval_weighted_mean(steps: np.ndarray, rates: np.ndarray) -> float:
@@ -265,12 +286,8 @@ def _interval_weighted_mean(steps: np.ndarray, rates: np.ndarray) -> float:
 
 
 def plot(summaries: list[NormSummary], path: PathLike, title: str = "") -> Path:
-    """Write a PNG of each summary's norm, norm_clipped and threshold over steps (log scale).
-
-    The legend sits beside the axes, off the data. The post-clip norm is a wide pale band under the
-    other lines: where it hides under the threshold the step was clipped, where it hides under the
-    pre-clip norm the step was not.
-    """
+    """Write a PNG of each summary's norm, norm_clipped and threshold over steps (log scale). The post-clip
+    norm is a wide pale band: hidden under the threshold where the step was clipped, under the norm if not."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,60 +304,42 @@ def plot(summaries: list[NormSummary], path: PathLike, title: str = "") -> Path:
             ax.plot(s.steps, s.thresholds, color="black", lw=1.4, ls="--", label="threshold")
         if s.suggestion is not None:
             ax.axhline(s.suggestion, color="tab:green", lw=1.4, ls=":", label=f"suggested {s.parameter} {s.suggestion:g}")
-        bad = np.flatnonzero(~np.isfinite(s.norm))
-        for first, last in _runs(bad):  # one shaded span per stretch of consecutive non-finite logged steps
-            ax.axvspan(s.steps[first] - 0.5, s.steps[last] + 0.5, color="tab:orange", alpha=0.3, lw=0)
-        if bad.size:
-            ax.fill_between([], [], color="tab:orange", alpha=0.3, label=f"non-finite norm\n({bad.size} logged steps)")
-        finite = s.norm[np.isfinite(s.norm)]
-        if finite.size and np.all(finite > 0):
+        bad = ~np.isfinite(s.norm)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], bad, [0]])))  # where each stretch of them starts, ends
+        for k, (first, end) in enumerate(edges.reshape(-1, 2)):  # one shaded span per stretch of non-finite logged steps
+            ax.axvspan(s.steps[first] - 0.5, s.steps[end - 1] + 0.5, color="tab:orange", alpha=0.3, lw=0,
+                       label=None if k else f"non-finite norm\n({bad.sum()} logged steps)")  # fmt: skip
+        if np.all(s.norm[~bad] > 0) and not bad.all():
             ax.set_yscale("log")
         ax.set_ylabel("largest |gradient entry|" if s.rule == "ClipByValue" else "gradient norm")
         ax.set_title(s.prefix + (f" ({s.rule})" if s.rule else ""), loc="left", fontsize=11)
         ax.grid(True, which="both", alpha=0.25)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
     axes[-1, 0].set_xlabel("step")
-    if title:
-        fig.suptitle(title, fontsize=11)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return path
-
-
-def _runs(indices: np.ndarray) -> list[tuple[int, int]]:
-    """Consecutive stretches of sorted ``indices`` as ``(first, last)`` pairs: [2, 3, 4, 7] -> [(2, 4), (7, 7)]."""
-    if not indices.size:
-        return []
-    breaks = np.flatnonzero(np.diff(indices) > 1)
-    starts = np.concatenate([[indices[0]], indices[breaks + 1]])
-    ends = np.concatenate([indices[breaks], [indices[-1]]])
-    return [(int(a), int(b)) for a, b in zip(starts, ends)]
+    return Path(path)
 
 
 def format_summary(s: NormSummary) -> str:
     """The text block ``gradclip report`` prints for one summary."""
-    what = "pre-clip norm" if s.kind == "clip" else "norm (monitor)"
-    last = int(s.steps[-1]) + 1 if len(s.steps) else 0
-    lines = [f"  {s.prefix}", f"    steps             {last} ({len(s.steps)} logged)"]
-    if s.stats:
-        finite = int(np.sum(np.isfinite(s.norm)))
-        shown = "  ".join(f"{k} {v:.4g}" for k, v in s.stats.items())
-        lines.append(f"    {what:<18}{shown}  (of {finite} finite logged value{'s' * (finite != 1)})")
-    else:
-        lines.append(f"    {what:<18}no finite value")
-    if s.threshold is not None:
-        low, high = float(np.nanmin(s.thresholds)), float(np.nanmax(s.thresholds))
-        shown = f"{high:g}" if low == high else f"{s.threshold:g} (last; {low:.4g} to {high:.4g})"
-        lines.append(f"    threshold         {shown}")
-    if s.clip_rate is not None:
-        lines.append(f"    clip rate         {s.clip_rate:.1%}")
-    lines.append(f"    non-finite steps  {s.nonfinite} (counted on {s.nonfinite_scope})")
-    if s.skipped is not None:
-        lines.append(f"    skipped steps     {s.skipped} (by the rule, counted on all steps)")
-    if s.rule:
-        lines.append(f"    rule              {s.rule}")
+    finite = int(np.sum(np.isfinite(s.norm)))
+    shown = "  ".join(f"{k} {v:.4g}" for k, v in s.stats.items())
+    low, high = (float(f(s.thresholds)) for f in (np.nanmin, np.nanmax)) if s.threshold is not None else (0, 0)
+    varied = f"{s.threshold:g} (last; {low:.4g} to {high:.4g})" if low < high else f"{high:g}"
+    rows = {
+        "steps": f"{int(s.steps[-1]) + 1 if len(s.steps) else 0} ({len(s.steps)} logged)",
+        "pre-clip norm" if s.kind == "clip" else "norm (monitor)":
+            f"{shown}  (of {finite} finite logged value{'s' * (finite != 1)})" if s.stats else "no finite value",
+        "threshold": None if s.threshold is None else varied,
+        "clip rate": None if s.clip_rate is None else f"{s.clip_rate:.1%}",
+        "non-finite steps": f"{s.nonfinite}",
+        "skipped steps": None if s.skipped is None else f"{s.skipped} (by the rule)",
+        "rule": s.rule,
+    }  # fmt: skip
+    lines = [f"  {s.prefix}"] + [f"    {k:<18}{v}" for k, v in rows.items() if v is not None]
     lines.append(f"    suggested {s.parameter} {'-' if s.suggestion is None else f'{s.suggestion:g}'}")
     lines.extend(textwrap.wrap(s.reason, width=100, initial_indent="      why: ", subsequent_indent="      "))
     return "\n".join(lines)
@@ -348,23 +347,17 @@ def format_summary(s: NormSummary) -> str:
 
 def report(logdir: PathLike, output: Optional[PathLike] = None, out=None) -> list[NormSummary]:
     """Print the summary of every run under ``logdir`` and write one PNG per run; return the summaries."""
-    out = sys.stdout if out is None else out
-    runs = find_runs(logdir)
+    out, runs, everything = sys.stdout if out is None else out, find_runs(logdir), []
     if not runs:
         raise FileNotFoundError(f"no TensorBoard event files (events.out.tfevents.*) under `LOGDIR` {str(logdir)!r}")
     if output is not None and len(runs) > 1:
-        raise ValueError(
-            f"`--output` names one PNG, but `LOGDIR` {str(logdir)!r} holds {len(runs)} runs; pass one run's directory"
-        )
-    everything: list[NormSummary] = []
+        raise ValueError(f"`--output` names one PNG, but `LOGDIR` {str(logdir)!r} holds {len(runs)} runs: pass one run")
     for run in runs:
         summaries = summarize(run)
-        print(f"run {run}", file=out)
+        print("\n".join([f"run {run}", *_skipped_rows(run), *map(format_summary, summaries)]), file=out)
         if not summaries:
             print("  no gradient norms logged (add a clipping callback or a GradientNormMonitor)\n", file=out)
             continue
-        for s in summaries:
-            print(format_summary(s), file=out)
         try:
             png = plot(summaries, output or run / "gradclip_report.png", title=str(run))
             print(f"  plot: {png}\n", file=out)
@@ -374,15 +367,21 @@ def report(logdir: PathLike, output: Optional[PathLike] = None, out=None) -> lis
     return everything
 
 
+def _skipped_rows(run: Path, shown: int = 10) -> list[str]:
+    """Lines listing the steps of ``run/skipped_steps.csv`` (none without one)."""
+    path = run / "skipped_steps.csv"
+    rows = list(csv.DictReader(path.read_text().splitlines())) if path.is_file() else []
+    lines = ["    " + "  ".join(f"{k} {v}" for k, v in r.items()) for r in rows[:shown]]  # global_step, batch_idx, loss, norm
+    more = [f"    ... and {len(rows) - shown} more"] * (len(rows) > shown)
+    return [f"  {path.name}: {len(rows)} step(s)", *lines, *more] if rows else []
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """The ``gradclip`` console script."""
     parser = argparse.ArgumentParser(prog="gradclip", description="gradclip_plugin tools")
-    sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser(
-        "report",
-        help="summarise gradient norms from TensorBoard logs and advise on the clipping threshold",
-        description=__doc__.split("\n\n")[1],
-    )
+    rep = parser.add_subparsers(dest="command", required=True).add_parser(
+        "report", help="summarise gradient norms from TensorBoard logs and advise on the clipping threshold",
+        description=__doc__.split("\n\n")[1])  # fmt: skip
     rep.add_argument("logdir", metavar="LOGDIR", help="a run's log directory, or a directory of runs")
     rep.add_argument("-o", "--output", help="PNG path (one run only); default: <run>/gradclip_report.png")
     args = parser.parse_args(argv)
