@@ -77,7 +77,7 @@ def test_every_example_config_parses_and_trains(tmp_path, config):
     columns = logged_columns(tmp_path)
     for cb in ours:
         if isinstance(cb, GradientClipCallback):
-            assert {f"{cb.key_prefix}/norm", f"{cb.key_prefix}/norm_clipped", f"{cb.key_prefix}/threshold"} <= columns
+            assert {f"{cb._key_prefix}/norm", f"{cb._key_prefix}/norm_clipped", f"{cb._key_prefix}/threshold"} <= columns
         if isinstance(cb, GradientNormMonitor):
             assert {f"{cb.log_prefix}/total", f"{cb.log_prefix}/rnn", f"{cb.log_prefix}/head"} <= columns
     # the same file is a valid GRADCLIP_CONFIG: the zero-code route builds the same callbacks

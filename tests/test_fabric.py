@@ -60,7 +60,7 @@ def test_fabric_clip_gradients_equals_the_formula_and_returns_the_trainers_metri
         assert coef < 1
         for p, g in zip(model.parameters(), before):
             torch.testing.assert_close(p.grad.double(), g * coef, rtol=1e-5, atol=1e-7)
-        assert set(metrics) == {f"grad_clip/{k}" for k in ("norm", "norm_clipped", "threshold", "clip_rate", "nonfinite_steps")}
+        assert set(metrics) == {f"grad_clip/{k}" for k in ("norm", "norm_max", "norm_clipped", "threshold", "clip_rate", "nonfinite_steps")}
         assert metrics["grad_clip/norm"] == pytest.approx(norm, rel=1e-5)
         assert metrics["grad_clip/norm_clipped"] == pytest.approx(5.0, rel=1e-6)
         assert (metrics["grad_clip/clip_rate"], metrics["grad_clip/nonfinite_steps"]) == (1.0, 0.0)
@@ -100,7 +100,7 @@ def test_fabric_monitor_gives_the_norms_of_the_gradients():
     params = dict(model.module.named_parameters())
     assert norms["grad_norm/total"] == pytest.approx(norm64(p.grad for p in params.values()), rel=1e-6)
     assert norms["grad_norm/0"] == pytest.approx(norm64([params["0.weight"].grad, params["0.bias"].grad]), rel=1e-6)
-    assert set(norms) == {"grad_norm/total", "grad_norm/0", "grad_norm/2", "grad_norm/nonfinite_steps"}
+    assert set(norms) == {"grad_norm/total", "grad_norm/total_max", "grad_norm/0", "grad_norm/2", "grad_norm/nonfinite_steps"}
 
 
 def run_loop(batches, model, clip, start: int = 0):

@@ -71,7 +71,8 @@ def test_layout_shows_the_post_clip_norm_and_the_part_clipped_off(tmp_path):
     assert charts["threshold"] == ["Multiline", ["^grad_clip/threshold$"]]
     assert charts["clip_rate"] == ["Multiline", ["^grad_clip/clip_rate$"]]
     assert charts["grad_norm/total"] == ["Multiline", ["^grad_norm/total$"]]
-    assert len(charts) == 4
+    assert charts["grad_norm/total_max"] == ["Multiline", ["^grad_norm/total_max$"]]
+    assert len(charts) == 5
     assert_every_chart_has_its_tags(charts, scalar_tags(logger.log_dir))
 
 
@@ -91,7 +92,7 @@ def test_layout_charts_weight_norms_and_update_ratios_per_group(tmp_path):
     for what in ("weight", "update_ratio"):
         for group in ("encoder", "head"):
             assert charts[f"grad_norm/{what}/{group}"] == ["Multiline", [f"^grad_norm/{what}/{group}$"]]
-    assert len(charts) == 5
+    assert len(charts) == 6
     assert_every_chart_has_its_tags(charts, scalar_tags(logger.log_dir))
     _, logger = fit(tmp_path / "two", [GradientNormMonitor(update_ratio=True)], model=TwoOptimizerModel())
     charts = read_layout(logger.log_dir)[CATEGORY]
@@ -135,7 +136,7 @@ def test_written_once_for_all_callbacks(tmp_path, monkeypatch):
     monkeypatch.setattr(SummaryWriter, "add_custom_scalars", lambda self, lay: calls.append(lay) or original(self, lay))
     _, logger = fit(tmp_path, [GradientNormMonitor(), ClipByGlobalNorm(1.0), GradientNormMonitor(log_prefix="post")])
     assert len(calls) == 1
-    assert set(calls[0][CATEGORY]) == {"grad_norm/total", f"grad_clip: {CLIP}", "threshold", "clip_rate", "post/total"}
+    assert set(calls[0][CATEGORY]) == {"grad_norm/total", "grad_norm/total_max", f"grad_clip: {CLIP}", "threshold", "clip_rate", "post/total", "post/total_max"}
     assert read_layout(logger.log_dir) == calls[0]
 
 
@@ -167,8 +168,12 @@ def test_each_clipping_callback_says_what_it_is_for_the_report(tmp_path):
     acc = EventAccumulator(str(logger.log_dir), size_guidance={"tensors": 0})
     acc.Reload()
     texts = {t: acc.Tensors(t)[0].tensor_proto.string_val[0].decode() for t in acc.Tags()["tensors"] if "callback" in t}
-    assert texts == {"grad_clip/ClipByValue/callback/text_summary": "ClipByValue",
-                     "grad_clip/ClipByGlobalNorm/callback/text_summary": "ClipByGlobalNorm"}
+    assert texts == {  # the class with its arguments, as the Text tab shows them
+        "grad_clip/ClipByValue/callback/text_summary": "ClipByValue(clip_value=5.0, include=[], exclude=[], "
+        "nonfinite='skip', max_consecutive_skips=100, group_depth=None, log_prefix='grad_clip')",
+        "grad_clip/ClipByGlobalNorm/callback/text_summary": "ClipByGlobalNorm(max_norm=1.0, norm_type=2.0, include=[], "
+        "exclude=[], nonfinite='skip', skip_above=None, max_consecutive_skips=100, group_depth=None, log_prefix='grad_clip')",
+    }
 
 
 def test_clipping_callback_alone_writes_the_layout(tmp_path):

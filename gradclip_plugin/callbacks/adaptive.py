@@ -14,7 +14,8 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from gradclip_plugin.callbacks import _lightning as L
+from gradclip_plugin import names
+from gradclip_plugin.callbacks import _lightning as lightning
 from gradclip_plugin.callbacks.base import (
     ClipStats,
     GradientClipCallback,
@@ -22,6 +23,7 @@ from gradclip_plugin.callbacks.base import (
     NonFinitePolicy,
     NormType,
     Step,
+    check_number,
 )
 from gradclip_plugin.functional import combine_norms, scale_, tensor_norms
 from gradclip_plugin.functional.adaptive import (
@@ -37,7 +39,7 @@ from gradclip_plugin.functional.adaptive import (
     zclip_update,
 )
 from gradclip_plugin.functional.distributed import has_dtensor
-from gradclip_plugin.functional.norms import check_norm_type, check_positive
+from gradclip_plugin.functional.norms import check_norm_type
 
 __all__ = ["AdaptiveGradientClipping", "AutoClip", "ZClip"]
 
@@ -61,7 +63,7 @@ class AdaptiveGradientClipping(GradientClipCallback):
             size 4096 in the paper, larger for smaller batches).
         eps: floor on the weight norm, a positive number.
         norm_type: order of the unit-wise norms (the paper uses 2).
-        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``group_depth``, ``log_prefix`` (see
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``max_consecutive_skips``, ``group_depth``, ``log_prefix`` (see
             :class:`GradientClipCallback`).
 
     Example YAML::
@@ -88,25 +90,26 @@ class AdaptiveGradientClipping(GradientClipCallback):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         nonfinite: NonFinitePolicy = "skip",
+        max_consecutive_skips: Optional[int] = 100,
         group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
     ) -> None:
-        check_positive("clip_factor", clip_factor)
-        check_positive("eps", eps)
+        clip_factor, eps = check_number("clip_factor", clip_factor), check_number("eps", eps)
         super().__init__(
-            include=include, exclude=exclude, nonfinite=nonfinite, group_depth=group_depth, log_prefix=log_prefix
+            include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
+            group_depth=group_depth, log_prefix=log_prefix,
         )
-        self.clip_factor = float(clip_factor)
-        self.eps = float(eps)
+        self.clip_factor, self.eps = clip_factor, eps
         self.norm_type = check_norm_type(norm_type)
 
+    complex_ok = False  # a unit's limit compares magnitudes of weights and gradients: real ones
     scale_invariant = False  # limits relative to the weights: a fused optimizer's scaled gradients are unscaled first
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_fit_start(trainer, pl_module)
         params = [p for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]]
         if self._shard_group is not None or has_dtensor(params):
-            raise L.misconfiguration(
+            raise lightning.misconfiguration(
                 trainer,
                 "AdaptiveGradientClipping does not support sharded (FSDP) gradients: a unit split across "
                 "ranks would be measured by its local piece. Use ClipByGlobalNorm, AutoClip or ZClip, which "
@@ -146,18 +149,18 @@ class _HistoryClip(GradientClipCallback):
         super().on_fit_start(trainer, pl_module)
         for opt in trainer.optimizers:
             if isinstance(opt, torch.optim.LBFGS):
-                raise L.misconfiguration(
+                raise lightning.misconfiguration(
                     trainer,
                     f"{type(self).__name__} keeps statistics of one gradient norm per optimizer step, but `LBFGS` "
                     "evaluates its closure, and so this hook, several times per step. Use ClipByGlobalNorm (which "
                     "clips every evaluation) or another optimizer.",
                 )
 
-    def sample(self, step: Step) -> float:
+    def _sample(self, step: Step) -> float:
         """The norm the statistics take: the one read, or NaN (not recorded) after ``nonfinite="zero"``."""
         return step.host if step.sample else math.nan
 
-    def clip_to(self, threshold: float, grads: list[Tensor], step: Step) -> ClipStats:
+    def _clip_to(self, threshold: float, grads: list[Tensor], step: Step) -> ClipStats:
         """Scale ``grads`` so that their global norm ``step.host`` is at most ``threshold``."""
         coef = threshold_coefficient(threshold, step.host)
         if coef < 1.0:
@@ -166,7 +169,7 @@ class _HistoryClip(GradientClipCallback):
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         if self.state_key not in checkpoint.get("callbacks", {}):
-            L.rank_zero_warn(
+            lightning.rank_zero_warn(
                 f"{type(self).__name__}: the checkpoint holds no state for `{self.state_key}`; its statistics "
                 "start afresh."
             )
@@ -179,10 +182,10 @@ class _HistoryClip(GradientClipCallback):
         for i, saved in state_dict.get("states", {}).items():
             try:
                 state = self.state_type(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in saved.items()})
-                if not self.fits(state):
+                if not self._fits(state):
                     raise ValueError(state)
             except (TypeError, ValueError):
-                L.rank_zero_warn(
+                lightning.rank_zero_warn(
                     f"{type(self).__name__}: the checkpoint's state for optimizer {i} does not fit a "
                     f"{self.state_type.__name__} (fields {sorted(saved) if isinstance(saved, dict) else saved!r}); "
                     "its statistics start afresh."
@@ -190,7 +193,7 @@ class _HistoryClip(GradientClipCallback):
                 continue
             self._states[int(i)] = state
 
-    def fits(self, state: Any) -> bool:
+    def _fits(self, state: Any) -> bool:
         """Whether a restored state is one this rule can continue from."""
         return True
 
@@ -211,7 +214,7 @@ class AutoClip(_HistoryClip):
     Args:
         percentile: in [0, 100]; the paper finds 10 works across tasks.
         history_size: number of most recent norms kept, or ``None`` for all.
-        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``group_depth``, ``log_prefix`` (see
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``max_consecutive_skips``, ``group_depth``, ``log_prefix`` (see
             :class:`GradientClipCallback`).
 
     Example YAML::
@@ -238,25 +241,28 @@ class AutoClip(_HistoryClip):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         nonfinite: NonFinitePolicy = "skip",
+        max_consecutive_skips: Optional[int] = 100,
         group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
     ) -> None:
-        autoclip_update(AutoClipState(), math.nan, percentile, history_size)  # validates both
+        percentile = check_number("percentile", percentile, high=100.0, closed=True)
+        history_size = check_number("history_size", history_size, allow_none=True, integer=True)
         super().__init__(
-            include=include, exclude=exclude, nonfinite=nonfinite, group_depth=group_depth, log_prefix=log_prefix
+            include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
+            group_depth=group_depth, log_prefix=log_prefix,
         )
-        self.percentile = float(percentile)
+        self.percentile = percentile
         self.history_size = history_size
 
-    def fits(self, state: AutoClipState) -> bool:
+    def _fits(self, state: AutoClipState) -> bool:
         values = [*state.history, *state.ranked]
         return all(isinstance(v, float) and math.isfinite(v) for v in values) and sorted(state.history) == list(state.ranked)
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], step: Step) -> ClipStats:
         state = self._states.get(step.idx, AutoClipState())
-        state, threshold = autoclip_update(state, self.sample(step), self.percentile, self.history_size)
+        state, threshold = autoclip_update(state, self._sample(step), self.percentile, self.history_size)
         self._states[step.idx] = state
-        return self.clip_to(threshold, grads, step)
+        return self._clip_to(threshold, grads, step)
 
 
 class ZClip(_HistoryClip):
@@ -292,7 +298,7 @@ class ZClip(_HistoryClip):
         skip_update_on_spike: keep spikes out of the EMA.
         skip_step_z_thresh: skip the optimizer step when ``z`` exceeds this (at least ``z_thresh``);
             ``None`` (default) never skips.
-        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``group_depth``, ``log_prefix`` (see
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``max_consecutive_skips``, ``group_depth``, ``log_prefix`` (see
             :class:`GradientClipCallback`).
 
     Example YAML::
@@ -331,51 +337,42 @@ class ZClip(_HistoryClip):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         nonfinite: NonFinitePolicy = "skip",
+        max_consecutive_skips: Optional[int] = 100,
         group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
     ) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-            raise ValueError(f"`alpha` must be a number in (0, 1) (0.97 in the paper), got {alpha!r}")
-        check_positive("z_thresh", z_thresh)
-        check_positive("max_norm", max_norm, allow_none=True)
-        check_positive("eps", eps)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-            raise ValueError(f"`warmup_steps` must be a positive integer, got {warmup_steps!r}")
+        alpha = check_number("alpha", alpha, high=1.0)
+        z_thresh, eps, clip_factor = (check_number(n, v) for n, v in (("z_thresh", z_thresh), ("eps", eps), ("clip_factor", clip_factor)))
+        max_norm = check_number("max_norm", max_norm, allow_none=True)
+        warmup_steps = check_number("warmup_steps", warmup_steps, integer=True)
         zclip_update(ZClipState(), math.nan, mode=mode, clip_option=clip_option)  # validates both
-        check_positive("clip_factor", clip_factor)
         if not isinstance(skip_update_on_spike, bool):
             raise ValueError(f"`skip_update_on_spike` must be True or False, got {skip_update_on_spike!r}")
-        check_positive("skip_step_z_thresh", skip_step_z_thresh, allow_none=True)
+        skip_step_z_thresh = check_number("skip_step_z_thresh", skip_step_z_thresh, allow_none=True)
         if skip_step_z_thresh is not None and skip_step_z_thresh < z_thresh:
             raise ValueError(
                 f"`skip_step_z_thresh` must be at least `z_thresh` ({z_thresh}): it marks the severe spikes "
                 f"among those clipped, got {skip_step_z_thresh!r}"
             )
         super().__init__(
-            include=include, exclude=exclude, nonfinite=nonfinite, group_depth=group_depth, log_prefix=log_prefix
+            include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
+            group_depth=group_depth, log_prefix=log_prefix,
         )
-        self.alpha = float(alpha)
-        self.z_thresh = float(z_thresh)
-        self.max_norm = None if max_norm is None else float(max_norm)
-        self.eps = float(eps)
-        self.warmup_steps = warmup_steps
-        self.mode = mode
-        self.clip_option = clip_option
-        self.clip_factor = float(clip_factor)
-        self.skip_update_on_spike = skip_update_on_spike
-        self.skip_step_z_thresh = None if skip_step_z_thresh is None else float(skip_step_z_thresh)
+        self.alpha, self.z_thresh, self.max_norm, self.eps, self.warmup_steps = alpha, z_thresh, max_norm, eps, warmup_steps
+        self.mode, self.clip_option, self.clip_factor = mode, clip_option, clip_factor
+        self.skip_update_on_spike, self.skip_step_z_thresh = skip_update_on_spike, skip_step_z_thresh
 
     @property
-    def skips_steps(self) -> bool:
+    def _skips_steps(self) -> bool:
         return self.skip_step_z_thresh is not None
 
-    def fits(self, state: ZClipState) -> bool:
+    def _fits(self, state: ZClipState) -> bool:
         return (state.mean is None) == (state.var is None) and all(isinstance(v, float) for v in state.buffer)
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], step: Step) -> ClipStats:
         state, threshold, z, spike = zclip_update(
             self._states.get(step.idx, ZClipState()),
-            self.sample(step),
+            self._sample(step),
             alpha=self.alpha,
             z_thresh=self.z_thresh,
             max_norm=self.max_norm,
@@ -387,5 +384,7 @@ class ZClip(_HistoryClip):
             skip_update_on_spike=self.skip_update_on_spike,
         )
         self._states[step.idx] = state
-        skip = self.skip_step_z_thresh is not None and spike and z > self.skip_step_z_thresh
-        return self.clip_to(threshold, grads, step)._replace(extra={"z": z, "spikes": state.spikes}, skip=skip)
+        extra = {names.Z: z, names.SPIKES: state.spikes}
+        if self.skip_step_z_thresh is not None and spike and z > self.skip_step_z_thresh:  # skipped: not scaled
+            return ClipStats(step.host, math.nan, math.nan, False, extra, skip=True)
+        return self._clip_to(threshold, grads, step)._replace(extra=extra)

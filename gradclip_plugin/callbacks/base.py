@@ -6,17 +6,17 @@ A clipping callback follows one optimizer step's gradients in ``on_before_optimi
    :class:`Plan`) and have a gradient;
 2. **measure**: the rule's ``measure(grads)`` gives one norm per gradient, in one fused pass; they
    combine into the step's total norm;
-3. **policy**: with ``nonfinite="skip"``/``"error"``/``"zero"`` the total norm is read to the host
-   (the one read of a step), and a non-finite one is acted on; with ``"ignore"``, or under a loss
-   scaler (which skips such steps itself), nothing is read; with ``"skip"`` and an optimizer that
-   takes a ``found_inf`` (:func:`takes_found_inf`), the step is skipped on the device, unread;
-4. **clip**: the rule's ``clip_(grads, params, step)`` scales the gradients in place and returns the
-   step's :class:`ClipStats`, computed from the same numbers;
-5. **tally**: the step is added to the optimizer's :class:`Tally` (Python numbers where the host knows
+3. **decide**: :func:`~gradclip_plugin.callbacks.step.decide` gives the step's fate from that norm, the
+   non-finite policy, ``skip_above``, the loss scaler and the optimizer: run it, skip it on the host,
+   skip it on the device (a fused optimizer's ``found_inf``: nothing is read), raise or zero;
+4. **clip**: for a step that runs (or may, on the device), the rule's ``clip_(grads, params, step)``
+   scales the gradients in place and returns the step's :class:`ClipStats`; a skipped step's
+   gradients are never scaled;
+5. **count**: the step is added to the optimizer's :class:`Tally` (Python numbers where the host knows
    them, device tensors where it does not: the same arithmetic either way);
 6. **log**: at the end of the batch, on logging steps, each tally becomes the metrics ``norm``,
-   ``norm_clipped``, ``threshold`` (of the last step), ``clip_rate`` (over every step since the last
-   log) and ``nonfinite_steps``, read in one device-to-host copy and written to every logger.
+   ``norm_max``, ``norm_clipped``, ``threshold``, ``clip_rate`` and the counts, read in one
+   device-to-host copy and written to every logger.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import fnmatch
 import itertools
 import math
 import operator
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Optional, Union
@@ -32,8 +33,9 @@ from typing import Any, Literal, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from gradclip_plugin import tensorboard
-from gradclip_plugin.callbacks import _lightning as L
+from gradclip_plugin import names, tensorboard
+from gradclip_plugin.callbacks import _lightning as lightning
+from gradclip_plugin.callbacks.step import Fate, StepGuard, decide, takes_found_inf
 from gradclip_plugin.functional import combine_norms, subset_norms, tensor_norms
 
 NonFinitePolicy = Literal["skip", "error", "zero", "ignore"]
@@ -53,6 +55,21 @@ _GRAD = operator.attrgetter("grad")
 
 
 # ---------------------------------------------------------------------------------------------- validation
+def check_number(name: str, value: Any, *, allow_none: bool = False, low: float = 0.0, high: float = math.inf,
+                 closed: bool = False, integer: bool = False) -> Any:  # fmt: skip
+    """``value`` as a Python number in ``(low, high)`` (``[low, high]`` if ``closed``; an ``int`` if
+    ``integer``), or ``ValueError`` naming ``name``. A NumPy scalar or a 0-dim tensor is read once, here."""
+    if value is None and allow_none:
+        return None
+    number = value.item() if getattr(value, "shape", None) == () and hasattr(value, "item") else value
+    ok = not isinstance(number, bool) and isinstance(number, int if integer else (int, float)) and math.isfinite(number)
+    if not (ok and (low <= number <= high if closed else low < number < high)):
+        what = f"{'an integer' if integer else 'a number'} in {'[' if closed else '('}{low:g}, {high:g}{']' if closed else ')'}"
+        what = "a positive finite number" if (low, high, closed, integer) == (0.0, math.inf, False, False) else what
+        raise ValueError(f"`{name}` must be {what}{' or None' if allow_none else ''}, got {value!r}")
+    return int(number) if integer else float(number)
+
+
 def check_patterns(name: str, patterns: Any) -> list[str]:
     """``patterns`` as a list of fnmatch patterns (``[]`` for ``None``), or ``ValueError`` naming ``name``."""
     if patterns is None:
@@ -72,6 +89,11 @@ def check_group_depth(group_depth: Any, allow_none: bool = False) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- groups
+def parameter_names(module: torch.nn.Module) -> dict[int, str]:
+    """``{id(param): name}`` of ``module``'s parameters, without ``torch.compile``'s ``_orig_mod.``."""
+    return {id(p): n.replace("_orig_mod.", "") for n, p in module.named_parameters()}
+
+
 def group_of(name: str, depth: Union[int, Literal["parameter"]]) -> str:
     """The group of parameter ``name``: its module path cut at ``depth``, or the name itself.
 
@@ -113,7 +135,7 @@ def plan_params(
     A parameter passes when its name matches an ``include`` pattern (any, if there are none) and no
     ``exclude`` pattern; one the module does not name passes only when ``include`` is empty.
     """
-    chosen, names, groups, group_names = [], [], [], []
+    chosen, names_, groups, group_names = [], [], [], []
     for p in params:
         name = named.get(id(p))
         if name is None:
@@ -127,23 +149,9 @@ def plan_params(
         if group not in group_names:
             group_names.append(group)
         chosen.append(p)
-        names.append("?" if name is None else name)
+        names_.append("?" if name is None else name)
         groups.append(group_names.index(group))
-    return Plan(len(params), chosen, names, groups, group_names)
-
-
-def takes_found_inf(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> bool:
-    """Whether ``optimizer.step()`` obeys a device-side ``optimizer.found_inf`` (1: no change at all), as
-    torch's fused Adam, AdamW and SGD do for ``GradScaler``.
-
-    Not a fused SGD with momentum before its first step: torch makes its momentum buffers with
-    ``empty_like`` and a skipped step leaves them uninitialised (later steps would read garbage).
-    """
-    if not (isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)) and optimizer.defaults.get("fused")):
-        return False
-    if isinstance(optimizer, torch.optim.SGD) and any(group["momentum"] for group in optimizer.param_groups):
-        return any("momentum_buffer" in optimizer.state.get(p, ()) for p in params)  # the first, once stepped
-    return True
+    return Plan(len(params), chosen, names_, groups, group_names)
 
 
 def read_metrics(metrics: dict[str, Value]) -> dict[str, float]:
@@ -162,12 +170,28 @@ def read_values(values: list[Value]) -> list[float]:
     return [next(read) if isinstance(v, Tensor) else float(v) for v in values]
 
 
+def _not(value: Union[bool, Tensor]) -> Union[bool, Tensor]:
+    return ~value if isinstance(value, Tensor) else not value
+
+
+def _fmax(a: Value, b: Value) -> Value:
+    """The larger of two norms, a NaN counting as none (both NaN: NaN)."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return torch.fmax(torch.as_tensor(a), torch.as_tensor(b))
+    return b if math.isnan(a) or b > a else a
+
+
+def _ratio(a: Value, b: Value) -> Value:
+    """``a / b``, NaN (not written) for ``0 / 0``."""
+    return a / b if isinstance(a, Tensor) or isinstance(b, Tensor) or b else math.nan
+
+
 # ---------------------------------------------------------------------------------------------- shared base
-class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
+class GradientCallback(*lightning.CALLBACK_BASES):  # type: ignore[misc]
     """What the clipping callbacks and :class:`GradientNormMonitor` share: selection, names, writing.
 
-    Subclasses fill :meth:`metrics` (the values to write at the end of a logging batch) and
-    :meth:`charts` (what they log, for the TensorBoard layout).
+    Subclasses fill :meth:`_pop_metrics` (the values to write at the end of a logging batch) and
+    :meth:`_charts` (what they log, for the TensorBoard layout).
     """
 
     def __init__(
@@ -185,13 +209,13 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
         if not isinstance(log_prefix, str) or not log_prefix:
             raise ValueError(f"`log_prefix` must be a non-empty string, got {log_prefix!r}")
         self.log_prefix = log_prefix
-        self.key_prefix = log_prefix  #: the prefix of the metric names (see ``setup``)
+        self._key_prefix = log_prefix  # the prefix of the metric names (see `setup`)
         # Lightning checks at `Trainer(...)` that state keys are unique, before any hook runs: until
         # `setup` settles the key, it is unique to this instance
-        self._state_key = self.make_state_key(instance=id(self))
+        self._state_key = self._make_state_key(instance=id(self))
         self._reset()
 
-    def make_state_key(self, **more: Any) -> str:
+    def _make_state_key(self, **more: Any) -> str:
         """The class name and ``log_prefix`` (and ``more``), in the form of Lightning's own state keys."""
         return f"{type(self).__qualname__}{ {'log_prefix': self.log_prefix, **more}!r}"
 
@@ -203,15 +227,14 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
         return self._state_key
 
     def _reset(self) -> None:
-        """Forget everything tied to a fit (called at each fit's ``setup``)."""
-        for handle in getattr(self, "_hooks", {}).values():
-            handle.remove()
-        self._hooks: dict[int, Any] = {}  # id(optimizer) -> its step post-hook, calling `after_step`
-        self._plans: dict[int, Plan] = {}  # id(optimizer) -> its plan
+        """Forget everything tied to a fit (called at each fit's ``setup``). Optimizers key it weakly:
+        a new optimizer never finds what belonged to one that is gone."""
+        self._plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> its Plan
+        self._loop_index: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> index, in a loop
         self._members: dict[tuple[int, ...], Tensor] = {}  # group rows of the gradients present
         self._shard_group: Optional[Any] = None
         self._n_optimizers = 1
-        self._loop_index: dict[int, int] = {}  # id(optimizer) -> index, in a loop without a Trainer
+        self._stepped = False  # whether an optimizer stepped in this batch (then it writes, on logging steps)
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -221,29 +244,27 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # after `configure_model` and the strategy's wrapping: the parameters and the shard group are final
         try:
-            self.check_include(pl_module)
+            self._check_patterns(pl_module)
         except ValueError as err:
-            raise L.misconfiguration(trainer, str(err)) from None
-        self._shard_group = L.flat_shard_group(trainer)
+            raise lightning.misconfiguration(trainer, str(err)) from None
+        self._shard_group = lightning.flat_shard_group(trainer)
         self._n_optimizers = len(trainer.optimizers)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # one layout for all gradclip callbacks, written by the first of them
         ours = [cb for cb in trainer.callbacks if isinstance(cb, GradientCallback)]
-        if ours[:1] != [self] or not trainer.is_global_zero:
-            return
-        charts: dict[str, tuple[str, list[str]]] = {}
-        for cb in ours:  # a title two callbacks share (`clip_rate`) is one chart of both
-            for title, (kind, names) in cb.charts(self._n_optimizers).items():
-                charts.setdefault(title, (kind, []))[1].extend(names)
-        for writer, tag_prefix in L.tensorboard_writers(trainer):
-            tensorboard.write_layout(writer, charts, tag_prefix)
-            for cb in ours:
-                cb.describe(writer, tag_prefix)
+        if ours[:1] == [self] and trainer.is_global_zero:
+            tensorboard.write_callbacks(lightning.tensorboard_writers(trainer), ours, self._n_optimizers)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+        self._stepped = True
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-        if L.should_log(trainer):
+        # under gradient accumulation Lightning's logging step spans the window's batches: write once, at
+        # the batch that stepped
+        if self._stepped and lightning.should_log(trainer):
             self._write(trainer)
+        self._stepped = False
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # the raising batch's numbers often explain the failure; a device error can make them unreadable too
@@ -253,58 +274,48 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
             pass
 
     # ------------------------------------------------------------------ for subclasses
-    def metrics(self, idx: Optional[int] = None) -> dict[str, Value]:
+    def _pop_metrics(self, idx: Optional[int] = None) -> dict[str, Value]:
         """The values to log at the end of a logging batch (of optimizer ``idx`` only, if given), by
         metric name; forgets them."""
         raise NotImplementedError
 
-    def charts(self, n_optimizers: int) -> dict[str, tuple[str, list[str]]]:
+    def _charts(self, n_optimizers: int) -> dict[str, tuple[str, list[str]]]:
         """What this callback logs, for the TensorBoard layout: ``{chart title: (kind, [metric names])}``
         (see :func:`gradclip_plugin.tensorboard.write_layout`)."""
         return {}
 
-    def watch(self, optimizer: torch.optim.Optimizer) -> None:
-        """Have :meth:`after_step` called right after each ``optimizer.step()`` (one hook per optimizer)."""
-        if id(optimizer) not in self._hooks:
-            self._hooks[id(optimizer)] = optimizer.register_step_post_hook(lambda opt, *_: self.after_step(opt))
-
-    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Runs right after the step of an optimizer this callback :meth:`watch` es."""
-
-    def written(self, values: dict[str, float]) -> None:
+    def _written(self, values: dict[str, float]) -> None:
         """Called with the metrics once they are read (the first moment the host knows them)."""
 
-    def describe(self, writer: Any, tag_prefix: str = "") -> None:
-        """Write what this callback is to a TensorBoard ``SummaryWriter`` (for ``gradclip report``)."""
-
-    def metric_key(self, name: str, idx: int, n_optimizers: Optional[int] = None) -> str:
+    def _metric_key(self, name: str, idx: int, n_optimizers: Optional[int] = None) -> str:
         """``<prefix>/<name>``, or ``<prefix>/opt<idx>/<name>`` when there are several optimizers."""
         n = self._n_optimizers if n_optimizers is None else n_optimizers
-        return f"{self.key_prefix}/opt{idx}/{name}" if n > 1 else f"{self.key_prefix}/{name}"
+        return f"{self._key_prefix}/opt{idx}/{name}" if n > 1 else f"{self._key_prefix}/{name}"
 
-    def check_include(self, module: torch.nn.Module) -> None:
-        """Raise ``ValueError`` naming an ``include`` pattern that matches no parameter of ``module``."""
-        names = [n for n, _ in module.named_parameters()]
-        for pat in self.include:
-            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
-                raise ValueError(
-                    f"{type(self).__name__}: the `include` pattern {pat!r} matches no parameter of "
-                    f"{type(module).__name__}; names look like {names[:3]}"
-                )
+    def _check_patterns(self, module: torch.nn.Module) -> None:
+        """Raise ``ValueError`` naming an ``include`` or ``exclude`` pattern that matches no parameter of ``module``."""
+        names_ = list(parameter_names(module).values())
+        for what, patterns in (("include", self.include), ("exclude", self.exclude)):
+            for pat in patterns:
+                if not any(fnmatch.fnmatchcase(n, pat) for n in names_):
+                    raise ValueError(
+                        f"{type(self).__name__}: the `{what}` pattern {pat!r} matches no parameter of "
+                        f"{type(module).__name__}; names look like {names_[:3]}"
+                    )
 
-    def plan(self, optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> Plan:
+    def _plan(self, optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> Plan:
         """This callback's :class:`Plan` for ``optimizer`` in this fit, made at its first step from ``module``'s
         parameter names (and again if the optimizer gains parameters)."""
         size = sum(len(group["params"]) for group in optimizer.param_groups)
-        plan = self._plans.get(id(optimizer))
+        plan = self._plans.get(optimizer)
         if plan is None or plan.size != size:
-            named = {id(p): n for n, p in module.named_parameters()}
+            named = parameter_names(module)
             params = [p for group in optimizer.param_groups for p in group["params"]]
             depth = auto_depth(list(named.values())) if self.group_depth == "auto" else self.group_depth
-            plan = self._plans[id(optimizer)] = plan_params(params, named, self.include, self.exclude, depth)
+            plan = self._plans[optimizer] = plan_params(params, named, self.include, self.exclude, depth)
         return plan
 
-    def gradients(self, plan: Plan) -> tuple[list[Tensor], list[Tensor], Sequence[int]]:
+    def _gradients(self, plan: Plan) -> tuple[list[Tensor], list[Tensor], Sequence[int]]:
         """``(params, grads, positions)`` of the planned parameters that have a gradient.
 
         Under FSDP1 a rank holding no piece of a parameter has an empty parameter and no gradient: it
@@ -319,7 +330,7 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
         params = [plan.params[i] for i in keep]
         return params, [g if (g := grads[i]) is not None else torch.zeros_like(p) for i, p in zip(keep, params)], keep
 
-    def group_norms(self, plan: Plan, positions: list[int], norms: Tensor, norm_type: float) -> dict[str, Tensor]:
+    def _group_norms(self, plan: Plan, positions: Sequence[int], norms: Tensor, norm_type: float) -> dict[str, Tensor]:
         """``{group name: norm}`` of the gradients at ``positions`` of ``plan``, from their per-tensor ``norms``."""
         groups = tuple(plan.groups[i] for i in positions)
         present = sorted(set(groups))
@@ -329,25 +340,25 @@ class GradientCallback(*L.CALLBACK_BASES):  # type: ignore[misc]
             members = self._members[groups] = torch.tensor(rows, dtype=torch.bool, device=norms.device)
         return dict(zip((plan.group_names[k] for k in present), subset_norms(norms, members, norm_type).unbind()))
 
-    def loop_step(self, module: Any, optimizer: Any, fabric: Any) -> tuple[Any, Plan, int, Any]:
+    def _loop_step(self, module: Any, optimizer: Any, fabric: Any) -> tuple[Any, Plan, int, Any]:
         """For a loop without a Trainer (Fabric, plain PyTorch): the user's optimizer, its plan and index (in
         the order the optimizers come), and Fabric's loss scaler, the gradients unscaled."""
-        self._shard_group = L.loop_shard_group(fabric, module)
-        module, optimizer = L.unwrap(module), L.unwrap(optimizer)
-        if id(optimizer) not in self._plans:
-            self.check_include(module)
-        idx = self._loop_index.setdefault(id(optimizer), len(self._loop_index))
-        return optimizer, self.plan(optimizer, module), idx, L.loop_scaler(fabric, optimizer)
+        self._shard_group = lightning.loop_shard_group(fabric, module)
+        module, optimizer = lightning.unwrap(module), lightning.unwrap(optimizer)
+        if optimizer not in self._plans:
+            self._check_patterns(module)
+        idx = self._loop_index.setdefault(optimizer, len(self._loop_index))
+        return optimizer, self._plan(optimizer, module), idx, lightning.loop_scaler(fabric, optimizer)
 
     def _write(self, trainer: Any) -> None:
-        metrics = self.metrics()
-        if metrics and trainer.is_global_zero:
+        metrics = self._pop_metrics()
+        if metrics:  # read on every rank: each takes the same decisions (a run of skips stops them all)
             # a non-finite value is left out: a chart cannot draw it (TensorBoard would repeat the last
             # finite one); `nonfinite_steps` counts such steps
             values = {k: v for k, v in read_metrics(metrics).items() if math.isfinite(v)}
-            self.written(values)
-            for logger in trainer.loggers:
-                logger.log_metrics(values, step=L.log_step(trainer))
+            self._written(values)
+            for logger in trainer.loggers if trainer.is_global_zero else ():
+                logger.log_metrics(values, step=lightning.log_step(trainer))
 
 
 # ---------------------------------------------------------------------------------------------- clipping
@@ -359,7 +370,8 @@ class ClipStats(NamedTuple):
     threshold: Value  #: the threshold in force at this step
     clipped: Union[bool, Tensor]  #: whether clipping changed the gradients
     extra: Optional[dict[str, Value]] = None  #: more metrics of the rule (ZClip's ``z``)
-    skip: bool = False  #: the rule asks to skip this optimizer step (ZClip's ``skip_step_z_thresh``)
+    skip: bool = False  #: the rule asks to skip this optimizer step (ZClip's ``skip_step_z_thresh``); it
+    #: then leaves the gradients as they are
 
 
 class Step(NamedTuple):
@@ -371,6 +383,10 @@ class Step(NamedTuple):
     host: Optional[float]  #: ``norm`` read to the host, where it was read (else ``None``)
     sample: bool = True  #: whether ``norm`` measures the true gradients (not after ``nonfinite="zero"``)
     extra: Any = None  #: what ``measure`` returned besides the norms (AGC's unit norms)
+    #: where the step may be skipped on the device, a 0-dim bool tensor, true where it is: ``norms``,
+    #: ``norm`` and a tensor ``extra`` are 0 there (so a coefficient from them is 1), and a rule that
+    #: clips from anything else must leave the gradients unchanged where it is true
+    skip: Optional[Tensor] = None
 
 
 @dataclass
@@ -379,10 +395,14 @@ class Tally:
 
     steps: int = 0  #: optimizer steps
     finite: Value = 0  #: those whose gradients were finite (the others are ``nonfinite_steps``)
-    clipped: Value = 0  #: those, among the finite, that clipping changed
-    skipped: Value = 0  #: steps the rule skipped (not for non-finite gradients)
-    at_log: tuple[int, Value, Value] = (0, 0, 0)  #: ``(steps, finite, clipped)`` at the last log
-    last: Optional[ClipStats] = None  #: the last step's numbers (``None`` if it was skipped)
+    ran: Value = 0  #: the finite steps that ran (not skipped by the rule): the clip rate's denominator
+    clipped: Value = 0  #: those, among the steps that ran, that clipping changed
+    skipped: Value = 0  #: finite steps the rule skipped (``skip_above``, ZClip)
+    streak: Value = 0  #: steps skipped in a row, up to the last one (non-finite or by the rule)
+    since: Value = 0  #: the global step at which that run of skips began
+    at_log: tuple[int, Value, Value] = (0, 0, 0)  #: ``(steps, ran, clipped)`` at the last log
+    norm_max: Value = math.nan  #: the largest finite pre-clip norm since the last log
+    last: Optional[ClipStats] = None  #: the last step's numbers
     groups: Optional[dict[str, Tensor]] = None  #: per-group pre-clip norms of the last logging step
 
 
@@ -404,6 +424,10 @@ class GradientClipCallback(GradientCallback):
             ``"error"``, ``"zero"`` the non-finite entries and clip the rest, or ``"ignore"`` (clip as
             torch would, NaN included). Under a ``16-mixed`` loss scaler such steps are the scaler's
             to skip, whatever the policy.
+        max_consecutive_skips: stop the fit with an error when this many optimizer steps in a row
+            were skipped (non-finite gradients, ``skip_above``, ZClip's skip), as optax's
+            ``max_consecutive_errors``; ``None`` never stops. A skip decided on the device is noticed
+            at the next logging step.
         group_depth: also log the pre-clip norm of each group of parameters,
             ``<log_prefix>/norm/<group>``, on logging steps, from the norms the rule measured anyway
             (groups as in :class:`GradientNormMonitor`); ``None`` for none.
@@ -418,6 +442,8 @@ class GradientClipCallback(GradientCallback):
     #: of a fused optimizer under a loss scaler are clipped by their norms divided by the scale, for the
     #: norm orders of ``EXACT_UNDER_SCALE``; other rules and orders unscale the gradients first)
     scale_invariant: bool = True
+    #: whether the rule clips complex gradients (by the modulus, as torch does)
+    complex_ok: bool = True
     #: skip a step whose pre-clip total norm exceeds this (``ClipByNorm``, ``ClipByGlobalNorm``)
     skip_above: Optional[float] = None
 
@@ -427,20 +453,21 @@ class GradientClipCallback(GradientCallback):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         nonfinite: NonFinitePolicy = "skip",
+        max_consecutive_skips: Optional[int] = 100,
         group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
     ) -> None:
         if nonfinite not in ("skip", "error", "zero", "ignore"):
             raise ValueError(f"`nonfinite` must be one of ['skip', 'error', 'zero', 'ignore'], got {nonfinite!r}")
         self.nonfinite = nonfinite
+        self.max_consecutive_skips = check_number("max_consecutive_skips", max_consecutive_skips, allow_none=True, integer=True)
         super().__init__(include=include, exclude=exclude, group_depth=group_depth, log_prefix=log_prefix)
 
     def _reset(self) -> None:
         super()._reset()
         self._tallies: dict[int, Tally] = {}
         self._warned = False
-        self._hidden: dict[int, list[tuple[Tensor, Tensor]]] = {}  # id(optimizer) -> gradients hidden for its step
-        self._flagged: dict[int, tuple[torch.optim.Optimizer, Tensor]] = {}  # id -> the optimizer and its `found_inf`
+        self._guard = StepGuard()  # the skips it made, undone after their step, at the batch's end, on failure
         self._on_device = False  # whether a skip was left to the device (then warned about once read)
 
     # ------------------------------------------------------------------ the rule
@@ -453,7 +480,7 @@ class GradientClipCallback(GradientCallback):
         raise NotImplementedError(f"{type(self).__name__} is a base class: use one of its subclasses")
 
     @property
-    def skips_steps(self) -> bool:
+    def _skips_steps(self) -> bool:
         """Whether the rule may skip a step of its own accord (then ``skipped_steps`` is logged)."""
         return self.skip_above is not None
 
@@ -462,25 +489,42 @@ class GradientClipCallback(GradientCallback):
         super().setup(trainer, pl_module, stage)
         name = type(self).__name__
         if trainer.gradient_clip_val:
-            raise L.misconfiguration(
+            raise lightning.misconfiguration(
                 trainer,
                 f"{name} clips the gradients itself, but `Trainer(gradient_clip_val={trainer.gradient_clip_val})` "
                 "is also set and Lightning would clip them a second time. Remove `gradient_clip_val` from the Trainer.",
             )
-        L.refuse_deepspeed(trainer, name)
+        lightning.refuse_deepspeed(trainer, name)
         # metric names: `<log_prefix>/...`, or `<log_prefix>/<Class>[k]/...` when clipping callbacks share the prefix
         shared = [cb for cb in trainer.callbacks if isinstance(cb, GradientClipCallback) and cb.log_prefix == self.log_prefix]
         same = [cb for cb in shared if type(cb) is type(self)]
         position = same.index(self) if len(same) > 1 else None
-        self._state_key = self.make_state_key(**({} if position is None else {"position": position}))
-        self.key_prefix = self.log_prefix
+        self._state_key = self._make_state_key(**({} if position is None else {"position": position}))
+        self._key_prefix = self.log_prefix
         if len(shared) > 1:
-            self.key_prefix = f"{self.log_prefix}/{name}{'' if position is None else position}"
+            self._key_prefix = f"{self.log_prefix}/{name}{'' if position is None else position}"
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        super().on_fit_start(trainer, pl_module)
+        params = [p for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]]
+        if not self.complex_ok and any(p.is_complex() for p in params):
+            raise lightning.misconfiguration(
+                trainer, f"{type(self).__name__} does not clip complex parameters (torch's rule for it refuses them "
+                "too). Exclude them with `exclude=[...]`, or use ClipByNorm or ClipByGlobalNorm, which clip by the modulus.",
+            )  # fmt: skip
+        if lightning.loss_scaler(trainer) is not None and any(
+            isinstance(opt, torch.optim.SGD) and opt.defaults.get("fused") and opt.defaults.get("momentum") for opt in trainer.optimizers
+        ):  # fmt: skip
+            lightning.rank_zero_warn(
+                "torch's fused SGD with momentum leaves its momentum buffers uninitialised when a loss scaler skips "
+                "its first step (an overflow at the first step): use `fused=False`, or `foreach=True`, under `16-mixed`."
+            )
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
         idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
-        plan = self.plan(optimizer, pl_module)
-        self.clip_step(optimizer, plan, idx, L.loss_scaler(trainer), L.should_log(trainer), f"global step {trainer.global_step}")
+        plan = self._plan(optimizer, pl_module)
+        self._clip_step(optimizer, plan, idx, lightning.loss_scaler(trainer), lightning.should_log(trainer), trainer.global_step)
 
     def clip_gradients(self, module: Any, optimizer: Any, *, fabric: Any = None, metrics: bool = True) -> dict[str, float]:
         """Clip ``module``'s gradients for ``optimizer``'s coming step, in a Fabric or plain PyTorch loop.
@@ -503,59 +547,180 @@ class GradientClipCallback(GradientCallback):
             ``{"grad_clip/norm": ..., "grad_clip/norm_clipped": ..., "grad_clip/clip_rate": ..., ...}``,
             the names the callback logs in a Trainer (one optimizer's), ready for ``fabric.log_dict``.
         """
-        optimizer, plan, idx, scaler = self.loop_step(module, optimizer, fabric)
+        optimizer, plan, idx, scaler = self._loop_step(module, optimizer, fabric)
+        step = self._tallies[idx].steps if idx in self._tallies else 0
         # a plain loop may have a GradScaler of its own, which would overwrite a `found_inf`
-        self.clip_step(optimizer, plan, idx, scaler, metrics, device_skip=fabric is not None)
+        self._clip_step(optimizer, plan, idx, scaler, metrics, step, device_ok=fabric is not None)
         if not metrics:
             return {}
-        values = read_metrics(self.metrics(idx))
-        self.written(values)
+        values = read_metrics(self._pop_metrics(idx))
+        self._written(values)
         return values
 
-    def metrics(self, idx: Optional[int] = None) -> dict[str, Value]:
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        self._guard.undo()  # gradients hidden for a step that never ran (a loss scaler skipped it)
+        super().on_train_batch_end(trainer, pl_module, *args)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._guard.undo()  # nothing left on an optimizer after a failed fit
+        super().on_exception(trainer, pl_module, exception)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self._guard.undo()
+            if self._on_device and any(t.steps > int(t.finite) for t in self._tallies.values()):  # no log read it
+                self._warn_nonfinite("skipping the optimizer step")
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def _clip_step(self, optimizer: torch.optim.Optimizer, plan: Plan, idx: int, scaler: Optional[torch.amp.GradScaler],
+                   log_groups: bool, global_step: int, device_ok: bool = True) -> None:  # fmt: skip
+        """Clip the gradients of ``plan``'s parameters for ``optimizer``'s coming step: select, measure,
+        decide, clip, count. ``device_ok``: whether ``scaler`` is the only loss scaler there can be."""
+        self._guard.undo(optimizer, restore=False)  # a skip whose step never ran: new gradients have come since
+        params, grads, positions = self._gradients(plan)
+        if not grads:
+            return
+        # a fused optimizer's gradients are still scaled: its norms are divided by the scale
+        scale = lightning.pending_scale(scaler, optimizer, self.scale_invariant and self.norm_type in EXACT_UNDER_SCALE)
+        norms, extra, norm = self._measure(grads, scale)
+        takes_flag = device_ok and scaler is None and not self.reads_norm and takes_found_inf(optimizer)
+        fate = decide(norm, policy=self.nonfinite, scaler=scaler is not None, skip_above=self.skip_above,
+                      read=self.reads_norm, takes_flag=takes_flag)  # fmt: skip
+        tally = self._tallies.setdefault(idx, Tally())
+        if log_groups and self.group_depth is not None:
+            tally.groups = self._group_norms(plan, positions, norms, self.norm_type)
+        if fate.action == "error":
+            self._count(tally, fate, ClipStats(fate.host, math.nan, math.nan, False), global_step)  # logged on failure
+            self._raise_nonfinite(plan, positions, grads, global_step)
+        if fate.action == "zero":
+            norms, extra, norm, fate = self._zero_(grads, fate)
+        if fate.action == "skip":
+            if fate.nonfinite:
+                self._warn_nonfinite("skipping the optimizer step")
+            stats = ClipStats(fate.host, math.nan, math.nan, False)
+        else:
+            stats = self.clip_(grads, params, self._rule_step(idx, norms, norm, extra, fate))
+        if fate.action == "skip" or stats.skip:
+            if scale is not None:  # the scaler checks for inf what it unscales: without it, its step and update fail
+                scaler.unscale_(optimizer)
+            self._guard.skip(optimizer)
+        elif fate.action == "device":
+            self._guard.flag(optimizer, fate.flag)
+            self._on_device, skipped = True, fate.flag.bool()
+            stats = stats._replace(norm=norm, norm_clipped=torch.where(skipped, math.nan, stats.norm_clipped),
+                                   threshold=torch.where(skipped, math.nan, torch.as_tensor(stats.threshold)))  # fmt: skip
+        self._count(tally, fate, stats, global_step)
+
+    def _measure(self, grads: list[Tensor], scale: Optional[Tensor]) -> tuple[Tensor, Any, Tensor]:
+        """The rule's measurement of ``grads`` (true norms: divided by a loss ``scale`` still on them), and their total."""
+        norms, extra = self.measure(grads)
+        if scale is not None:
+            norms = norms / scale.to(norms.device)  # the coefficients apply to the scaled gradients alike
+        return norms, extra, combine_norms(norms, self.norm_type)
+
+    def _raise_nonfinite(self, plan: Plan, positions: Sequence[int], grads: list[Tensor], global_step: int) -> None:
+        """``nonfinite="error"``: raise naming the parameters whose gradients are not finite."""
+        bad = [plan.names[i] for i, g in zip(positions, grads) if not torch.isfinite(g).all()]
+        raise RuntimeError(
+            f"{type(self).__name__}: non-finite gradients at global step {global_step} in {bad}. "
+            "Set `nonfinite='skip'` to skip such steps, or find the source (learning rate, loss, data)."
+        )
+
+    def _zero_(self, grads: list[Tensor], fate: Fate) -> tuple[Tensor, Any, Tensor, Fate]:
+        """``nonfinite="zero"``: zero the non-finite entries and measure again (a second read, at such a step
+        only); the step runs, and counts as non-finite."""
+        self._warn_nonfinite("zeroing the non-finite entries")
+        for g in grads:
+            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+        norms, extra, norm = self._measure(grads, None)
+        return norms, extra, norm, fate._replace(action="run", host=norm.item())
+
+    def _rule_step(self, idx: int, norms: Tensor, norm: Tensor, extra: Any, fate: Fate) -> Step:
+        """The :class:`Step` the rule clips from; on the device path, its measurements are 0 where the step is skipped."""
+        if fate.action != "device":
+            return Step(idx, norms, norm, fate.host, fate.nonfinite is not True, extra)  # not zeroed, not NaN
+        skip = fate.flag.bool()
+        zero = lambda t: torch.where(skip, 0.0, t)  # noqa: E731
+        return Step(idx, zero(norms), zero(norm), None, True, zero(extra) if isinstance(extra, Tensor) else extra, skip)
+
+    def _count(self, t: Tally, fate: Fate, stats: ClipStats, global_step: int) -> None:
+        """Add the step to tally ``t``: a skipped step is not a clipped one, nor in the clip rate."""
+        skipped = fate.flag.bool() if fate.action == "device" else fate.action == "skip" or stats.skip
+        finite = _not(fate.nonfinite)
+        ran = finite & _not(skipped)
+        t.steps += 1
+        t.finite, t.ran, t.clipped = t.finite + finite, t.ran + ran, t.clipped + (stats.clipped & ran)
+        if self._skips_steps:
+            t.skipped = t.skipped + (finite & skipped)
+        t.norm_max = _fmax(t.norm_max, torch.where(finite, stats.norm, math.nan) if isinstance(finite, Tensor) else stats.norm if finite else math.nan)
+        t.last = stats
+        if isinstance(skipped, Tensor):  # on the device: the run is checked at the next logging step
+            t.streak = (t.streak + 1) * skipped
+            t.since = torch.where(t.streak == 1, global_step, t.since)
+        else:
+            t.since = global_step if skipped and not t.streak else t.since
+            t.streak = t.streak + 1 if skipped else 0
+            self._check_streak(int(t.streak), int(t.since))
+
+    def _check_streak(self, streak: int, since: int) -> None:
+        """Stop a fit whose last ``max_consecutive_skips`` steps were all skipped."""
+        if self.max_consecutive_skips is not None and streak >= self.max_consecutive_skips:
+            raise RuntimeError(
+                f"{type(self).__name__}: {streak} optimizer steps in a row were skipped, since global step {since} "
+                f"(`max_consecutive_skips={self.max_consecutive_skips}`): the gradients stay non-finite or above "
+                "`skip_above`. Lower the learning rate, check the loss and data, or raise `skip_above`."
+            )
+
+    def _pop_metrics(self, idx: Optional[int] = None) -> dict[str, Value]:
         out: dict[str, Value] = {}
         for i, t in self._tallies.items():
-            steps, finite, clipped = t.at_log
+            steps, ran, clipped = t.at_log
             if t.steps == steps or idx not in (None, i):
                 continue  # no step since the last log
-            values: dict[str, Value] = {}
+            values: dict[str, Value] = {names.NORM_MAX: t.norm_max}
             if t.last is not None:
-                values.update(norm=t.last.norm, norm_clipped=t.last.norm_clipped, threshold=t.last.threshold)
+                values.update({names.NORM: t.last.norm, names.NORM_CLIPPED: t.last.norm_clipped, names.THRESHOLD: t.last.threshold})
                 values.update(t.last.extra or {})
-            # over the finite steps since the last log; 0 if there were none (none could be clipped)
-            window = t.finite - finite
-            values["clip_rate"] = (t.clipped - clipped) / (window.clamp(min=1) if isinstance(window, Tensor) else max(window, 1))
-            values["nonfinite_steps"] = t.steps - t.finite
-            if self.skips_steps:
-                values["skipped_steps"] = t.skipped
-            values.update({f"norm/{g}": n for g, n in (t.groups or {}).items()})
-            out.update((self.metric_key(k, i), v) for k, v in values.items())
-            t.at_log, t.groups = (t.steps, t.finite, t.clipped), None
+            values[names.CLIP_RATE] = _ratio(t.clipped - clipped, t.ran - ran)  # over the steps that ran
+            values[names.NONFINITE_STEPS] = t.steps - t.finite
+            if self._skips_steps:
+                values[names.SKIPPED_STEPS] = t.skipped
+            values.update({f"{names.GROUP_NORM}/{g}": n for g, n in (t.groups or {}).items()})
+            out.update((self._metric_key(k, i), v) for k, v in values.items())
+            if isinstance(t.streak, Tensor):  # read with the metrics, checked in `_written`
+                out.update({f"\0streak{i}": t.streak, f"\0since{i}": t.since})
+            t.at_log, t.groups, t.norm_max = (t.steps, t.ran, t.clipped), None, math.nan
         return out
 
-    def charts(self, n_optimizers: int) -> dict[str, tuple[str, list[str]]]:
+    def _written(self, values: dict[str, float]) -> None:
+        for key in [k for k in values if k.startswith("\0streak")]:
+            i = key[len("\0streak"):]
+            self._check_streak(int(values.pop(key)), int(values.pop(f"\0since{i}")))
+        # a step skipped on the device (`found_inf`) is first known here, at the next logging step
+        if self._on_device and any(v > 0 for k, v in values.items() if k.endswith(f"/{names.NONFINITE_STEPS}")):
+            self._warn_nonfinite("skipping the optimizer step")
+
+    def _charts(self, n_optimizers: int) -> dict[str, tuple[str, list[str]]]:
         # TensorBoard gives every series of a chart its run's colour: one line and a band tell apart
         # what three lines of one colour could not
         out: dict[str, tuple[str, list[str]]] = {"threshold": ("Multiline", []), "clip_rate": ("Multiline", [])}
         for i in range(n_optimizers):
-            norm, clipped = (self.metric_key(k, i, n_optimizers) for k in ("norm", "norm_clipped"))
+            norm, clipped = (self._metric_key(k, i, n_optimizers) for k in (names.NORM, names.NORM_CLIPPED))
             out[f"{norm[: -len('/norm')]}: post-clip norm (line), and the part clipped off (band)"] = (
                 "Margin", [clipped, clipped, norm]
             )
-            out["threshold"][1].append(self.metric_key("threshold", i, n_optimizers))
-            out["clip_rate"][1].append(self.metric_key("clip_rate", i, n_optimizers))
+            out["threshold"][1].append(self._metric_key(names.THRESHOLD, i, n_optimizers))
+            out["clip_rate"][1].append(self._metric_key(names.CLIP_RATE, i, n_optimizers))
         return out
-
-    def describe(self, writer: Any, tag_prefix: str = "") -> None:
-        writer.add_text(f"{tag_prefix}{self.key_prefix}/callback", type(self).__name__)
 
     def state_dict(self) -> dict[str, Any]:
         # the counts at the last log too: the first rate logged after a resume in the middle of a
         # logging interval still covers the whole interval
+        keys = ("finite", "ran", "clipped", "skipped", "streak", "since")
         return {
             "tallies": {
-                i: {"steps": t.steps, "finite": int(t.finite), "clipped": int(t.clipped), "skipped": int(t.skipped),
-                    "at_log": tuple(int(v) for v in t.at_log)}  # fmt: skip
+                i: {"steps": t.steps, **{k: int(getattr(t, k)) for k in keys}, "at_log": tuple(int(v) for v in t.at_log)}
                 for i, t in self._tallies.items()
             }
         }
@@ -565,136 +730,17 @@ class GradientClipCallback(GradientCallback):
             try:
                 self._tallies[int(i)] = Tally(**{**saved, "at_log": tuple(saved["at_log"])})
             except (TypeError, KeyError):
-                L.rank_zero_warn(f"{type(self).__name__}: the checkpoint's counts for optimizer {i} do not fit; they start afresh.")
-
-    # ------------------------------------------------------------------ the step
-    @torch.no_grad()
-    def clip_step(
-        self,
-        optimizer: torch.optim.Optimizer,
-        plan: Plan,
-        idx: int,
-        scaler: Optional[torch.amp.GradScaler],
-        log_groups: bool,
-        where: str = "",
-        device_skip: bool = True,
-    ) -> None:
-        """Clip the gradients of ``plan``'s parameters for ``optimizer``'s coming step (the pipeline above);
-        ``device_skip``: whether ``scaler`` is the only loss scaler there can be (not in a plain loop)."""
-        self.restore_hidden()  # gradients hidden for a step that never ran (a loss scaler skipped it)
-        params, grads, positions = self.gradients(plan)
-        if not grads:
-            return
-        # a fused optimizer's gradients are still scaled
-        scale = L.pending_scale(scaler, optimizer, self.scale_invariant and self.norm_type in EXACT_UNDER_SCALE)
-        tally = self._tallies.setdefault(idx, Tally())
-        norms, extra = self.measure(grads)
-        if scale is not None:
-            norms = norms / scale.to(norms.device)  # the true norms; the coefficients apply to the scaled gradients alike
-        norm = combine_norms(norms, self.norm_type)
-        # The policy acts where there is no loss scaler (the scaler skips such steps itself). A fused
-        # optimizer skips a step given `found_inf`, on the device: then nothing is read; otherwise the
-        # norm is read to the host (the one read of a step) to decide.
-        acts = scaler is None and self.nonfinite != "ignore"
-        on_device = acts and device_skip and self.nonfinite == "skip" and not self.reads_norm and takes_found_inf(optimizer, params)
-        reads = self.reads_norm or (not on_device and (acts or self.skip_above is not None))
-        host = norm.item() if reads else None
-        finite: Union[bool, Tensor] = torch.isfinite(norm) if host is None else math.isfinite(host)
-        tally.steps += 1
-        tally.last, sample = None, True
-        if acts and not on_device and not finite:  # known on the host
-            if self.nonfinite == "error":
-                bad = [plan.names[i] for i, g in zip(positions, grads) if not torch.isfinite(g).all()]
-                raise RuntimeError(
-                    f"{type(self).__name__}: non-finite gradients at {where or 'this step'} in {bad}. "
-                    "Set `nonfinite='skip'` to skip such steps, or find the source (learning rate, loss, data)."
-                )
-            self._warn_nonfinite("skipping the optimizer step" if self.nonfinite == "skip" else "zeroing the non-finite entries")
-            if self.nonfinite == "skip":
-                self.skip_step(optimizer)
-                return
-            for g in grads:
-                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-            norms, extra = self.measure(grads)
-            norm = combine_norms(norms, self.norm_type)
-            host, sample = norm.item(), False  # a second read, at such a step only
-        if log_groups and self.group_depth is not None:
-            tally.groups = self.group_norms(plan, positions, norms, self.norm_type)
-        stats = self.clip_(grads, params, Step(idx, norms, norm, host, sample, extra))
-        tally.last = stats
-        skip = stats.skip
-        if self.skip_above is not None:  # a spike too large to clip: the step is skipped
-            skip = skip | ((host if host is not None else norm) > self.skip_above)
-        if finite is not False:  # a zeroed step stays non-finite: it is not in the clip rate
-            tally.finite = tally.finite + finite
-            tally.clipped = tally.clipped + (stats.clipped & finite)
-            if skip is not False:
-                tally.skipped = tally.skipped + (skip & finite)
-        if on_device:  # weights, moments and step count stay untouched where it is 1
-            flag, other = (~finite | skip).float(), getattr(optimizer, "found_inf", None)  # another callback's
-            optimizer.found_inf = flag if other is None else torch.maximum(other, flag)
-            self._flagged[id(optimizer)] = (optimizer, optimizer.found_inf)
-            self._on_device = True
-            self.watch(optimizer)
-        elif skip:
-            if scale is not None:  # the scaler checks for inf what it unscales: without it, its step and update fail
-                scaler.unscale_(optimizer)
-            self.skip_step(optimizer)
-
-    def skip_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Make the coming ``optimizer.step()`` a no-op for this optimizer alone.
-
-        The gradients are hidden (torch optimizers pass over a parameter without one, so weights and
-        state, Adam's step count included, stay untouched) and put back right after that step, by one
-        step post-hook per optimizer, so that a parameter shared with another optimizer keeps its
-        gradient for that optimizer's step. If the step never runs (a loss scaler skipped it), they go
-        back at the next hook or at the end of the batch, as if nothing had been hidden.
-        """
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        self._hidden[id(optimizer)] = [(p, p.grad) for p in params]
-        for p in params:
-            p.grad = None
-        self.watch(optimizer)
-
-    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.restore_hidden(id(optimizer))
-
-    def restore_hidden(self, key: Optional[int] = None) -> None:
-        """Undo a skip for the step of optimizer ``id`` ``key`` (of all, if ``None``): put back the hidden
-        gradients, and remove the ``found_inf`` given for that step only."""
-        for k in list(self._hidden) if key is None else [key]:
-            for p, g in self._hidden.pop(k, ()):
-                if p.grad is None:
-                    p.grad = g
-        for k in list(self._flagged) if key is None else [key]:
-            optimizer, flag = self._flagged.pop(k, (None, None))
-            if optimizer is not None and optimizer.__dict__.get("found_inf") is flag:  # not another's
-                del optimizer.found_inf
-
-    def written(self, values: dict[str, float]) -> None:
-        # a step skipped on the device (`found_inf`) is first known here, at the next logging step
-        if self._on_device and any(v > 0 for k, v in values.items() if k.endswith("/nonfinite_steps")):
-            self._warn_nonfinite("skipping the optimizer step")
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-        self.restore_hidden()
-        super().on_train_batch_end(trainer, pl_module, *args)
-
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit":
-            self.restore_hidden()
-            if self._on_device and any(t.steps > int(t.finite) for t in self._tallies.values()):  # no log read it
-                self._warn_nonfinite("skipping the optimizer step")
+                lightning.rank_zero_warn(f"{type(self).__name__}: the checkpoint's counts for optimizer {i} do not fit; they start afresh.")
 
     def _warn_nonfinite(self, action: str) -> None:
         if not self._warned:
             self._warned = True
-            L.rank_zero_warn(
+            lightning.rank_zero_warn(
                 f"{type(self).__name__}: non-finite gradients found, {action} (nonfinite={self.nonfinite!r}). "
-                f"Such steps are counted in `{self.key_prefix}/nonfinite_steps`; this warning is shown once."
+                f"Such steps are counted in `{self._key_prefix}/{names.NONFINITE_STEPS}`; this warning is shown once."
             )
 
-    def unclipped(self, step: Step, threshold: float) -> Optional[ClipStats]:
+    def _unclipped(self, step: Step, threshold: float) -> Optional[ClipStats]:
         """The numbers of a step that changes nothing, where the host knows it is one: its norm, read
         (of the same order as the fixed ``threshold``), is at most ``threshold``; ``None`` otherwise."""
         if step.host is None or not step.host <= threshold:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from gradclip_plugin.callbacks.base import (
     ClipStats,
+    check_number,
     GradientClipCallback,
     GroupDepth,
     NonFinitePolicy,
@@ -15,7 +18,7 @@ from gradclip_plugin.callbacks.base import (
     Step,
 )
 from gradclip_plugin.functional import clip_by_value_, clip_coefficient, combine_norms, scale_
-from gradclip_plugin.functional.norms import check_norm_type, check_positive
+from gradclip_plugin.functional.norms import check_norm_type
 
 __all__ = ["ClipByGlobalNorm", "ClipByNorm", "ClipByValue"]
 
@@ -29,7 +32,7 @@ class ClipByValue(GradientClipCallback):
 
     Args:
         clip_value: the bound, a positive finite number.
-        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``group_depth``, ``log_prefix`` (see
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``max_consecutive_skips``, ``group_depth``, ``log_prefix`` (see
             :class:`GradientClipCallback`).
 
     Example YAML::
@@ -46,6 +49,7 @@ class ClipByValue(GradientClipCallback):
 
     norm_type = float("inf")
     scale_invariant = False  # the bound is on the values: a fused optimizer's scaled gradients are unscaled first
+    complex_ok = False  # as torch's `clip_grad_value_`
 
     def __init__(
         self,
@@ -54,20 +58,22 @@ class ClipByValue(GradientClipCallback):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         nonfinite: NonFinitePolicy = "skip",
+        max_consecutive_skips: Optional[int] = 100,
         group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
     ) -> None:
-        check_positive("clip_value", clip_value)
+        self.clip_value = check_number("clip_value", clip_value)
         super().__init__(
-            include=include, exclude=exclude, nonfinite=nonfinite, group_depth=group_depth, log_prefix=log_prefix
+            include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
+            group_depth=group_depth, log_prefix=log_prefix,
         )
-        self.clip_value = float(clip_value)
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], step: Step) -> ClipStats:
-        unclipped = self.unclipped(step, self.clip_value)  # every entry within bounds: no clamping pass
+        unclipped = self._unclipped(step, self.clip_value)  # every entry within bounds: no clamping pass
         if unclipped is not None:
             return unclipped
-        clip_by_value_(grads, self.clip_value)
+        # where the step may be skipped on the device, an infinite bound there leaves the gradients as they are
+        clip_by_value_(grads, self.clip_value if step.skip is None else torch.where(step.skip, math.inf, self.clip_value))
         return ClipStats(step.norm, step.norm.clamp(max=self.clip_value), self.clip_value, step.norm > self.clip_value)
 
 
@@ -83,22 +89,23 @@ class _MaxNormCallback(GradientClipCallback):
         exclude: Optional[list[str]] = None,
         nonfinite: NonFinitePolicy = "skip",
         skip_above: Optional[float] = None,
+        max_consecutive_skips: Optional[int] = 100,
         group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
     ) -> None:
-        check_positive("max_norm", max_norm)
-        check_positive("skip_above", skip_above, allow_none=True)
+        max_norm = check_number("max_norm", max_norm)
+        skip_above = check_number("skip_above", skip_above, allow_none=True)
         if skip_above is not None and not skip_above > max_norm:
             raise ValueError(
                 f"`skip_above` must be above `max_norm` ({max_norm}): steps above it are skipped, those between "
                 f"are clipped; got {skip_above!r}"
             )
         super().__init__(
-            include=include, exclude=exclude, nonfinite=nonfinite, group_depth=group_depth, log_prefix=log_prefix
+            include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
+            group_depth=group_depth, log_prefix=log_prefix,
         )
-        self.max_norm = float(max_norm)
+        self.max_norm, self.skip_above = max_norm, skip_above
         self.norm_type = check_norm_type(norm_type)
-        self.skip_above = None if skip_above is None else float(skip_above)
 
 
 class ClipByNorm(_MaxNormCallback):
@@ -113,7 +120,7 @@ class ClipByNorm(_MaxNormCallback):
         skip_above: skip the optimizer step (as ``nonfinite="skip"`` does) when the total pre-clip
             norm exceeds this, a loss spike too large to clip; counted in ``skipped_steps``. Above
             ``max_norm``; ``None`` (default) never skips.
-        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``group_depth``, ``log_prefix`` (see
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``max_consecutive_skips``, ``group_depth``, ``log_prefix`` (see
             :class:`GradientClipCallback`).
 
     Example YAML::
@@ -130,7 +137,7 @@ class ClipByNorm(_MaxNormCallback):
     """
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], step: Step) -> ClipStats:
-        unclipped = self.unclipped(step, self.max_norm)  # then so is every tensor's norm: all coefficients 1
+        unclipped = self._unclipped(step, self.max_norm)  # then so is every tensor's norm: all coefficients 1
         if unclipped is not None:
             return unclipped
         coefs = clip_coefficient(self.max_norm, step.norms)
@@ -152,7 +159,7 @@ class ClipByGlobalNorm(_MaxNormCallback):
         skip_above: skip the optimizer step (as ``nonfinite="skip"`` does) when the pre-clip norm
             exceeds this, a loss spike too large to clip (as Megatron-style trainers do); counted in
             ``skipped_steps``. Above ``max_norm``; ``None`` (default) never skips.
-        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``group_depth``, ``log_prefix`` (see
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``max_consecutive_skips``, ``group_depth``, ``log_prefix`` (see
             :class:`GradientClipCallback`).
 
     Example YAML::
@@ -170,7 +177,7 @@ class ClipByGlobalNorm(_MaxNormCallback):
     """
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], step: Step) -> ClipStats:
-        unclipped = self.unclipped(step, self.max_norm)  # the coefficient is exactly 1
+        unclipped = self._unclipped(step, self.max_norm)  # the coefficient is exactly 1
         if unclipped is not None:
             return unclipped
         coef = clip_coefficient(self.max_norm, step.norm)

@@ -1,4 +1,4 @@
-"""GradientNormMonitor: the total gradient norm and one norm per group, from one fused pass."""
+"""GradientNormMonitor: the total gradient norm of every step, and one norm per group, from one fused pass."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from gradclip_plugin.callbacks import _lightning as L
+from gradclip_plugin import names
+from gradclip_plugin.callbacks import _lightning as lightning
 from gradclip_plugin.callbacks.base import (
     EXACT_UNDER_SCALE,
     GradientCallback,
@@ -16,6 +17,7 @@ from gradclip_plugin.callbacks.base import (
     Plan,
     Value,
     check_group_depth,
+    _fmax,
     read_metrics,
 )
 from gradclip_plugin.functional import combine_norms, tensor_norms
@@ -25,12 +27,15 @@ __all__ = ["GradientNormMonitor"]
 
 
 class GradientNormMonitor(GradientCallback):
-    """Log the total gradient norm and one norm per group of parameters, on logging steps only.
+    """Log the total gradient norm, its largest value between logs, and one norm per group of parameters.
 
-    Logs ``grad_norm/total`` and ``grad_norm/<group>`` (``grad_norm/opt<i>/...`` when the Trainer has
-    several optimizers) every ``Trainer(log_every_n_steps=...)`` optimizer steps, to every logger.
-    All norms of a step come from one fused pass (one ``torch._foreach_norm`` per device and dtype,
-    then a segment sum) and one device-to-host copy; on steps that do not log nothing runs.
+    Logs ``grad_norm/total``, ``grad_norm/total_max`` (the largest total norm of every step since the
+    last log: a spike between logging steps is not missed), ``grad_norm/nonfinite_steps`` (every step
+    counted) and ``grad_norm/<group>`` (``grad_norm/opt<i>/...`` when the Trainer has several
+    optimizers) every ``Trainer(log_every_n_steps=...)`` optimizer steps, to every logger. The total is
+    measured at every step on the device (one ``torch._foreach_norm`` per device and dtype), with no
+    host read; the group norms come from the same pass on logging steps, read in one device-to-host
+    copy; weights, update ratios and histograms are on logging (histogram) steps only.
 
     It reads the gradients in ``on_before_optimizer_step``, in the order of ``Trainer(callbacks=[...])``:
     placed **before** a clipping callback it logs the pre-clip norms, placed **after** it the
@@ -102,10 +107,12 @@ class GradientNormMonitor(GradientCallback):
 
     def _reset(self) -> None:
         super()._reset()
-        self._pending: dict[int, dict[str, Tensor]] = {}  # this batch's norms, per optimizer index
-        self._nonfinite: dict[int, Value] = {}  # measured steps whose norm was not finite, per optimizer
+        self._pending: dict[int, dict[str, Value]] = {}  # the norms to write, per optimizer index
+        self._nonfinite: dict[int, Value] = {}  # steps whose norm was not finite, per optimizer
+        self._max: dict[int, Value] = {}  # the largest finite total norm since the last log, per optimizer
         self._warned = False
-        self._before: dict[int, tuple[int, Plan, list[Tensor], dict[str, Tensor]]] = {}  # for update ratios
+        self._before: dict[int, tuple[Plan, list[Tensor], dict[str, Tensor]]] = {}  # for update ratios
+        self._hooks: list[Any] = []  # step post-hooks, removed at the batch's end (not while they run)
 
     def state_dict(self) -> dict[str, Any]:
         return {"nonfinite_steps": {i: int(n) for i, n in self._nonfinite.items()}}
@@ -116,110 +123,134 @@ class GradientNormMonitor(GradientCallback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_fit_start(trainer, pl_module)
         for optimizer in trainer.optimizers:  # the groups, for the TensorBoard layout
-            self.plan(optimizer, pl_module)
+            self._plan(optimizer, pl_module)
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self._state_key = self.make_state_key()  # two monitors have two prefixes (refused otherwise)
+        self._state_key = self._make_state_key()  # two monitors have two prefixes (refused otherwise)
         same = [cb for cb in trainer.callbacks if isinstance(cb, GradientNormMonitor) and cb.log_prefix == self.log_prefix]
         if len(same) > 1:
-            raise L.misconfiguration(
+            raise lightning.misconfiguration(
                 trainer,
                 f"{len(same)} GradientNormMonitor callbacks share `log_prefix={self.log_prefix!r}` and would log "
                 "to the same metric names. Give each its own, e.g. `log_prefix='grad_norm'` before the clipping "
                 "callback and `log_prefix='grad_norm_clipped'` after it.",
             )
-        if self.histogram_every_n_steps is not None and not L.tensorboard_writers(trainer):
-            L.rank_zero_warn(
+        if self.histogram_every_n_steps is not None and not lightning.tensorboard_writers(trainer):
+            lightning.rank_zero_warn(
                 f"GradientNormMonitor(histogram_every_n_steps={self.histogram_every_n_steps}) writes histograms "
                 "to a TensorBoardLogger only, and the Trainer has none: no histogram will be written."
             )
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
-        log = L.should_log(trainer)
-        every, step = self.histogram_every_n_steps, L.log_step(trainer)
-        writers = L.tensorboard_writers(trainer) if every is not None and step % every == 0 else []
-        if not (log or writers):
-            return  # nothing runs on a step that does not log
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        log = lightning.should_log(trainer)
+        every, step = self.histogram_every_n_steps, lightning.log_step(trainer)
+        if not trainer.loggers:
+            return  # nothing would be written
         idx = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)
-        plan = self.plan(optimizer, pl_module)
-        if log:
-            self._measure(plan, idx, L.pending_scale(L.loss_scaler(trainer), optimizer, self.norm_type in EXACT_UNDER_SCALE))
-            if self.weight_norms or self.update_ratio:
-                self._weights(optimizer, plan, idx)
-        for writer, tag_prefix in writers:
+        plan = self._plan(optimizer, pl_module)
+        scale = lightning.pending_scale(lightning.loss_scaler(trainer), optimizer, self.norm_type in EXACT_UNDER_SCALE)
+        self._measure(plan, idx, log, scale)
+        if log and (self.weight_norms or self.update_ratio) and plan.params:
+            self._weights(optimizer, plan, idx)
+        for writer, tag_prefix in lightning.tensorboard_writers(trainer) if every is not None and step % every == 0 else []:
             self._histograms(writer, tag_prefix, plan, idx, step)
 
-    def gradient_norms(self, module: Any, optimizer: Any, *, fabric: Any = None) -> dict[str, float]:
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        self._forget_weights()
+        super().on_train_batch_end(trainer, pl_module, *args)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._forget_weights()
+        super().on_exception(trainer, pl_module, exception)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._forget_weights()
+
+    def gradient_norms(self, module: Any, optimizer: Any, *, fabric: Any = None, metrics: bool = True) -> dict[str, float]:
         """The norms this monitor logs in a Trainer (one optimizer's), in a Fabric or plain PyTorch loop.
 
         Call it after the backward pass and before ``optimizer.step()`` (before or after a clipping
-        callback's ``clip_gradients``: pre- or post-clip norms). Under Fabric's loss scaler the gradients
-        are unscaled first. One device-to-host copy.
+        callback's ``clip_gradients``: pre- or post-clip norms), at every step: ``metrics=False`` keeps
+        the step's total (for ``total_max``) and reads nothing. Under Fabric's loss scaler the gradients
+        are unscaled first. One device-to-host copy where ``metrics``.
 
         Returns:
-            ``{"grad_norm/total": ..., "grad_norm/<group>": ...}``, ready for ``fabric.log_dict``.
+            ``{"grad_norm/total": ..., "grad_norm/total_max": ..., "grad_norm/<group>": ...}``, ready for
+            ``fabric.log_dict``; ``{}`` without ``metrics``.
         """
-        optimizer, plan, idx, _ = self.loop_step(module, optimizer, fabric)
-        self._measure(plan, idx)
-        return read_metrics(self.metrics(idx))
+        optimizer, plan, idx, _ = self._loop_step(module, optimizer, fabric)
+        self._measure(plan, idx, metrics)
+        return read_metrics(self._pop_metrics(idx)) if metrics else {}
 
     # ------------------------------------------------------------------ helpers
     def _weights(self, optimizer: torch.optim.Optimizer, plan: Plan, idx: int) -> None:
         """The group norms of the weights before the step; with ``update_ratio``, a copy of them, compared
-        with the weights after the step in :meth:`after_step`."""
+        with the weights after the step by a step post-hook, removed once it has run."""
         weights = [p.detach() for p in plan.params]
-        norms = self.group_norms(plan, range(len(weights)), tensor_norms(weights, self.norm_type, shard_group=self._shard_group), self.norm_type)
+        norms = self._group_norms(plan, range(len(weights)), tensor_norms(weights, self.norm_type, shard_group=self._shard_group), self.norm_type)
         if self.weight_norms:
-            self._pending.setdefault(idx, {}).update((f"weight/{g}", n) for g, n in norms.items())
+            self._pending.setdefault(idx, {}).update((f"{names.WEIGHT}/{g}", n) for g, n in norms.items())
         if self.update_ratio:
-            self._before[id(optimizer)] = (idx, plan, torch._foreach_mul(weights, 1.0), norms)  # one foreach copy
-            self.watch(optimizer)
+            self._hooks.append(optimizer.register_step_post_hook(lambda opt, *_: self._after_step(idx)))
+            self._before[idx] = (plan, torch._foreach_mul(weights, 1.0), norms)  # one foreach copy
 
     @torch.no_grad()
-    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        entry = self._before.pop(id(optimizer), None)
-        if entry is not None:
-            idx, plan, before, weight_norms = entry
-            deltas = torch._foreach_sub([p.detach() for p in plan.params], before)
-            norms = tensor_norms(deltas, self.norm_type, shard_group=self._shard_group)
-            ratios = self.group_norms(plan, range(len(deltas)), norms, self.norm_type)
-            self._pending.setdefault(idx, {}).update((f"update_ratio/{g}", n / weight_norms[g]) for g, n in ratios.items())
+    def _after_step(self, idx: int) -> None:
+        if idx not in self._before:
+            return
+        plan, before, weight_norms = self._before.pop(idx)
+        deltas = torch._foreach_sub([p.detach() for p in plan.params], before)
+        norms = tensor_norms(deltas, self.norm_type, shard_group=self._shard_group)
+        ratios = self._group_norms(plan, range(len(deltas)), norms, self.norm_type)
+        self._pending.setdefault(idx, {}).update((f"{names.UPDATE_RATIO}/{g}", n / weight_norms[g]) for g, n in ratios.items())
+
+    def _forget_weights(self) -> None:
+        """Remove the post-hooks, and the weights of steps that never ran: nothing is left on an optimizer."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._before = [], {}
 
     @torch.no_grad()
-    def _measure(self, plan: Plan, idx: int, scale: Optional[Tensor] = None) -> None:
-        """Keep this step's total and group norms of the gradients of ``plan`` (divided by the loss ``scale``
-        still on them, if any), to be written."""
-        _, grads, positions = self.gradients(plan)
-        if grads:
-            norms = tensor_norms(grads, self.norm_type, shard_group=self._shard_group)
-            if scale is not None:
-                norms = norms / scale.to(norms.device)
-            groups = self.group_norms(plan, positions, norms, self.norm_type)
-            total = combine_norms(norms, self.norm_type)
-            self._nonfinite[idx] = self._nonfinite.get(idx, 0) + ~torch.isfinite(total)  # no host read
-            self._pending[idx] = {"total": total, "nonfinite_steps": self._nonfinite[idx]}
-            self._pending[idx].update((g if g not in ("total", "nonfinite_steps") else f"{g}_", n) for g, n in groups.items())
+    def _measure(self, plan: Plan, idx: int, log: bool, scale: Optional[Tensor] = None) -> None:
+        """Count this step's total norm of the gradients of ``plan`` (divided by the loss ``scale`` still on
+        them, if any), on the device; on a logging step (``log``), keep it and the group norms to write."""
+        _, grads, positions = self._gradients(plan)
+        if not grads:
+            return
+        norms = tensor_norms(grads, self.norm_type, shard_group=self._shard_group)
+        if scale is not None:
+            norms = norms / scale.to(norms.device)
+        total = combine_norms(norms, self.norm_type)
+        finite = torch.isfinite(total)
+        self._nonfinite[idx] = self._nonfinite.get(idx, 0) + ~finite  # no host read
+        self._max[idx] = _fmax(self._max.get(idx, float("nan")), torch.where(finite, total, float("nan")))
+        if log:
+            pending = self._pending.setdefault(idx, {})
+            pending.update({names.TOTAL: total, names.TOTAL_MAX: self._max.pop(idx), names.NONFINITE_STEPS: self._nonfinite[idx]})
+            ours = (names.TOTAL, names.TOTAL_MAX, names.NONFINITE_STEPS, names.WEIGHT, names.UPDATE_RATIO)
+            pending.update((g if g not in ours else f"{g}_", n) for g, n in self._group_norms(plan, positions, norms, self.norm_type).items())
 
-    def metrics(self, idx: Optional[int] = None) -> dict[str, Value]:
-        out = {self.metric_key(k, i): v for i, values in self._pending.items() if idx in (None, i) for k, v in values.items()}
+    def _pop_metrics(self, idx: Optional[int] = None) -> dict[str, Value]:
+        out = {self._metric_key(k, i): v for i, values in self._pending.items() if idx in (None, i) for k, v in values.items()}
         self._pending = {i: v for i, v in self._pending.items() if idx not in (None, i)}
         return out
 
-    def charts(self, n_optimizers: int) -> dict[str, tuple[str, list[str]]]:
+    def _charts(self, n_optimizers: int) -> dict[str, tuple[str, list[str]]]:
         # one series a chart: TensorBoard colours by run, so a run's group norms in one chart would be
         # lines of one colour; a chart of one series shows every run of the log directory apart
-        keys = [self.metric_key("total", i, n_optimizers) for i in range(n_optimizers)]
-        for what, on in (("weight", self.weight_norms), ("update_ratio", self.update_ratio)):
+        keys = [self._metric_key(k, i, n_optimizers) for i in range(n_optimizers) for k in (names.TOTAL_MAX, names.TOTAL)]
+        for what, on in ((names.WEIGHT, self.weight_norms), (names.UPDATE_RATIO, self.update_ratio)):
             for i, plan in enumerate(self._plans.values() if on else []):  # made in optimizer order at fit start
-                keys += [self.metric_key(f"{what}/{g}", i, n_optimizers) for g in plan.group_names]
+                keys += [self._metric_key(f"{what}/{g}", i, n_optimizers) for g in plan.group_names]
         return {key: ("Multiline", [key]) for key in keys}
 
     def _histograms(self, writer: Any, tag_prefix: str, plan: Plan, idx: int, step: int) -> None:
         """A histogram of each group's gradient values (TensorBoard bins them on the host: histogram steps only)."""
-        _, grads, positions = self.gradients(plan)
+        _, grads, positions = self._gradients(plan)
         members: dict[int, list[Tensor]] = {}
         for i, g in zip(positions, grads):
             members.setdefault(plan.groups[i], []).append(g.detach().reshape(-1).float().cpu())
@@ -232,7 +263,7 @@ class GradientNormMonitor(GradientCallback):
                 writer.add_histogram(f"{tag_prefix}grad_values/{self.log_prefix}/{opt}{name}", values, global_step=step)
             elif not self._warned:
                 self._warned = True
-                L.rank_zero_warn(
+                lightning.rank_zero_warn(
                     f"GradientNormMonitor: no histogram of `{name}` at step {step}: every gradient value is inf or "
                     "NaN (TensorBoard cannot bin them). Such steps are counted in "
                     f"`{self.log_prefix}/nonfinite_steps`; this warning is shown once."

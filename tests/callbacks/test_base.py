@@ -29,7 +29,7 @@ from .test_clip import PARAM_NAMES, assert_close_float32, expected, fit, read_me
 
 INF = float("inf")
 NAN = float("nan")
-METRIC_NAMES = ("norm", "norm_clipped", "threshold", "clip_rate", "nonfinite_steps")
+METRIC_NAMES = ("norm", "norm_max", "norm_clipped", "threshold", "clip_rate", "nonfinite_steps")
 
 
 @pytest.fixture(autouse=True)
@@ -270,27 +270,6 @@ def test_a_skipped_step_leaves_a_shared_parameter_its_gradient_for_the_other_opt
     assert model.shared.item() == pytest.approx(0.8) and model.b.item() == pytest.approx(0.8)
 
 
-def test_skips_whose_step_never_runs_leave_one_restore_and_the_gradients_back(tmp_path):
-    # A loss scaler skips `optimizer.step()` after an overflow: the hidden gradients must come back as if
-    # nothing had been hidden, with no restore hook left to fire later (torch forbids removing a hook
-    # while its hooks run: two pending ones would crash the next step).
-    cb = ClipByGlobalNorm(1.0)
-    p = nn.Parameter(torch.ones(2))
-    opt = torch.optim.SGD([p], lr=0.1)
-    later = []
-    for value in (1.0, 2.0):
-        p.grad = torch.full((2,), value)
-        cb.skip_step(opt)  # and no step follows
-        assert p.grad is None
-    opt.register_step_post_hook(lambda *_: later.append(p.grad))  # a user's own hook, after ours
-    cb.restore_hidden()
-    assert torch.equal(p.grad, torch.full((2,), 2.0))  # the last hidden gradient, back
-    p.grad = torch.full((2,), 3.0)
-    opt.step()  # runs both hooks without error, and ours restores nothing stale
-    assert torch.equal(later[0], torch.full((2,), 3.0)) and len(cb._hooks) == 1
-    assert torch.allclose(p.detach(), torch.full((2,), 0.7))
-
-
 class TwoStepsPerBatchModel(TinyModel):
     """Manual optimization, one optimizer stepped twice per batch: first on a large loss, then on a small one."""
 
@@ -335,19 +314,22 @@ class Wrapped(pl.LightningModule):
 
 
 def test_a_callback_reused_for_another_fit_selects_anew(tmp_path):
-    cb = ClipByGlobalNorm(1.0, exclude=["head.*"])
+    cb = ClipByGlobalNorm(1.0, exclude=["*head.*"])
     net = TinyModel()
     before, after = GradProbe(), GradProbe()
     make_trainer(tmp_path, [before, cb, after], max_steps=1).fit(net, make_loader())
     assert torch.equal(before.steps[0]["head.weight"], after.steps[0]["head.weight"])  # excluded
     before, after = GradProbe(), GradProbe()
     make_trainer(tmp_path, [before, cb, after], max_steps=1).fit(Wrapped(net), make_loader())
-    # `head.*` matches nothing now: every gradient is clipped, by one coefficient
-    b, a = before.steps[0], after.steps[0]
-    coef = 1.0 / vec_norm(b.values(), 2.0)
+    b, a = before.steps[0], after.steps[0]  # `model.head.*` is excluded too, by the new names
+    clipped = {n: g for n, g in b.items() if "head." not in n}
+    coef = 1.0 / vec_norm(clipped.values(), 2.0)
     assert coef < 1
     for name in b:
-        torch.testing.assert_close(a[name], b[name] * coef)
+        torch.testing.assert_close(a[name], b[name] * coef if name in clipped else b[name])
+    # a pattern that matches nothing in this fit's module is refused at fit start, as `include` is
+    with pytest.raises(MisconfigurationException, match=r"the `exclude` pattern 'head\.\*' matches no parameter"):
+        make_trainer(tmp_path, [ClipByGlobalNorm(1.0, exclude=["head.*"])], max_steps=1).fit(Wrapped(net), make_loader())
 
 
 @pytest.mark.parametrize(
@@ -647,7 +629,8 @@ def test_state_dict_round_trip_of_nonfinite_steps(tmp_path):
     with pytest.warns(UserWarning, match="non-finite"):
         trainer.fit(NonFiniteModel("loss-inf", bad_steps=(1, 2)), make_loader())
     state = cb.state_dict()
-    assert state == {"tallies": {0: {"steps": 4, "finite": 2, "clipped": 2, "skipped": 0, "at_log": (0, 0, 0)}}}
+    assert state == {"tallies": {0: {"steps": 4, "finite": 2, "ran": 2, "clipped": 2, "skipped": 0, "streak": 0, "since": 1,
+                                     "at_log": (0, 0, 0)}}}  # fmt: skip
     fresh = ClipByGlobalNorm(5.0)
     fresh.load_state_dict(copy.deepcopy(state))
     assert fresh.state_dict() == state
@@ -735,3 +718,132 @@ def test_clip_rate_interval_survives_a_resume_in_the_middle_of_it(tmp_path):
     with pytest.warns(UserWarning):  # Lightning: the dataloader is not resumable mid-epoch
         resumed.fit(LateSpikeModel(), make_loader(), ckpt_path=path)
     assert read_metrics(logger)["grad_clip/clip_rate"] == {3: 0.5}
+
+
+# --- issue 17: what the metrics say, and the defects found by attacking the package ------------------
+
+
+def test_a_step_skipped_by_skip_above_is_not_a_clipped_one(tmp_path):
+    # every step's norm is above `skip_above`: all are skipped, none ran, so none was clipped
+    logger = CSVLogger(tmp_path)
+    probe = StateProbe()
+    cb = ClipByGlobalNorm(0.5, skip_above=1.0, max_consecutive_skips=None)
+    make_trainer(tmp_path, [probe, cb], logger=logger, max_steps=4).fit(TinyModel(), make_loader())
+    metrics = read_metrics(logger)
+    assert metrics["grad_clip/skipped_steps"] == {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}
+    assert "grad_clip/clip_rate" not in metrics  # no step ran: there is no rate to claim
+    assert "grad_clip/norm_clipped" not in metrics and "grad_clip/threshold" not in metrics
+    assert all(v > 1.0 for v in metrics["grad_clip/norm"].values())  # the pre-clip norm is still told
+    for (start, _), (end, _) in zip(probe.start, probe.end):  # the weights never changed
+        assert all(torch.equal(start[n], end[n]) for n in start)
+
+
+def test_norm_max_is_the_largest_norm_of_every_step_between_logs(tmp_path):
+    logger = CSVLogger(tmp_path)
+    probe = GradProbe()
+    make_trainer(tmp_path, [probe, ClipByGlobalNorm(1e9)], logger=logger, max_steps=6, log_every_n_steps=3).fit(
+        TinyModel(), make_loader()
+    )
+    norms = [vec_norm([g for g in step.values() if g is not None], 2.0) for step in probe.steps]
+    logged = read_metrics(logger)["grad_clip/norm_max"]
+    assert logged == pytest.approx({2: max(norms[:3]), 5: max(norms[3:6])}, rel=1e-5)
+
+
+def test_one_write_per_logged_step_under_gradient_accumulation(tmp_path):
+    # `read_metrics` fails on a key written twice at one step; the window covers every step since the last log
+    logger = CSVLogger(tmp_path)
+    cb = ClipByGlobalNorm(1.0)
+    trainer = make_trainer(tmp_path, [cb], logger=logger, max_steps=4, log_every_n_steps=2, accumulate_grad_batches=4)
+    trainer.fit(TinyModel(), make_loader(n=64))
+    metrics = read_metrics(logger)
+    assert metrics["grad_clip/clip_rate"] == {1: 1.0, 3: 1.0}
+    assert set(metrics["grad_clip/norm"]) == {1, 3}
+
+
+def test_a_compiled_submodule_is_named_without_orig_mod(tmp_path):
+    from collections import OrderedDict
+
+    class Compiled(TinyModel):  # names `body._orig_mod.encoder.weight`, ... in named_parameters()
+        def __init__(self):
+            super().__init__()
+            self.body = torch.compile(nn.Sequential(OrderedDict(encoder=self.encoder, act=nn.Tanh(), head=self.head)), backend="eager")
+            del self.encoder, self.head
+
+        def forward(self, x):
+            return self.body(x)
+
+    before, after = GradProbe(), GradProbe()
+    logger = CSVLogger(tmp_path)
+    cb = ClipByGlobalNorm(1.0, exclude=["body.head.*"], group_depth=2)
+    make_trainer(tmp_path, [before, cb, after], logger=logger, max_steps=1).fit(Compiled(), make_loader())
+    heads = [n for n in before.steps[0] if ".head." in n]
+    assert heads and all(torch.equal(before.steps[0][n], after.steps[0][n]) for n in heads)  # excluded
+    assert {k for k in read_metrics(logger) if k.startswith("grad_clip/norm/")} == {"grad_clip/norm/body.encoder"}
+
+
+@pytest.mark.parametrize("cls, args", [(ClipByValue, (1.0,)), (pytest.importorskip("gradclip_plugin").AdaptiveGradientClipping, ())])
+def test_rules_that_cannot_clip_complex_parameters_refuse_them_at_fit_start(tmp_path, cls, args):
+    class Complex(TinyModel):
+        def __init__(self):
+            super().__init__()
+            self.phase = nn.Parameter(torch.ones(3, dtype=torch.complex64))
+
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) + self.phase.abs().sum()
+
+    with pytest.raises(MisconfigurationException, match=f"{cls.__name__} does not clip complex parameters"):
+        make_trainer(tmp_path, [cls(*args)], max_steps=1).fit(Complex(), make_loader())
+
+
+def test_complex_gradients_are_clipped_by_the_modulus_as_torch_does(tmp_path):
+    class Complex(TinyModel):
+        def __init__(self):
+            super().__init__()
+            self.phase = nn.Parameter(torch.full((3,), 2 + 1j, dtype=torch.complex64))
+
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) + 100 * (self.phase * self.phase.conj()).real.sum()
+
+    before, after = GradProbe(), GradProbe()
+    make_trainer(tmp_path, [before, ClipByGlobalNorm(1.0), after], max_steps=1).fit(Complex(), make_loader())
+    grads = [g.clone() for g in before.steps[0].values() if g is not None]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))  # of the moduli
+    assert total > 1.0
+    for name, g in before.steps[0].items():
+        torch.testing.assert_close(after.steps[0][name], g * (1.0 / total))
+
+
+def test_a_run_of_skips_stops_the_fit_naming_the_count_and_the_first_step(tmp_path):
+    cb = ClipByGlobalNorm(5.0, max_consecutive_skips=3)
+    with pytest.warns(UserWarning, match="non-finite"):
+        with pytest.raises(RuntimeError, match=r"3 optimizer steps in a row were skipped, since global step 1"):
+            make_trainer(tmp_path, [cb], max_steps=8).fit(NonFiniteModel("loss-inf", bad_steps=(1, 2, 3, 4)), make_loader())
+
+
+def test_skips_broken_by_a_step_that_ran_do_not_stop_the_fit(tmp_path):
+    cb = ClipByGlobalNorm(5.0, max_consecutive_skips=2)
+    with pytest.warns(UserWarning, match="non-finite"):
+        make_trainer(tmp_path, [cb], max_steps=6).fit(NonFiniteModel("loss-inf", bad_steps=(0, 2, 4)), make_loader())
+    assert nonfinite_steps(cb) == {0: 3.0}
+
+
+def test_a_run_of_device_skips_stops_the_fit_at_the_next_logging_step(tmp_path):
+    cb = ClipByGlobalNorm(5.0, max_consecutive_skips=3)
+    model = NonFiniteModel("loss-inf", bad_steps=range(1, 9), optimizer="adam")
+    model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
+    trainer = make_trainer(tmp_path, [cb], logger=CSVLogger(tmp_path), max_steps=10, log_every_n_steps=5)
+    with pytest.raises(RuntimeError, match=r"4 optimizer steps in a row were skipped, since global step 1"):
+        trainer.fit(model, make_loader(n=64))
+    assert trainer.global_step == 5  # noticed at the logging step after step 4, with no read before it
+    assert "found_inf" not in trainer.optimizers[0].__dict__  # nothing left on the optimizer
+
+
+def test_a_monitor_with_nothing_selected_for_one_optimizer_logs_the_other(tmp_path):
+    from gradclip_plugin import GradientNormMonitor
+
+    logger = CSVLogger(tmp_path)
+    monitor = GradientNormMonitor(weight_norms=True, update_ratio=True, include=["encoder.*"])
+    make_trainer(tmp_path, [monitor], logger=logger, max_steps=2).fit(TwoOptimizerModel(), make_loader())
+    keys = {k for k in read_metrics(logger) if k.startswith("grad_norm")}
+    assert "grad_norm/opt0/weight/encoder" in keys and "grad_norm/opt0/update_ratio/encoder" in keys
+    assert not any(k.startswith("grad_norm/opt1/") for k in keys)

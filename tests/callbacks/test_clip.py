@@ -449,6 +449,6 @@ def test_skip_above_skips_the_spike_and_clips_the_rest(tmp_path, make_cb, optimi
 def test_skip_above_must_be_above_max_norm():
     with pytest.raises(ValueError, match=r"`skip_above` must be above `max_norm` \(5.0\).*got 5.0"):
         ClipByGlobalNorm(5.0, skip_above=5.0)
-    with pytest.raises(ValueError, match=r"`skip_above` must be a positive finite number, got -1"):
+    with pytest.raises(ValueError, match=r"`skip_above` must be a positive finite number or None, got -1"):
         ClipByNorm(5.0, skip_above=-1)
     assert ClipByGlobalNorm(5.0, skip_above=50).skip_above == 50.0

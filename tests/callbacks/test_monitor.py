@@ -49,9 +49,12 @@ def reference_norm(grads: list[torch.Tensor], norm_type: float) -> float:
 def expected(probe: GradProbe, groups: dict[str, str], norm_type: float, steps: list[int], prefix="grad_norm"):
     """{metric: [(step, norm)]} at ``steps`` from the probe's gradients; ``groups`` maps fnmatch prefix -> group."""
     out: dict[str, list[tuple[int, float]]] = {}
-    for step in steps:
+    totals = [reference_norm([g for g in s.values() if g is not None], norm_type) for s in probe.steps]
+    for before, step in zip([-1, *steps], steps):
         grads = {name: g for name, g in probe.steps[step].items() if g is not None}
         out.setdefault(f"{prefix}/total", []).append((step, reference_norm(list(grads.values()), norm_type)))
+        # the largest total of every step since the last log, logged or not
+        out.setdefault(f"{prefix}/total_max", []).append((step, max(totals[before + 1 : step + 1])))
         out.setdefault(f"{prefix}/nonfinite_steps", []).append((step, 0.0))
         for start, group in groups.items():
             members = [g for name, g in grads.items() if name.startswith(start)]
@@ -77,7 +80,7 @@ def test_tensorboard_values_match_probe_gradients(tmp_path, norm_type):
     trainer = make_trainer(tmp_path, [probe, monitor], logger=logger, max_steps=4)
     trainer.fit(TinyModel(), make_loader())
     logged = tb_scalars(logger.log_dir)
-    assert set(logged) == {"grad_norm/total", "grad_norm/encoder", "grad_norm/head", "grad_norm/nonfinite_steps"}
+    assert set(logged) == {"grad_norm/total", "grad_norm/total_max", "grad_norm/encoder", "grad_norm/head", "grad_norm/nonfinite_steps"}
     want = expected(probe, {"encoder.": "encoder", "head.": "head"}, norm_type, [0, 1, 2, 3])
     assert_logged(logged, want)
 
@@ -128,7 +131,7 @@ class HostReadCounter:
             monkeypatch.setattr(torch.Tensor, name, wrapper)
 
 
-def test_one_host_copy_per_logging_step_and_nothing_on_other_steps(tmp_path, monkeypatch):
+def test_one_pass_per_step_and_one_host_copy_per_logging_step(tmp_path, monkeypatch):
     import gradclip_plugin.callbacks.monitor as monitor_module
 
     passes = []
@@ -142,8 +145,8 @@ def test_one_host_copy_per_logging_step_and_nothing_on_other_steps(tmp_path, mon
     logger = CSVLogger(tmp_path, name="run", version=0)
     trainer = make_trainer(tmp_path, [GradientNormMonitor()], logger=logger, max_steps=10, log_every_n_steps=5)
     trainer.fit(TinyModel(), make_loader(n=64))
-    assert len(passes) == 2  # one fused norm pass per logging step, none on the 8 others
-    assert reads.calls == ["tolist", "tolist"]  # one batched copy per logging step
+    assert len(passes) == 10  # one fused norm pass a step: `total_max` misses no step
+    assert reads.calls == ["tolist", "tolist"]  # one batched copy per logging step, no read on the 8 others
 
 
 def test_without_logger_nothing_runs(tmp_path, monkeypatch):
@@ -234,7 +237,8 @@ def test_include_exclude(tmp_path):
     make_trainer(tmp_path, [probe, monitor], logger=logger, max_steps=2).fit(TinyModel(), make_loader())
     logged = csv_scalars(logger.log_dir)
     assert {k for k in logged if k.startswith("grad_norm")} == {
-        "grad_norm/total", "grad_norm/encoder.weight", "grad_norm/head.weight", "grad_norm/nonfinite_steps"
+        "grad_norm/total", "grad_norm/total_max", "grad_norm/encoder.weight", "grad_norm/head.weight",
+        "grad_norm/nonfinite_steps",
     }
     for step, (_, total) in enumerate(logged["grad_norm/total"]):
         grads = probe.steps[step]
@@ -263,7 +267,8 @@ def test_two_optimizers_log_per_optimizer(tmp_path):
     logged = csv_scalars(logger.log_dir)
     assert {k for k in logged if k.startswith("grad_norm")} == {
         "grad_norm/opt0/total", "grad_norm/opt0/encoder", "grad_norm/opt1/total", "grad_norm/opt1/head",
-        "grad_norm/opt0/nonfinite_steps", "grad_norm/opt1/nonfinite_steps",
+        "grad_norm/opt0/nonfinite_steps", "grad_norm/opt1/nonfinite_steps", "grad_norm/opt0/total_max",
+        "grad_norm/opt1/total_max",
     }
     # Manual optimization: every optimizer.step() is a probe entry; the logging step index is
     # Lightning's (one per training batch), so both optimizers of batch k log at step k.
@@ -359,7 +364,7 @@ def test_weights_are_copied_and_measured_on_logging_steps_only(tmp_path, monkeyp
     monitor = GradientNormMonitor(weight_norms=True, update_ratio=True)
     trainer = make_trainer(tmp_path, [monitor], logger=logger, max_steps=10, log_every_n_steps=5)
     trainer.fit(TinyModel(optimizer="adam"), make_loader(n=64))
-    assert len(passes) == 2 * 3  # gradients, weights, updates: on the 2 logging steps, none on the 8 others
+    assert len(passes) == 10 + 2 * 2  # gradients at every step; weights and updates on the 2 logging steps only
     assert len(copies) == 2
     assert reads.calls == ["tolist", "tolist"]  # still one batched copy per logging step
 

@@ -16,7 +16,9 @@ from argparse import ArgumentError
 from typing import Any
 from unittest import mock
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -36,10 +38,12 @@ REQUIRED: dict[type, dict[str, Any]] = {
 CLASSES = list(REQUIRED)
 
 
-def positive(name: str) -> list[tuple[str, Any, str]]:
-    """Bad values of a positive finite number ``name`` and their messages."""
-    bad = [0, 0.0, -1, -1.0, NAN, INF, -INF, True, False, "1", None, [1.0]]
-    return [(name, v, f"`{name}` must be a positive finite number, got {v!r}") for v in bad]
+def positive(name: str, none: bool = False) -> list[tuple[str, Any, str]]:
+    """Bad values of a positive finite number ``name`` (``None`` allowed if ``none``) and their messages;
+    a 0-dim tensor or a NumPy scalar is checked as the number it holds."""
+    bad = [0, 0.0, -1, -1.0, NAN, INF, -INF, True, False, "1", [1.0], torch.tensor(-1.0), torch.tensor(NAN),
+           torch.tensor([1.0]), torch.tensor(True), np.float64(0.0), np.int64(-2)] + ([] if none else [None])  # fmt: skip
+    return [(name, v, f"`{name}` must be a positive finite number{' or None' if none else ''}, got {v!r}") for v in bad]
 
 
 NORM_TYPE_BAD = [
@@ -67,9 +71,14 @@ TABLE = (
     + [(cls, *row) for cls in (ClipByNorm, ClipByGlobalNorm) for row in positive("max_norm")]
     + [(cls, *row) for cls in (ClipByNorm, ClipByGlobalNorm) for row in NORM_TYPE_BAD]
     + [(cls, *row) for cls in CLASSES for row in COMMON_BAD]
-    + [(cls, *row) for cls in (ClipByNorm, ClipByGlobalNorm) for row in positive("skip_above") if row[1] is not None]
+    + [(cls, *row) for cls in (ClipByNorm, ClipByGlobalNorm) for row in positive("skip_above", none=True)]
     + [
-        (cls, "skip_above", v, f"`skip_above` must be above `max_norm` (1.0): steps above it are skipped, those between are clipped; got {v!r}")
+        (cls, "max_consecutive_skips", v, f"`max_consecutive_skips` must be an integer in (0, inf) or None, got {v!r}")
+        for cls in CLASSES
+        for v in (0, -1, 1.5, True, "3", torch.tensor(0), np.int64(0), INF)
+    ]
+    + [
+        (cls, "skip_above", v, f"`skip_above` must be above `max_norm` (1.0): steps above it are skipped, those between are clipped; got {float(v)!r}")
         for cls in (ClipByNorm, ClipByGlobalNorm)
         for v in (0.5, 1.0, 1)
     ]
