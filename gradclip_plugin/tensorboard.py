@@ -14,7 +14,7 @@ from typing import Any
 
 from gradclip_plugin import names
 
-__all__ = ["CATEGORY", "describe", "write_callbacks", "write_layout"]
+__all__ = ["CATEGORY", "charts", "describe", "write_callbacks", "write_layout"]
 
 #: the title of the category the charts are grouped under in the Custom Scalars dashboard
 CATEGORY = "gradclip"
@@ -45,14 +45,38 @@ def describe(callback: Any) -> str:
     return f"{type(callback).__name__}({shown})"
 
 
+def charts(callback: Any, n: int) -> dict[str, tuple[str, list[str]]]:
+    """What ``callback`` logs with ``n`` optimizers, as ``{chart title: (kind, [metric names])}``.
+
+    TensorBoard gives every series of a chart its run's colour, so a chart holds one series of each
+    run: a clipping callback's post-clip norm is a line with the part clipped off as a band above it
+    (a Margin chart), which three lines of one colour could not tell apart; a monitor's total, and each
+    group's weight norm and update ratio, are one chart each.
+    """
+    key = callback._metric_key
+    if hasattr(callback, "clip_"):
+        out: dict[str, tuple[str, list[str]]] = {names.THRESHOLD: ("Multiline", []), names.CLIP_RATE: ("Multiline", [])}
+        for i in range(n):
+            norm, clipped = key(names.NORM, i, n), key(names.NORM_CLIPPED, i, n)
+            out[f"{norm[: -len(names.NORM) - 1]}: post-clip norm (line), and the part clipped off (band)"] = ("Margin", [clipped, clipped, norm])
+            out[names.THRESHOLD][1].append(key(names.THRESHOLD, i, n))
+            out[names.CLIP_RATE][1].append(key(names.CLIP_RATE, i, n))
+        return out
+    keys = [key(k, i, n) for i in range(n) for k in (names.TOTAL_MAX, names.TOTAL)]
+    for what, on in ((names.WEIGHT, callback.weight_norms), (names.UPDATE_RATIO, callback.update_ratio)):
+        for i, plan in enumerate(callback._plans.values() if on else []):  # made in optimizer order at fit start
+            keys += [key(f"{what}/{g}", i, n) for g in plan.group_names]
+    return {k: ("Multiline", [k]) for k in keys}
+
+
 def write_callbacks(writers: list[tuple[Any, str]], callbacks: list[Any], n_optimizers: int) -> None:
     """For each ``(SummaryWriter, tag prefix)`` of ``writers``: the layout of all ``callbacks`` (a title two
     of them share, ``clip_rate``, is one chart of both) and each callback's text."""
-    charts: dict[str, tuple[str, list[str]]] = {}
+    layout: dict[str, tuple[str, list[str]]] = {}
     for cb in callbacks:
-        for title, (kind, keys) in cb._charts(n_optimizers).items():
-            charts.setdefault(title, (kind, []))[1].extend(keys)
+        for title, (kind, keys) in charts(cb, n_optimizers).items():
+            layout.setdefault(title, (kind, []))[1].extend(keys)
     for writer, tag_prefix in writers:
-        write_layout(writer, charts, tag_prefix)
+        write_layout(writer, layout, tag_prefix)
         for cb in callbacks:
             writer.add_text(f"{tag_prefix}{cb._key_prefix}/{names.RULE}", describe(cb))

@@ -190,8 +190,8 @@ def _ratio(a: Value, b: Value) -> Value:
 class GradientCallback(*lightning.CALLBACK_BASES):  # type: ignore[misc]
     """What the clipping callbacks and :class:`GradientNormMonitor` share: selection, names, writing.
 
-    Subclasses fill :meth:`_pop_metrics` (the values to write at the end of a logging batch) and
-    :meth:`_charts` (what they log, for the TensorBoard layout).
+    Subclasses fill :meth:`_pop_metrics` (the values to write at the end of a logging batch);
+    :mod:`gradclip_plugin.tensorboard` charts what they log.
     """
 
     def __init__(
@@ -278,11 +278,6 @@ class GradientCallback(*lightning.CALLBACK_BASES):  # type: ignore[misc]
         """The values to log at the end of a logging batch (of optimizer ``idx`` only, if given), by
         metric name; forgets them."""
         raise NotImplementedError
-
-    def _charts(self, n_optimizers: int) -> dict[str, tuple[str, list[str]]]:
-        """What this callback logs, for the TensorBoard layout: ``{chart title: (kind, [metric names])}``
-        (see :func:`gradclip_plugin.tensorboard.write_layout`)."""
-        return {}
 
     def _written(self, values: dict[str, float]) -> None:
         """Called with the metrics once they are read (the first moment the host knows them)."""
@@ -700,19 +695,6 @@ class GradientClipCallback(GradientCallback):
         # a step skipped on the device (`found_inf`) is first known here, at the next logging step
         if self._on_device and any(v > 0 for k, v in values.items() if k.endswith(f"/{names.NONFINITE_STEPS}")):
             self._warn_nonfinite("skipping the optimizer step")
-
-    def _charts(self, n_optimizers: int) -> dict[str, tuple[str, list[str]]]:
-        # TensorBoard gives every series of a chart its run's colour: one line and a band tell apart
-        # what three lines of one colour could not
-        out: dict[str, tuple[str, list[str]]] = {"threshold": ("Multiline", []), "clip_rate": ("Multiline", [])}
-        for i in range(n_optimizers):
-            norm, clipped = (self._metric_key(k, i, n_optimizers) for k in (names.NORM, names.NORM_CLIPPED))
-            out[f"{norm[: -len('/norm')]}: post-clip norm (line), and the part clipped off (band)"] = (
-                "Margin", [clipped, clipped, norm]
-            )
-            out["threshold"][1].append(self._metric_key(names.THRESHOLD, i, n_optimizers))
-            out["clip_rate"][1].append(self._metric_key(names.CLIP_RATE, i, n_optimizers))
-        return out
 
     def state_dict(self) -> dict[str, Any]:
         # the counts at the last log too: the first rate logged after a resume in the middle of a

@@ -239,15 +239,6 @@ class GradientNormMonitor(GradientCallback):
         self._pending = {i: v for i, v in self._pending.items() if idx not in (None, i)}
         return out
 
-    def _charts(self, n_optimizers: int) -> dict[str, tuple[str, list[str]]]:
-        # one series a chart: TensorBoard colours by run, so a run's group norms in one chart would be
-        # lines of one colour; a chart of one series shows every run of the log directory apart
-        keys = [self._metric_key(k, i, n_optimizers) for i in range(n_optimizers) for k in (names.TOTAL_MAX, names.TOTAL)]
-        for what, on in ((names.WEIGHT, self.weight_norms), (names.UPDATE_RATIO, self.update_ratio)):
-            for i, plan in enumerate(self._plans.values() if on else []):  # made in optimizer order at fit start
-                keys += [self._metric_key(f"{what}/{g}", i, n_optimizers) for g in plan.group_names]
-        return {key: ("Multiline", [key]) for key in keys}
-
     def _histograms(self, writer: Any, tag_prefix: str, plan: Plan, idx: int, step: int) -> None:
         """A histogram of each group's gradient values (TensorBoard bins them on the host: histogram steps only)."""
         _, grads, positions = self._gradients(plan)
