@@ -11,16 +11,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdaptiveGradientClipping",
-    "AutoClip",
-    "ClipByGlobalNorm",
-    "ClipByNorm",
-    "ClipByValue",
-    "GradientClipCallback",
-    "GradientNormMonitor",
-    "ZClip",
-]
+__all__ = ["AdaptiveGradientClipping", "AutoClip", "ClipByGlobalNorm", "ClipByNorm", "ClipByValue",
+    "GradientClipCallback", "GradientNormMonitor", "ZClip"]
 
 
 def __getattr__(name: str) -> Any:

@@ -5,15 +5,5 @@ from gradclip_plugin.callbacks.base import ClipStats, GradientClipCallback, Step
 from gradclip_plugin.callbacks.clip import ClipByGlobalNorm, ClipByNorm, ClipByValue
 from gradclip_plugin.callbacks.monitor import GradientNormMonitor
 
-__all__ = [
-    "AdaptiveGradientClipping",
-    "AutoClip",
-    "ClipByGlobalNorm",
-    "ClipByNorm",
-    "ClipByValue",
-    "ClipStats",
-    "GradientClipCallback",
-    "GradientNormMonitor",
-    "Step",
-    "ZClip",
-]
+__all__ = ["AdaptiveGradientClipping", "AutoClip", "ClipByGlobalNorm", "ClipByNorm", "ClipByValue", "ClipStats",
+    "GradientClipCallback", "GradientNormMonitor", "Step", "ZClip"]

@@ -16,28 +16,11 @@ from torch import Tensor
 
 from gradclip_plugin import names
 from gradclip_plugin.callbacks import _lightning as lightning
-from gradclip_plugin.callbacks.base import (
-    ClipStats,
-    GradientClipCallback,
-    GroupDepth,
-    NonFinitePolicy,
-    NormType,
-    Step,
-    check_number,
-)
+from gradclip_plugin.callbacks.base import (ClipStats, GradientClipCallback, GroupDepth, NonFinitePolicy, NormType,
+    Step, check_number)
 from gradclip_plugin.functional import combine_norms, scale_, tensor_norms
-from gradclip_plugin.functional.adaptive import (
-    AutoClipState,
-    ZClipMode,
-    ZClipOption,
-    ZClipState,
-    agc_coefficients,
-    autoclip_update,
-    scale_units_,
-    threshold_coefficient,
-    unitwise_norms,
-    zclip_update,
-)
+from gradclip_plugin.functional.adaptive import (AutoClipState, ZClipMode, ZClipOption, ZClipState, agc_coefficients,
+    autoclip_update, scale_units_, threshold_coefficient, unitwise_norms, zclip_update)
 from gradclip_plugin.functional.distributed import has_dtensor
 from gradclip_plugin.functional.norms import check_norm_type
 
@@ -245,8 +228,8 @@ class AutoClip(_HistoryClip):
         group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
     ) -> None:
-        percentile = check_number("percentile", percentile, high=100.0, closed=True)
-        history_size = check_number("history_size", history_size, allow_none=True, integer=True)
+        percentile = check_number("percentile", percentile, valid=lambda v: 0 <= v <= 100, what="a number in [0, 100] (10 in the paper)")
+        history_size = check_number("history_size", history_size, allow_none=True, integer=True, what="a positive integer (keep every norm if None)")
         super().__init__(
             include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
             group_depth=group_depth, log_prefix=log_prefix,
@@ -341,10 +324,10 @@ class ZClip(_HistoryClip):
         group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
     ) -> None:
-        alpha = check_number("alpha", alpha, high=1.0)
+        alpha = check_number("alpha", alpha, valid=lambda v: 0 < v < 1, what="a number in (0, 1) (0.97 in the paper)")
         z_thresh, eps, clip_factor = (check_number(n, v) for n, v in (("z_thresh", z_thresh), ("eps", eps), ("clip_factor", clip_factor)))
         max_norm = check_number("max_norm", max_norm, allow_none=True)
-        warmup_steps = check_number("warmup_steps", warmup_steps, integer=True)
+        warmup_steps = check_number("warmup_steps", warmup_steps, integer=True, what="a positive integer")
         zclip_update(ZClipState(), math.nan, mode=mode, clip_option=clip_option)  # validates both
         if not isinstance(skip_update_on_spike, bool):
             raise ValueError(f"`skip_update_on_spike` must be True or False, got {skip_update_on_spike!r}")

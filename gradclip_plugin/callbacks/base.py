@@ -28,7 +28,7 @@ import operator
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Optional, Union
+from typing import Any, Callable, Literal, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -55,19 +55,16 @@ _GRAD = operator.attrgetter("grad")
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def check_number(name: str, value: Any, *, allow_none: bool = False, low: float = 0.0, high: float = math.inf,
-                 closed: bool = False, integer: bool = False) -> Any:  # fmt: skip
-    """``value`` as a Python number in ``(low, high)`` (``[low, high]`` if ``closed``; an ``int`` if
-    ``integer``), or ``ValueError`` naming ``name``. A NumPy scalar or a 0-dim tensor is read once, here."""
+def check_number(name: str, value: Any, *, allow_none: bool = False, integer: bool = False,
+                 valid: Callable[[float], bool] = lambda v: v > 0, what: str = "a positive finite number") -> Any:  # fmt: skip
+    """``value`` as a Python number (an ``int`` if ``integer``) for which ``valid`` holds, or ``ValueError``
+    naming ``name`` and saying ``what`` it must be. A NumPy scalar or a 0-dim tensor is read once, here."""
     if value is None and allow_none:
         return None
-    number = value.item() if getattr(value, "shape", None) == () and hasattr(value, "item") else value
-    ok = not isinstance(number, bool) and isinstance(number, int if integer else (int, float)) and math.isfinite(number)
-    if not (ok and (low <= number <= high if closed else low < number < high)):
-        what = f"{'an integer' if integer else 'a number'} in {'[' if closed else '('}{low:g}, {high:g}{']' if closed else ')'}"
-        what = "a positive finite number" if (low, high, closed, integer) == (0.0, math.inf, False, False) else what
+    number = value.item() if hasattr(value, "item") and getattr(value, "shape", None) == () else value
+    if isinstance(number, bool) or not isinstance(number, int if integer else (int, float)) or not (math.isfinite(number) and valid(number)):
         raise ValueError(f"`{name}` must be {what}{' or None' if allow_none else ''}, got {value!r}")
-    return int(number) if integer else float(number)
+    return number if integer else float(number)
 
 
 def check_patterns(name: str, patterns: Any) -> list[str]:
@@ -455,7 +452,7 @@ class GradientClipCallback(GradientCallback):
         if nonfinite not in ("skip", "error", "zero", "ignore"):
             raise ValueError(f"`nonfinite` must be one of ['skip', 'error', 'zero', 'ignore'], got {nonfinite!r}")
         self.nonfinite = nonfinite
-        self.max_consecutive_skips = check_number("max_consecutive_skips", max_consecutive_skips, allow_none=True, integer=True)
+        self.max_consecutive_skips = check_number("max_consecutive_skips", max_consecutive_skips, allow_none=True, integer=True, what="a positive integer")
         super().__init__(include=include, exclude=exclude, group_depth=group_depth, log_prefix=log_prefix)
 
     def _reset(self) -> None:

@@ -8,15 +8,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from gradclip_plugin.callbacks.base import (
-    ClipStats,
-    check_number,
-    GradientClipCallback,
-    GroupDepth,
-    NonFinitePolicy,
-    NormType,
-    Step,
-)
+from gradclip_plugin.callbacks.base import (ClipStats, check_number, GradientClipCallback, GroupDepth,
+    NonFinitePolicy, NormType, Step)
 from gradclip_plugin.functional import clip_by_value_, clip_coefficient, combine_norms, scale_
 from gradclip_plugin.functional.norms import check_norm_type
 

@@ -9,17 +9,8 @@ from torch import Tensor
 
 from gradclip_plugin import names
 from gradclip_plugin.callbacks import _lightning as lightning
-from gradclip_plugin.callbacks.base import (
-    EXACT_UNDER_SCALE,
-    GradientCallback,
-    GroupDepth,
-    NormType,
-    Plan,
-    Value,
-    check_group_depth,
-    _fmax,
-    read_metrics,
-)
+from gradclip_plugin.callbacks.base import (EXACT_UNDER_SCALE, GradientCallback, GroupDepth, NormType, Plan, Value,
+    check_group_depth, _fmax, read_metrics)
 from gradclip_plugin.functional import combine_norms, tensor_norms
 from gradclip_plugin.functional.norms import check_norm_type
 

@@ -47,11 +47,12 @@ def decide(
             can be left to the device, and nothing is read.
     """
     checks = not scaler and policy != "ignore"
-    if takes_flag and not read and policy in ("skip", "ignore") and (checks or skip_above is not None):
+    decides = checks or skip_above is not None  # else there is nothing to decide
+    if takes_flag and not read and policy in ("skip", "ignore") and decides:
         finite = torch.isfinite(norm)
         spike = finite & (norm > skip_above) if skip_above is not None else torch.zeros_like(finite)
         return Fate("device", None, ~finite, spike, (spike | ~finite if checks else spike).float())
-    if not (read or checks or skip_above is not None):
+    if not (read or decides):
         return Fate("run", None, ~torch.isfinite(norm), False)
     host = norm.item()  # the one read of a step
     finite = math.isfinite(host)

@@ -306,20 +306,9 @@ class ZClipState(NamedTuple):
     spikes: int = 0  #: steps detected as spikes so far
 
 
-def zclip_update(
-    state: ZClipState,
-    norm: float,
-    *,
-    alpha: float = 0.97,
-    z_thresh: float = 2.5,
-    max_norm: Optional[float] = 1.0,
-    eps: float = 1e-6,
-    warmup_steps: int = 25,
-    mode: ZClipMode = "zscore",
-    clip_option: ZClipOption = "adaptive_scaling",
-    clip_factor: float = 1.0,
-    skip_update_on_spike: bool = False,
-) -> tuple[ZClipState, float, float, bool]:
+def zclip_update(state: ZClipState, norm: float, *, alpha: float = 0.97, z_thresh: float = 2.5, max_norm: Optional[float] = 1.0,
+                 eps: float = 1e-6, warmup_steps: int = 25, mode: ZClipMode = "zscore", clip_option: ZClipOption = "adaptive_scaling",
+                 clip_factor: float = 1.0, skip_update_on_spike: bool = False) -> tuple[ZClipState, float, float, bool]:  # fmt: skip
     """One ZClip step: the threshold for this norm, its z-score, whether it is a spike, and the new state.
 
     The reference algorithm (``bluorion-com/ZClip``, ``ZClip.step``), in its own order of operations:

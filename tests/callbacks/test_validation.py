@@ -73,7 +73,7 @@ TABLE = (
     + [(cls, *row) for cls in CLASSES for row in COMMON_BAD]
     + [(cls, *row) for cls in (ClipByNorm, ClipByGlobalNorm) for row in positive("skip_above", none=True)]
     + [
-        (cls, "max_consecutive_skips", v, f"`max_consecutive_skips` must be an integer in (0, inf) or None, got {v!r}")
+        (cls, "max_consecutive_skips", v, f"`max_consecutive_skips` must be a positive integer or None, got {v!r}")
         for cls in CLASSES
         for v in (0, -1, 1.5, True, "3", torch.tensor(0), np.int64(0), INF)
     ]
