@@ -12,7 +12,9 @@ Sections (``--sections``, comma-separated; all by default):
               (``foreach=True``) on GPT-2-small-shaped gradients, float32 and bfloat16, with
               clipping firing and not firing. Target: ``clip_by_global_norm_`` <= 1.05x torch.
 ``monitor``   ``GradientNormMonitor`` on a logging step vs Lightning's ``grad_norm`` utility plus
-              the dict of floats a logger needs; both timed inside a real ``Trainer`` step.
+              the dict of floats a logger needs; both timed inside a real ``Trainer`` step. And a
+              training step (forward, backward, AdamW) with the monitor's per-step pass (a step that
+              does not log) vs the same step without it. Target (CUDA, GPT-2-small shapes): <= 1.01x.
 ``train``     a small transformer trained with Lightning: ``ClipByGlobalNorm`` +
               ``GradientNormMonitor`` logging every step vs ``Trainer(gradient_clip_val=...)``
               with no logging, and vs ``gradient_clip_val`` plus the ``grad_norm`` logging hook.
@@ -488,13 +490,14 @@ def section_monitor(args: argparse.Namespace, report: Report, timer: Timer, devi
 
     for label, make_model, make_loader in step_models(args):
         print(f"[monitor] {label}", flush=True)
+        batch = next(iter(make_loader()))  # for the training steps timed in the body
         run_in_step(args, device, functools.partial(_monitor_body, args, report, timer, device, label,
-                                                    GradientNormMonitor, grad_norm),
+                                                    GradientNormMonitor, grad_norm, batch),
                     logger=null_logger(), model=make_model(), loader=make_loader())
 
 
 def _monitor_body(args: argparse.Namespace, report: Report, timer: Timer, device: torch.device, label: str,
-                  GradientNormMonitor: Any, grad_norm: Callable,  # noqa: N803
+                  GradientNormMonitor: Any, grad_norm: Callable, batch: Any,  # noqa: N803
                   trainer: Any, pl_module: Any, optimizer: Any) -> None:
     step = trainer.fit_loop.epoch_loop._batches_that_stepped
 
@@ -523,9 +526,31 @@ def _monitor_body(args: argparse.Namespace, report: Report, timer: Timer, device
         a_ms, b_ms, r, lo, hi = paired(timer, lambda: hook(trainer, pl_module, optimizer), lightning_grad_norm,
                                        args.reps, args.warmup)
         report.add(Row("monitor", "GradientNormMonitor vs Lightning grad_norm + floats for the logger",
-                       f"{label}, monitor on a NON-logging step", a_ms, b_ms, r, lo, hi))
+                       f"{label}, NON-logging step (the monitor's per-step total-norm pass)", a_ms, b_ms, r, lo, hi,
+                       note="on a step that does not log, the monitor measures the total norm for "
+                            "`total_max` (one fused norm pass on the device, no host read) and writes nothing"))
         reads = host_reads(lambda: hook(trainer, pl_module, optimizer), device)
         report.notes.append(f"monitor/{label}: host reads in one GradientNormMonitor non-logging step: {reads}")
+        # The per-step pass against a whole training step of the module; a monitor that measures on
+        # logging steps only would cost ~0 on this step, so "without it" is the plain step.
+        batch = [t.to(device) for t in batch]
+        adamw = torch.optim.AdamW(pl_module.parameters(), lr=1e-6)
+
+        def train_step(monitored: bool) -> None:
+            adamw.zero_grad(set_to_none=True)
+            with torch.enable_grad():  # Lightning calls this hook inside optimizer.step (no_grad)
+                pl_module.training_step(batch, 0).backward()
+            if monitored:
+                hook(trainer, pl_module, optimizer)
+            adamw.step()
+
+        gpt2 = label.startswith("GPT-2")
+        report.add(Row("monitor", "training step with the monitor's per-step pass vs the step without it",
+                       f"{label}, NON-logging step, forward + backward + AdamW", *paired(
+                           timer, lambda: train_step(True), lambda: train_step(False), args.reps, args.warmup),
+                       target=args.target_monitor_step if device.type == "cuda" and gpt2 else None,
+                       note="this module's forward is a sum of squares (no matmuls): its step is the memory-bound "
+                            "part of a GPT-2-small step, so the ratio bounds that of a real one from above" if gpt2 else ""))
     finally:
         trainer.log_every_n_steps = saved_every
 
@@ -1007,6 +1032,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed pairs before them")
     p.add_argument("--target-ops", type=float, default=1.05, help="clip_by_global_norm_ / torch target")
     p.add_argument("--target-train", type=float, default=1.03, help="end-to-end target")
+    p.add_argument("--target-monitor-step", type=float, default=1.01,
+                   help="training step with the monitor's per-step pass / without it (GPT-2-small shapes; CUDA only)")
     p.add_argument("--max-norm", type=float, default=1.0, help="clipping threshold in the `train` section")
     p.add_argument("--train-rounds", type=int, default=7, help="rounds: one run of each variant, and one run of alternating steps, per round")
     p.add_argument("--train-steps", type=int, default=40, help="timed optimizer steps per run")
