@@ -206,8 +206,9 @@ def test_subprocess_with_config_every_trainer_gets_the_callbacks(tmp_path):
     assert "CALLBACKS ['GradientNormMonitor', 'ClipByGlobalNorm']" in result.stdout
     assert (
         "COLUMNS ['grad_clip/clip_rate', 'grad_clip/nonfinite_steps', 'grad_clip/norm', 'grad_clip/norm_clipped', "
-        "'grad_clip/threshold', 'grad_norm/encoder.bias', 'grad_norm/encoder.weight', 'grad_norm/head.bias', "
-        "'grad_norm/head.weight', 'grad_norm/nonfinite_steps', 'grad_norm/total']"
+        "'grad_clip/norm_max', 'grad_clip/threshold', 'grad_norm/encoder.bias', 'grad_norm/encoder.weight', "
+        "'grad_norm/head.bias', 'grad_norm/head.weight', 'grad_norm/nonfinite_steps', 'grad_norm/total', "
+        "'grad_norm/total_max']"
     ) in result.stdout
 
 

@@ -537,7 +537,8 @@ class GradientClipCallback(GradientCallback):
 
         Returns:
             ``{"grad_clip/norm": ..., "grad_clip/norm_clipped": ..., "grad_clip/clip_rate": ..., ...}``,
-            the names the callback logs in a Trainer (one optimizer's), ready for ``fabric.log_dict``.
+            the names and values the callback logs in a Trainer (one optimizer's; a value that is not
+            finite, such as the post-clip norm of a skipped step, is left out), ready for ``fabric.log_dict``.
         """
         optimizer, plan, idx, scaler = self._loop_step(module, optimizer, fabric)
         step = self._tallies[idx].steps if idx in self._tallies else 0
@@ -545,7 +546,7 @@ class GradientClipCallback(GradientCallback):
         self._clip_step(optimizer, plan, idx, scaler, metrics, step, device_ok=fabric is not None)
         if not metrics:
             return {}
-        values = read_metrics(self._pop_metrics(idx))
+        values = {k: v for k, v in read_metrics(self._pop_metrics(idx)).items() if math.isfinite(v)}  # as a Trainer writes them
         self._written(values)
         return values
 
