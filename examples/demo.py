@@ -10,7 +10,8 @@ sequences, on CPU, twice with the same seed and data:
    YAML through LightningCLI. Ordinary steps (norms 5 to 50) pass untouched; the spikes are cut to
    50, and the model learns.
 
-It writes TensorBoard logs to demo_logs/, prints a comparison and where to look.
+It writes TensorBoard logs to demo_logs/ (with gradclip report's figure of each run in the Images tab),
+prints a comparison and where to look.
 """
 
 from __future__ import annotations
@@ -71,7 +72,24 @@ def train(run: str, extra: list[str]):
     cli = example.main(args)
     seconds = time.perf_counter() - start
     (metrics,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    add_report_figure(cli.trainer)
     return cli, metrics["val_loss"], seconds
+
+
+def add_report_figure(trainer) -> None:
+    """gradclip report's figure of the run in TensorBoard's Images tab, unless the callbacks wrote it at the end
+    of the fit: on a log axis it shows the spike that the linear charts (outliers ignored) run off the top of."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gradclip_plugin.tensorboard import write_figure
+
+    writer = trainer.logger.experiment
+    writer.flush()
+    events = EventAccumulator(writer.get_logdir())
+    events.Reload()
+    if "gradclip/report" not in events.Tags()["images"]:
+        write_figure(writer, trainer.global_step)
+        writer.flush()
 
 
 def tool(name: str) -> str:
@@ -135,13 +153,16 @@ def main() -> int:
     logdir = LOGDIR.relative_to(ROOT)
     print(f"\nBoth runs took {time.perf_counter() - total:.0f} s. TensorBoard logs are in {logdir}/. To look:")
     print(f"  {tool('tensorboard')} --logdir {logdir}        # then open http://localhost:6006")
-    print("  - CUSTOM SCALARS tab (category gradclip), with 'Ignore outliers in chart scaling' unticked and")
-    print("    the log-scale button under a chart pressed:")
-    print("      grad_norm/total     both runs' gradient norm before clipping: without clipping it leaps to 1e5 at")
-    print("                          step 2 and the wrecked model's gradients fade; with clipping it stays at 5-50")
-    print("      grad_clip: post-clip norm (line), and the part clipped off (band): what the optimizer received")
-    print("      clip_rate, threshold: the share of steps clipped since the last log, and max_norm")
-    print("  - SCALARS tab: train_loss and val_loss of both runs (log scale again: the spike dwarfs the rest)")
+    print("  - IMAGES tab, gradclip/report: each run's gradient norm on a log axis. Without clipping it leaps to")
+    print("    1e5 at step 2 (marked 'broke down') and the wrecked model's gradients fade; with clipping every")
+    print("    norm above max_norm=50 (dashed) is cut back to it (blue: the part clipped off). Click a figure to enlarge.")
+    print("  - CUSTOM SCALARS tab (category gradclip), both runs on one axis:")
+    print("      grad_norm/total     the norm before clipping: without clipping it runs off the top at step 2, then")
+    print("                          lies near 0; with clipping it stays at 5-50 (the spikes run off the top)")
+    print("      grad_clip: pre-clip norm and threshold      the clipped run's norm crossing max_norm=50")
+    print("      grad_clip: what the optimizer received ...  the same norm cut at 50")
+    print("      clip_rate           the share of the steps clipped since the last log (0 or 1 here: every step is logged)")
+    print("  - SCALARS tab: train_loss and val_loss of both runs")
     print("Norm percentiles, clip rate, advice on the threshold and a plot of each run:")
     print(f"  {tool('gradclip')} report {logdir}")
     return 0

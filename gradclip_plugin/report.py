@@ -26,7 +26,7 @@ import numpy as np
 
 from gradclip_plugin import names as N
 
-__all__ = ["NormSummary", "advise", "find_runs", "load_scalars", "main", "plot", "suggest_max_norm", "summarize"]
+__all__ = ["NormSummary", "advise", "figure", "find_runs", "load_scalars", "main", "plot", "suggest_max_norm", "summarize"]
 
 PathLike = Union[str, Path]
 Series = tuple[np.ndarray, np.ndarray]  # (steps, values)
@@ -285,41 +285,64 @@ def _interval_weighted_mean(steps: np.ndarray, rates: np.ndarray) -> float:
     return float(np.sum(rates[ok] * weights[ok]) / np.sum(weights[ok])) if ok.any() else float("nan")
 
 
-def plot(summaries: list[NormSummary], path: PathLike, title: str = "") -> Path:
-    """Write a PNG of each summary's norm, norm_clipped and threshold over steps (log scale). The post-clip
-    norm is a wide pale band: hidden under the threshold where the step was clipped, under the norm if not."""
+def figure(summaries: list[NormSummary], title: str = "") -> Any:
+    """A matplotlib ``Figure`` with one chart per summary, on a log axis: the pre-clip norm (the largest since the
+    previous log, ``norm_max``, and the logged step's), the threshold, what clipping cut off, the skipped and
+    non-finite steps, and where the run broke down (:func:`breakdown`). Drawn off pyplot: no backend is changed."""
     import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with matplotlib.rc_context({"font.size": 9}):  # legible at the 350 pixels of TensorBoard's image card
+        fig = Figure(figsize=(5, 4.2 * len(summaries)), layout="constrained")
+        axes = fig.subplots(len(summaries), 1, squeeze=False)[:, 0]
+        for ax, s in zip(axes, summaries):
+            _draw(ax, s)
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8, frameon=False)
+        fig.suptitle(title, fontsize=9)
+    return fig
 
-    fig, axes = plt.subplots(len(summaries), 1, figsize=(12, 4.2 * len(summaries)), squeeze=False, sharex=True)
-    for ax, s in zip(axes[:, 0], summaries):
-        if s.norm_clipped is not None:
-            ax.plot(s.steps, s.norm_clipped, color="tab:blue", lw=5, alpha=0.35, solid_capstyle="butt",
-                    label="post-clip norm\n(under the threshold\nwhere clipped)")  # fmt: skip
-        label = "pre-clip norm" if s.kind == "clip" else f"{s.prefix}/total"
-        ax.plot(s.steps, s.norm, color="tab:red", lw=1.2, marker="o", ms=2.5, label=label)
-        if s.thresholds is not None:
-            ax.plot(s.steps, s.thresholds, color="black", lw=1.4, ls="--", label="threshold")
-        if s.suggestion is not None:
-            ax.axhline(s.suggestion, color="tab:green", lw=1.4, ls=":", label=f"suggested {s.parameter} {s.suggestion:g}")
-        bad = ~np.isfinite(s.norm)
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], bad, [0]])))  # where each stretch of them starts, ends
-        for k, (first, end) in enumerate(edges.reshape(-1, 2)):  # one shaded span per stretch of non-finite logged steps
-            ax.axvspan(s.steps[first] - 0.5, s.steps[end - 1] + 0.5, color="tab:orange", alpha=0.3, lw=0,
-                       label=None if k else f"non-finite norm\n({bad.sum()} logged steps)")  # fmt: skip
-        if np.all(s.norm[~bad] > 0) and not bad.all():
-            ax.set_yscale("log")
-        ax.set_ylabel("largest |gradient entry|" if s.rule == "ClipByValue" else "gradient norm")
-        ax.set_title(s.prefix + (f" ({s.rule})" if s.rule else ""), loc="left", fontsize=11)
-        ax.grid(True, which="both", alpha=0.25)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
-    axes[-1, 0].set_xlabel("step")
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+def _draw(ax: Any, s: NormSummary) -> None:
+    """``s``'s series on ``ax`` (see :func:`figure`)."""
+    what = "pre-clip norm" if s.kind == "clip" else f"{s.prefix}/{N.TOTAL}"
+    ax.plot(s.steps, s.peaks, color="tab:red", lw=0.8, marker="o", ms=1.5, label=f"{what} (largest\nsince the previous log)")
+    if np.any(s.peaks > s.norm):
+        ax.plot(s.steps, s.norm, ".", color="darkred", ms=2, label=f"{what}\n(at the logged step)")
+    if s.thresholds is not None:
+        ax.plot(s.steps, s.thresholds, color="black", lw=1.4, ls="--", label="threshold")
+    if s.norm_clipped is not None:
+        cut, skip = s.norm_clipped < s.norm * (1 - 1e-6), np.isfinite(s.norm) & np.isnan(s.norm_clipped)
+        ax.vlines(s.steps[cut], s.norm_clipped[cut], s.norm[cut], color="tab:blue", lw=2, alpha=0.6, zorder=3,
+                  label="clipped off" if cut.any() else None)  # fmt: skip
+        ax.plot(s.steps[skip], s.norm[skip], "X", color="tab:purple", ms=8,
+                label=f"skipped ({skip.sum()} logged steps)" if skip.any() else None)  # fmt: skip
+    if s.suggestion is not None:
+        ax.axhline(s.suggestion, color="tab:green", lw=1.4, ls=":", label=f"suggested {s.parameter} {s.suggestion:g}")
+    bad = ~np.isfinite(s.norm)
+    _shade(ax, s.steps, bad)
+    stop, broke = breakdown(s.norm, s.peaks, s.guarded, s.steps)
+    if broke:
+        ax.axvline(s.steps[stop], color="tab:pink", lw=6, alpha=0.5, label=textwrap.fill(f"broke down: {broke}", 34))
+    if np.all(s.norm[~bad] > 0) and not bad.all():
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("largest |gradient entry|" if s.rule == "ClipByValue" else "gradient norm")
+    rate = "" if s.clip_rate is None else f": clipped {s.clip_rate:.0%} of the steps"
+    ax.set_title(f"{s.prefix} ({s.rule or ('monitor, nothing clipped' if s.kind == 'monitor' else 'clipping')}){rate}", loc="left")
+    ax.grid(True, which="both", alpha=0.25)
+
+
+def _shade(ax: Any, steps: np.ndarray, bad: np.ndarray) -> None:
+    """One shaded span on ``ax`` per stretch of ``bad`` (non-finite) logged steps."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], bad, [0]])))  # where each stretch of them starts, ends
+    for k, (first, end) in enumerate(edges.reshape(-1, 2)):
+        ax.axvspan(steps[first] - 0.5, steps[end - 1] + 0.5, color="tab:orange", alpha=0.3, lw=0,
+                   label=None if k else f"non-finite norm\n({bad.sum()} logged steps)")  # fmt: skip
+
+
+def plot(summaries: list[NormSummary], path: PathLike, title: str = "") -> Path:
+    """Write :func:`figure` of ``summaries`` as a PNG at ``path``; return ``path``."""
+    figure(summaries, title).savefig(path, dpi=220)
     return Path(path)
 
 

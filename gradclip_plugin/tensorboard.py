@@ -1,23 +1,30 @@
-"""What the gradclip callbacks show in TensorBoard: the Custom Scalars layout and each callback's text.
+"""What the gradclip callbacks show in TensorBoard: the Custom Scalars layout, each callback's text, the report's figure.
 
 The layout (``SummaryWriter.add_custom_scalars``) is written once per run from what each callback says
-it logs (its ``_charts``): for a clipping callback, the post-clip norm as a line and the part clipping
-cut off as a band above it, every threshold and every clip rate. The Text tab gets each callback's class
-with its arguments, at ``<prefix>/callback`` (which ``gradclip report`` reads to name the rule).
+it logs: for a clipping callback, the pre-clip norm with the threshold in one chart, and what the
+optimizer received as a line with the part clipping cut off as a band above it; the clip rates; each
+monitor's total norm. The Text tab gets each callback's class with its arguments, at
+``<prefix>/callback`` (which ``gradclip report`` reads to name the rule). The Images tab gets
+``gradclip report``'s figure at ``gradclip/report`` (:func:`write_figure`): on a log axis it shows the
+spikes that a linear chart with outliers ignored cannot. :func:`write_fabric` writes all three from a
+Fabric loop.
 """
 
 from __future__ import annotations
 
 import inspect
 import re
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 from gradclip_plugin import names
 
-__all__ = ["CATEGORY", "charts", "describe", "write_callbacks", "write_layout"]
+__all__ = ["CATEGORY", "NO_MATPLOTLIB", "charts", "describe", "write_callbacks", "write_fabric", "write_figure", "write_layout"]
 
 #: the title of the category the charts are grouped under in the Custom Scalars dashboard
 CATEGORY = "gradclip"
+#: the warning for a figure asked for without matplotlib (:func:`write_figure` returned ``False``)
+NO_MATPLOTLIB = 'gradclip: TensorBoard\'s Images tab gets no report figure without matplotlib: pip install "gradclip_plugin[report]"'
 
 
 def write_layout(writer: Any, charts: dict[str, tuple[str, list[str]]], tag_prefix: str = "") -> None:
@@ -48,25 +55,28 @@ def describe(callback: Any) -> str:
 def charts(callback: Any, n: int) -> dict[str, tuple[str, list[str]]]:
     """What ``callback`` logs with ``n`` optimizers, as ``{chart title: (kind, [metric names])}``.
 
-    TensorBoard gives every series of a chart its run's colour, so a chart holds one series of each
-    run: a clipping callback's post-clip norm is a line with the part clipped off as a band above it
-    (a Margin chart), which three lines of one colour could not tell apart; a monitor's total, and each
-    group's weight norm and update ratio, are one chart each.
+    TensorBoard gives every series of a chart its run's colour (and each a marker of its own), and by
+    default scales the y axis to the 5th-95th percentiles of the smoothed values: a chart draws the
+    steady level, and a spike leaves through its top. So a clipping callback's pre-clip norm (the
+    largest since the last log, ``norm_max``, and the last) shares a chart with its threshold, where
+    clipping shows as the norm crossing it; what the optimizer received is a line with the part
+    clipped off as a band above it (a Margin chart); a monitor's total norm (largest and last) and
+    each group's weight norm and update ratio are one chart each, where runs compare.
     """
     key = callback._metric_key
     if hasattr(callback, "clip_"):
-        out: dict[str, tuple[str, list[str]]] = {names.THRESHOLD: ("Multiline", []), names.CLIP_RATE: ("Multiline", [])}
+        out: dict[str, tuple[str, list[str]]] = {}
         for i in range(n):
-            norm, clipped = key(names.NORM, i, n), key(names.NORM_CLIPPED, i, n)
-            out[f"{norm[: -len(names.NORM) - 1]}: post-clip norm (line), and the part clipped off (band)"] = ("Margin", [clipped, clipped, norm])
-            out[names.THRESHOLD][1].append(key(names.THRESHOLD, i, n))
-            out[names.CLIP_RATE][1].append(key(names.CLIP_RATE, i, n))
-        return out
-    keys = [key(k, i, n) for i in range(n) for k in (names.TOTAL_MAX, names.TOTAL)]
+            peak, norm, threshold, clipped = (key(k, i, n) for k in (names.NORM_MAX, names.NORM, names.THRESHOLD, names.NORM_CLIPPED))
+            prefix = norm[: -len(names.NORM) - 1]
+            out[f"{prefix}: pre-clip norm and threshold"] = ("Multiline", [peak, norm, threshold])
+            out[f"{prefix}: what the optimizer received (line), the part clipped off (band)"] = ("Margin", [clipped, clipped, norm])
+        return out | {names.CLIP_RATE: ("Multiline", [key(names.CLIP_RATE, i, n) for i in range(n)])}
+    out = {key(names.TOTAL, i, n): ("Multiline", [key(names.TOTAL_MAX, i, n), key(names.TOTAL, i, n)]) for i in range(n)}
     for what, on in ((names.WEIGHT, callback.weight_norms), (names.UPDATE_RATIO, callback.update_ratio)):
         for i, plan in enumerate(callback._plans.values() if on else []):  # made in optimizer order at fit start
-            keys += [key(f"{what}/{g}", i, n) for g in plan.group_names]
-    return {k: ("Multiline", [k]) for k in keys}
+            out |= {k: ("Multiline", [k]) for k in (key(f"{what}/{g}", i, n) for g in plan.group_names)}
+    return out
 
 
 def write_callbacks(writers: list[tuple[Any, str]], callbacks: list[Any], n_optimizers: int) -> None:
@@ -80,3 +90,48 @@ def write_callbacks(writers: list[tuple[Any, str]], callbacks: list[Any], n_opti
         write_layout(writer, layout, tag_prefix)
         for cb in callbacks:
             writer.add_text(f"{tag_prefix}{cb._key_prefix}/{names.RULE}", describe(cb))
+
+
+def write_figure(writer: Any, step: int, tag_prefix: str = "") -> bool:
+    """Write ``gradclip report``'s figure of the run ``writer`` writes (its event files so far) to the Images
+    tab, at ``<tag_prefix>gradclip/report`` and ``step``; nothing if the run has no gradient norms yet.
+
+    Args:
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` (``TensorBoardLogger.experiment``).
+        step: the global step the figure is shown at (the Images tab has a slider over them).
+        tag_prefix: what the logger puts before each metric name (``TensorBoardLogger(prefix=...)``).
+
+    Returns:
+        ``False`` (and nothing written) without matplotlib: warn with :data:`NO_MATPLOTLIB`.
+    """
+    try:
+        import matplotlib  # noqa: F401  (the figure's; its absence is reported, not raised)
+    except ImportError:
+        return False
+    from gradclip_plugin.report import figure, summarize
+
+    writer.flush()  # the scalars written so far, into the event files read here
+    run = Path(writer.get_logdir())
+    summaries = summarize(run)
+    if summaries:
+        writer.add_figure(f"{tag_prefix}gradclip/report", figure(summaries, f"run {run.name}, step {step}"), global_step=step)
+    return True
+
+
+def write_fabric(fabric: Any, *callbacks: Any, step: Optional[int] = None) -> bool:
+    """What a Trainer's callbacks write to TensorBoard, from a Fabric loop: to each TensorBoard logger of
+    ``fabric.loggers`` (on rank zero), the Custom Scalars layout of ``callbacks`` and each one's text
+    (:func:`write_callbacks`, one optimizer each) and, with ``step``, the report's figure (:func:`write_figure`).
+
+    Call it after the loop's first optimizer step (a monitor names its groups then) and again, with
+    ``step``, at its end (or every N steps)::
+
+        gradclip_plugin.tensorboard.write_fabric(fabric, clip, monitor, step=step)
+
+    Returns:
+        ``False`` if the figure was asked for and matplotlib is missing (warn with :data:`NO_MATPLOTLIB`).
+    """
+    loggers = [lg for lg in fabric.loggers if fabric.is_global_zero and hasattr(lg.experiment, "add_custom_scalars")]
+    writers = [(lg.experiment, f"{lg._prefix}{lg.LOGGER_JOIN_CHAR}" if getattr(lg, "_prefix", "") else "") for lg in loggers]
+    write_callbacks(writers, list(callbacks), 1)
+    return all([write_figure(w, step, prefix) for w, prefix in writers if step is not None])

@@ -1,9 +1,13 @@
-"""The custom-scalars layout: its charts, written once, and every chart's tags present in the run."""
+"""What TensorBoard shows: the custom-scalars layout (its charts, written once, every chart's tags present in the
+run), each callback's text, the report's figure in the Images tab, and all of them from a Fabric loop."""
 
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import TinyModel, TwoOptimizerModel, make_loader, make_trainer
@@ -13,7 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from gradclip_plugin.callbacks import ClipByGlobalNorm, ClipByValue
 from gradclip_plugin.callbacks.monitor import GradientNormMonitor
-from gradclip_plugin.tensorboard import CATEGORY
+from gradclip_plugin.tensorboard import CATEGORY, NO_MATPLOTLIB, write_fabric, write_figure
 
 
 def read_layout(path) -> dict:
@@ -59,20 +63,22 @@ def assert_every_chart_has_its_tags(charts: dict, tags: list[str]) -> None:
             assert found, f"chart {title!r}: {name!r} matches none of {tags}"
 
 
-CLIP = "post-clip norm (line), and the part clipped off (band)"
+CLIP = "what the optimizer received (line), the part clipped off (band)"
+NORM = "pre-clip norm and threshold"
 
 
 def test_layout_shows_the_post_clip_norm_and_the_part_clipped_off(tmp_path):
     _, logger = fit(tmp_path, [GradientNormMonitor(), ClipByGlobalNorm(1.0)])
     charts = read_layout(logger.log_dir)[CATEGORY]
+    # with outliers ignored a spike leaves through a chart's top: the norm is clipped where it crosses the
+    # threshold drawn beside it, the largest of the interval (norm_max) first
+    assert charts[f"grad_clip: {NORM}"] == ["Multiline", ["^grad_clip/norm_max$", "^grad_clip/norm$", "^grad_clip/threshold$"]]
     # TensorBoard colours every series of a chart by run: a line (what the optimizer got) and a band up to
     # the pre-clip norm (what clipping removed) are told apart where three lines of one colour are not
     assert charts[f"grad_clip: {CLIP}"] == ["Margin", ["grad_clip/norm_clipped", "grad_clip/norm_clipped", "grad_clip/norm"]]
-    assert charts["threshold"] == ["Multiline", ["^grad_clip/threshold$"]]
     assert charts["clip_rate"] == ["Multiline", ["^grad_clip/clip_rate$"]]
-    assert charts["grad_norm/total"] == ["Multiline", ["^grad_norm/total$"]]
-    assert charts["grad_norm/total_max"] == ["Multiline", ["^grad_norm/total_max$"]]
-    assert len(charts) == 5
+    assert charts["grad_norm/total"] == ["Multiline", ["^grad_norm/total_max$", "^grad_norm/total$"]]
+    assert list(charts) == ["grad_norm/total", f"grad_clip: {NORM}", f"grad_clip: {CLIP}", "clip_rate"]  # callbacks' order
     assert_every_chart_has_its_tags(charts, scalar_tags(logger.log_dir))
 
 
@@ -81,6 +87,7 @@ def test_layout_for_two_optimizers(tmp_path):
     charts = read_layout(logger.log_dir)[CATEGORY]
     for i in (0, 1):
         assert charts[f"grad_clip/opt{i}: {CLIP}"][1][2] == f"grad_clip/opt{i}/norm"
+        assert charts[f"grad_clip/opt{i}: {NORM}"][1][2] == f"^grad_clip/opt{i}/threshold$"
         assert f"grad_norm/opt{i}/total" in charts
     assert_every_chart_has_its_tags(charts, scalar_tags(logger.log_dir))
 
@@ -92,7 +99,7 @@ def test_layout_charts_weight_norms_and_update_ratios_per_group(tmp_path):
     for what in ("weight", "update_ratio"):
         for group in ("encoder", "head"):
             assert charts[f"grad_norm/{what}/{group}"] == ["Multiline", [f"^grad_norm/{what}/{group}$"]]
-    assert len(charts) == 6
+    assert len(charts) == 5  # and the total's
     assert_every_chart_has_its_tags(charts, scalar_tags(logger.log_dir))
     _, logger = fit(tmp_path / "two", [GradientNormMonitor(update_ratio=True)], model=TwoOptimizerModel())
     charts = read_layout(logger.log_dir)[CATEGORY]
@@ -105,8 +112,10 @@ def test_layout_charts_weight_norms_and_update_ratios_per_group(tmp_path):
 def test_layout_for_two_clipping_callbacks_sharing_a_prefix(tmp_path):
     _, logger = fit(tmp_path, [ClipByValue(5.0), ClipByGlobalNorm(1.0), GradientNormMonitor()])
     charts = read_layout(logger.log_dir)[CATEGORY]
-    assert f"grad_clip/ClipByValue: {CLIP}" in charts and f"grad_clip/ClipByGlobalNorm: {CLIP}" in charts
-    assert len(charts["clip_rate"][1]) == len(charts["threshold"][1]) == 2
+    for rule in ("ClipByValue", "ClipByGlobalNorm"):
+        assert f"grad_clip/{rule}: {CLIP}" in charts
+        assert charts[f"grad_clip/{rule}: {NORM}"][1][2] == f"^grad_clip/{rule}/threshold$"
+    assert len(charts["clip_rate"][1]) == 2
     assert_every_chart_has_its_tags(charts, scalar_tags(logger.log_dir))
 
 
@@ -136,7 +145,7 @@ def test_written_once_for_all_callbacks(tmp_path, monkeypatch):
     monkeypatch.setattr(SummaryWriter, "add_custom_scalars", lambda self, lay: calls.append(lay) or original(self, lay))
     _, logger = fit(tmp_path, [GradientNormMonitor(), ClipByGlobalNorm(1.0), GradientNormMonitor(log_prefix="post")])
     assert len(calls) == 1
-    assert set(calls[0][CATEGORY]) == {"grad_norm/total", "grad_norm/total_max", f"grad_clip: {CLIP}", "threshold", "clip_rate", "post/total", "post/total_max"}
+    assert set(calls[0][CATEGORY]) == {"grad_norm/total", f"grad_clip: {NORM}", f"grad_clip: {CLIP}", "clip_rate", "post/total"}
     assert read_layout(logger.log_dir) == calls[0]
 
 
@@ -178,4 +187,69 @@ def test_each_clipping_callback_says_what_it_is_for_the_report(tmp_path):
 
 def test_clipping_callback_alone_writes_the_layout(tmp_path):
     _, logger = fit(tmp_path, [ClipByGlobalNorm(1.0)])
-    assert set(read_layout(logger.log_dir)[CATEGORY]) == {f"grad_clip: {CLIP}", "threshold", "clip_rate"}
+    assert set(read_layout(logger.log_dir)[CATEGORY]) == {f"grad_clip: {NORM}", f"grad_clip: {CLIP}", "clip_rate"}
+
+
+def tags(log_dir, kind: str) -> list[str]:
+    acc = EventAccumulator(str(log_dir), size_guidance={kind: 0})
+    acc.Reload()
+    return acc.Tags()[kind]
+
+
+@pytest.mark.parametrize("prefix", ["", "train"])
+def test_the_report_figure_goes_to_the_images_tab(tmp_path, prefix):
+    trainer, logger = fit(tmp_path, [GradientNormMonitor(), ClipByGlobalNorm(1.0)], logger=TensorBoardLogger(tmp_path, prefix=prefix))
+    tag_prefix = f"{prefix}-" if prefix else ""
+    assert write_figure(logger.experiment, trainer.global_step, tag_prefix)  # the scalars still unflushed: it flushes
+    logger.experiment.flush()
+    assert f"{tag_prefix}gradclip/report" in tags(logger.log_dir, "images")
+
+
+def test_the_figure_shows_norm_max_the_threshold_the_part_clipped_off_and_where_a_run_broke_down():
+    from gradclip_plugin.report import NormSummary, figure
+
+    steps, norm = np.arange(6), np.array([1.0, 2.0, 3.0e4, np.nan, 2.0, 2.0])
+    s = NormSummary(Path("run"), "grad_clip", "clip", steps, norm, "ClipByGlobalNorm", norm_clipped=np.fmin(norm, 5.0),
+                    thresholds=np.full(6, 5.0), peaks=np.fmax(norm, [1, 9, 3e4, np.nan, 2, 2]), guarded=np.zeros(6, bool))
+    s.norm_clipped[4] = np.nan  # a skipped step: its norm written, no post-clip norm
+    (ax,) = figure([s], "run").axes
+    labels = ax.get_legend_handles_labels()[1]
+    assert ax.get_yscale() == "log"
+    for label in ("largest\nsince the previous log", "at the logged step", "threshold", "clipped off", "skipped (1 logged steps)",
+                  "non-finite norm\n(1 logged steps)", "broke down: a norm of 3e+04"):  # fmt: skip
+        assert any(label in text.replace("\n", " ") or label in text for text in labels), (label, labels)
+
+
+def test_without_matplotlib_no_figure_and_false(tmp_path, monkeypatch):
+    trainer, logger = fit(tmp_path, [ClipByGlobalNorm(1.0)])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    assert write_figure(logger.experiment, 2) is False
+    logger.experiment.flush()
+    assert tags(logger.log_dir, "images") == []
+    assert 'pip install "gradclip_plugin[report]"' in NO_MATPLOTLIB
+
+
+def test_fabric_gets_the_layout_the_rule_text_and_the_figure(tmp_path):
+    from lightning.fabric import Fabric
+    from lightning.fabric.loggers import CSVLogger as FabricCSV, TensorBoardLogger as FabricTB
+
+    from gradclip_plugin.report import summarize
+
+    tb = FabricTB(tmp_path, name="run", version=0, prefix="fab")
+    fabric = Fabric(accelerator="cpu", devices=1, loggers=[FabricCSV(tmp_path), tb])
+    model = TinyModel()
+    model, opt = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.01))
+    monitor, clip = GradientNormMonitor(group_depth=1), ClipByGlobalNorm(1.0)
+    for step, (x, y) in enumerate(make_loader()):
+        fabric.backward(torch.nn.functional.mse_loss(model(x), y))
+        fabric.log_dict(monitor.gradient_norms(model, opt) | clip.clip_gradients(model, opt, fabric=fabric), step=step)
+        opt.step()
+        opt.zero_grad()
+    assert write_fabric(fabric, monitor, clip, step=step)
+    charts = read_layout(tb.log_dir)[CATEGORY]
+    assert charts[f"grad_clip: {NORM}"][1] == ["^fab\\-grad_clip/norm_max$", "^fab\\-grad_clip/norm$", "^fab\\-grad_clip/threshold$"]
+    assert charts["grad_norm/total"][1] == ["^fab\\-grad_norm/total_max$", "^fab\\-grad_norm/total$"]
+    assert_every_chart_has_its_tags(charts, scalar_tags(tb.log_dir))
+    assert "fab-gradclip/report" in tags(tb.log_dir, "images")
+    (s,) = summarize(tb.log_dir)  # the Text tab names the rule
+    assert (s.prefix, s.rule, s.args["max_norm"]) == ("fab-grad_clip", "ClipByGlobalNorm", 1.0)
