@@ -72,24 +72,7 @@ def train(run: str, extra: list[str]):
     cli = example.main(args)
     seconds = time.perf_counter() - start
     (metrics,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
-    add_report_figure(cli.trainer)
     return cli, metrics["val_loss"], seconds
-
-
-def add_report_figure(trainer) -> None:
-    """gradclip report's figure of the run in TensorBoard's Images tab, unless the callbacks wrote it at the end
-    of the fit: on a log axis it shows the spike that the linear charts (outliers ignored) run off the top of."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from gradclip_plugin.tensorboard import write_figure
-
-    writer = trainer.logger.experiment
-    writer.flush()
-    events = EventAccumulator(writer.get_logdir())
-    events.Reload()
-    if "gradclip/report" not in events.Tags()["images"]:
-        write_figure(writer, trainer.global_step)
-        writer.flush()
 
 
 def tool(name: str) -> str:

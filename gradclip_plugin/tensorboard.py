@@ -115,6 +115,7 @@ def write_figure(writer: Any, step: int, tag_prefix: str = "") -> bool:
     summaries = summarize(run)
     if summaries:
         writer.add_figure(f"{tag_prefix}gradclip/report", figure(summaries, f"run {run.name}, step {step}"), global_step=step)
+        writer.flush()  # on disk now: TensorBoard and `gradclip report` see it without waiting for the writer's timer
     return True
 
 

@@ -179,9 +179,10 @@ def test_each_clipping_callback_says_what_it_is_for_the_report(tmp_path):
     texts = {t: acc.Tensors(t)[0].tensor_proto.string_val[0].decode() for t in acc.Tags()["tensors"] if "callback" in t}
     assert texts == {  # the class with its arguments, as the Text tab shows them
         "grad_clip/ClipByValue/callback/text_summary": "ClipByValue(clip_value=5.0, include=[], exclude=[], "
-        "nonfinite='skip', max_consecutive_skips=100, group_depth=None, log_prefix='grad_clip')",
+        "nonfinite='skip', max_consecutive_skips=100, group_depth=None, log_prefix='grad_clip', report_every_n_steps=None)",
         "grad_clip/ClipByGlobalNorm/callback/text_summary": "ClipByGlobalNorm(max_norm=1.0, norm_type=2.0, include=[], "
-        "exclude=[], nonfinite='skip', skip_above=None, max_consecutive_skips=100, group_depth=None, log_prefix='grad_clip')",
+        "exclude=[], nonfinite='skip', skip_above=None, max_consecutive_skips=100, group_depth=None, log_prefix='grad_clip', "
+        "report_every_n_steps=None)",
     }
 
 
@@ -205,6 +206,15 @@ def test_the_report_figure_goes_to_the_images_tab(tmp_path, prefix):
     assert f"{tag_prefix}gradclip/report" in tags(logger.log_dir, "images")
 
 
+def test_the_callbacks_write_the_figure_at_the_end_of_a_fit_and_every_report_every_n_steps(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    trainer = make_trainer(tmp_path, [GradientNormMonitor(report_every_n_steps=2), ClipByGlobalNorm(1.0)], logger=logger, max_steps=5)
+    trainer.fit(TinyModel(), make_loader())
+    acc = EventAccumulator(str(logger.log_dir), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("gradclip/report")] == [2, 4, 5]  # every 2 steps, and at the end of the fit
+
+
 def test_the_figure_shows_norm_max_the_threshold_the_part_clipped_off_and_where_a_run_broke_down():
     from gradclip_plugin.report import NormSummary, figure
 
@@ -220,13 +230,13 @@ def test_the_figure_shows_norm_max_the_threshold_the_part_clipped_off_and_where_
         assert any(label in text.replace("\n", " ") or label in text for text in labels), (label, labels)
 
 
-def test_without_matplotlib_no_figure_and_false(tmp_path, monkeypatch):
-    trainer, logger = fit(tmp_path, [ClipByGlobalNorm(1.0)])
+def test_without_matplotlib_no_figure_and_one_line_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    with pytest.warns(UserWarning, match=re.escape('pip install "gradclip_plugin[report]"')):
+        trainer, logger = fit(tmp_path, [ClipByGlobalNorm(1.0)])
     assert write_figure(logger.experiment, 2) is False
     logger.experiment.flush()
     assert tags(logger.log_dir, "images") == []
-    assert 'pip install "gradclip_plugin[report]"' in NO_MATPLOTLIB
 
 
 def test_fabric_gets_the_layout_the_rule_text_and_the_figure(tmp_path):

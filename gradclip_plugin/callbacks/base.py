@@ -198,8 +198,11 @@ class GradientCallback(*lightning.CALLBACK_BASES):  # type: ignore[misc]
         exclude: Optional[list[str]],
         group_depth: Optional[GroupDepth],
         log_prefix: str,
+        report_every_n_steps: Optional[int] = None,
     ) -> None:
         self.include = check_patterns("include", include)
+        self.report_every_n_steps = check_number("report_every_n_steps", report_every_n_steps, allow_none=True, integer=True,
+                                                 what="a positive integer")  # fmt: skip
         self.exclude = check_patterns("exclude", exclude)
         check_group_depth(group_depth, allow_none=True)
         self.group_depth = group_depth
@@ -261,7 +264,19 @@ class GradientCallback(*lightning.CALLBACK_BASES):  # type: ignore[misc]
         # the batch that stepped
         if self._stepped and lightning.should_log(trainer):
             self._write(trainer)
+        if self._stepped and self.report_every_n_steps and (trainer.global_step % self.report_every_n_steps == 0):
+            self._write_figure(trainer)
         self._stepped = False
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if [cb for cb in trainer.callbacks if isinstance(cb, GradientCallback)][:1] == [self]:  # one figure a run
+            self._write_figure(trainer)
+
+    def _write_figure(self, trainer: Any) -> None:
+        """``gradclip report``'s figure of the run so far in TensorBoard's Images tab (rank zero; matplotlib)."""
+        for writer, tag_prefix in lightning.tensorboard_writers(trainer) if trainer.is_global_zero else ():
+            if not tensorboard.write_figure(writer, trainer.global_step, tag_prefix):
+                lightning.rank_zero_warn(tensorboard.NO_MATPLOTLIB)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # the raising batch's numbers often explain the failure; a device error can make them unreadable too
@@ -424,6 +439,9 @@ class GradientClipCallback(GradientCallback):
             ``<log_prefix>/norm/<group>``, on logging steps, from the norms the rule measured anyway
             (groups as in :class:`GradientNormMonitor`); ``None`` for none.
         log_prefix: prefix of the logged metric names.
+        report_every_n_steps: also write ``gradclip report``'s figure of the run to TensorBoard's Images
+            tab every this many optimizer steps (it is written at the end of the fit in any case, by
+            the first gradclip callback; matplotlib needed); ``None`` for the end only.
     """
 
     #: the order of the norms ``measure`` returns
@@ -448,12 +466,14 @@ class GradientClipCallback(GradientCallback):
         max_consecutive_skips: Optional[int] = 100,
         group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
+        report_every_n_steps: Optional[int] = None,
     ) -> None:
         if nonfinite not in ("skip", "error", "zero", "ignore"):
             raise ValueError(f"`nonfinite` must be one of ['skip', 'error', 'zero', 'ignore'], got {nonfinite!r}")
         self.nonfinite = nonfinite
         self.max_consecutive_skips = check_number("max_consecutive_skips", max_consecutive_skips, allow_none=True, integer=True, what="a positive integer")
-        super().__init__(include=include, exclude=exclude, group_depth=group_depth, log_prefix=log_prefix)
+        super().__init__(include=include, exclude=exclude, group_depth=group_depth, log_prefix=log_prefix,
+                         report_every_n_steps=report_every_n_steps)  # fmt: skip
 
     def _reset(self) -> None:
         super()._reset()

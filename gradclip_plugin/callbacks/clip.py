@@ -25,7 +25,8 @@ class ClipByValue(GradientClipCallback):
 
     Args:
         clip_value: the bound, a positive finite number.
-        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``max_consecutive_skips``, ``group_depth``, ``log_prefix`` (see
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``max_consecutive_skips``, ``group_depth``,
+            ``log_prefix``, ``report_every_n_steps`` (see
             :class:`GradientClipCallback`).
 
     Example YAML::
@@ -54,11 +55,12 @@ class ClipByValue(GradientClipCallback):
         max_consecutive_skips: Optional[int] = 100,
         group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
+        report_every_n_steps: Optional[int] = None,
     ) -> None:
         self.clip_value = check_number("clip_value", clip_value)
         super().__init__(
             include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
-            group_depth=group_depth, log_prefix=log_prefix,
+            group_depth=group_depth, log_prefix=log_prefix, report_every_n_steps=report_every_n_steps,
         )
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], step: Step) -> ClipStats:
@@ -85,6 +87,7 @@ class _MaxNormCallback(GradientClipCallback):
         max_consecutive_skips: Optional[int] = 100,
         group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
+        report_every_n_steps: Optional[int] = None,
     ) -> None:
         max_norm = check_number("max_norm", max_norm)
         skip_above = check_number("skip_above", skip_above, allow_none=True)
@@ -95,7 +98,7 @@ class _MaxNormCallback(GradientClipCallback):
             )
         super().__init__(
             include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
-            group_depth=group_depth, log_prefix=log_prefix,
+            group_depth=group_depth, log_prefix=log_prefix, report_every_n_steps=report_every_n_steps,
         )
         self.max_norm, self.skip_above = max_norm, skip_above
         self.norm_type = check_norm_type(norm_type)
@@ -113,7 +116,8 @@ class ClipByNorm(_MaxNormCallback):
         skip_above: skip the optimizer step (as ``nonfinite="skip"`` does) when the total pre-clip
             norm exceeds this, a loss spike too large to clip; counted in ``skipped_steps``. Above
             ``max_norm``; ``None`` (default) never skips.
-        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``max_consecutive_skips``, ``group_depth``, ``log_prefix`` (see
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``max_consecutive_skips``, ``group_depth``,
+            ``log_prefix``, ``report_every_n_steps`` (see
             :class:`GradientClipCallback`).
 
     Example YAML::
@@ -152,7 +156,8 @@ class ClipByGlobalNorm(_MaxNormCallback):
         skip_above: skip the optimizer step (as ``nonfinite="skip"`` does) when the pre-clip norm
             exceeds this, a loss spike too large to clip (as Megatron-style trainers do); counted in
             ``skipped_steps``. Above ``max_norm``; ``None`` (default) never skips.
-        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``max_consecutive_skips``, ``group_depth``, ``log_prefix`` (see
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``max_consecutive_skips``, ``group_depth``,
+            ``log_prefix``, ``report_every_n_steps`` (see
             :class:`GradientClipCallback`).
 
     Example YAML::

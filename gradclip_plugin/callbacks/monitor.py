@@ -51,6 +51,8 @@ class GradientNormMonitor(GradientCallback):
             counted. ``None`` selects every parameter.
         exclude: fnmatch patterns of parameters left out.
         log_prefix: prefix of the logged metric names; give two monitors different prefixes.
+        report_every_n_steps: also write ``gradclip report``'s figure to TensorBoard's Images tab every
+            this many optimizer steps (see :class:`GradientClipCallback`); ``None`` for the end only.
 
     Example YAML (pre- and post-clip norms around a clipping callback)::
 
@@ -83,6 +85,7 @@ class GradientNormMonitor(GradientCallback):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         log_prefix: str = "grad_norm",
+        report_every_n_steps: Optional[int] = None,
     ) -> None:
         for name, flag in (("weight_norms", weight_norms), ("update_ratio", update_ratio)):
             if not isinstance(flag, bool):
@@ -94,7 +97,8 @@ class GradientNormMonitor(GradientCallback):
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(f"`histogram_every_n_steps` must be a positive int or None, got {every!r}")
         self.histogram_every_n_steps = every
-        super().__init__(include=include, exclude=exclude, group_depth=group_depth, log_prefix=log_prefix)
+        super().__init__(include=include, exclude=exclude, group_depth=group_depth, log_prefix=log_prefix,
+                         report_every_n_steps=report_every_n_steps)  # fmt: skip
 
     def _reset(self) -> None:
         super()._reset()

@@ -78,6 +78,11 @@ TABLE = (
         for v in (0, -1, 1.5, True, "3", torch.tensor(0), np.int64(0), INF)
     ]
     + [
+        (cls, "report_every_n_steps", v, f"`report_every_n_steps` must be a positive integer or None, got {v!r}")
+        for cls in CLASSES
+        for v in (0, -5, 2.0, False, "10")
+    ]
+    + [
         (cls, "skip_above", v, f"`skip_above` must be above `max_norm` (1.0): steps above it are skipped, those between are clipped; got {float(v)!r}")
         for cls in (ClipByNorm, ClipByGlobalNorm)
         for v in (0.5, 1.0, 1)
