@@ -29,7 +29,7 @@ import os
 import warnings
 from typing import Any
 
-from gradclip_plugin.callbacks import _lightning as L
+from gradclip_plugin.callbacks import _lightning as lightning
 
 __all__ = ["ENV_VAR", "GradclipConfigError", "callbacks_factory", "lightning_callbacks_factory", "load_callbacks"]
 
@@ -39,7 +39,7 @@ ENV_VAR = "GRADCLIP_CONFIG"
 _EXAMPLE = "- class_path: gradclip_plugin.ClipByGlobalNorm\n  init_args:\n    max_norm: 1.0"
 
 
-class GradclipConfigError(*L.MISCONFIGURATION_BASES):  # type: ignore[misc]
+class GradclipConfigError(*lightning.MISCONFIGURATION_BASES):  # type: ignore[misc]
     """The file named by ``GRADCLIP_CONFIG`` cannot be turned into callbacks (a ``MisconfigurationException``
     of both Lightning namespaces)."""
 
