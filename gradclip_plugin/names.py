@@ -17,6 +17,7 @@ THRESHOLD = "threshold"  #: the threshold in force at the last step (not written
 CLIP_RATE = "clip_rate"  #: fraction of the finite steps since the last log that clipping changed
 SKIPPED_STEPS = "skipped_steps"  #: running count of the steps the rule skipped (``skip_above``, ZClip)
 GROUP_NORM = "norm"  #: ``norm/<group>``: a group's pre-clip norm
+CLIPPED_TENSORS = "clipped_tensors"  #: AdaGC's count of the tensors it clipped at the last step
 Z, SPIKES = "z", "spikes"  #: ZClip's z-score of the last step, and its running count of spikes
 RULE = "callback"  #: the TensorBoard text at ``<prefix>/callback``: the clipping callback's class name
 

@@ -192,6 +192,10 @@ ADVICE = {
         "far: there is no max_norm to choose. A lower percentile clips harder; the paper's 10 works across its tasks."),
     "ZClip": Advice("z_thresh", skip="skip_step_z_thresh", cap="max_norm", note="ZClip sets its threshold itself from the "
         "moving mean and spread of the norm (see `spikes` and `z`), under its max_norm. A lower z_thresh clips more."),
+    "AdaGC": Advice("lambda_rel", note="AdaGC sets each tensor's threshold itself: lambda_rel times a moving average of that "
+        "tensor's clipped norms, after a warm-up clipped globally to lambda_abs: there is no max_norm to choose. Its clip "
+        "rate counts a step where any tensor was clipped; `clipped_tensors` says how many were: raise lambda_rel (1.05 in "
+        "the paper) if most are clipped at most steps, or lambda_abs if the warm-up clips every step."),
 }  # fmt: skip
 
 

@@ -17,14 +17,14 @@ from torch import Tensor
 from gradclip_plugin import names
 from gradclip_plugin.callbacks import _lightning as lightning
 from gradclip_plugin.callbacks.base import (ClipStats, GradientClipCallback, GroupDepth, NonFinitePolicy, NormType,
-    Step, check_number)
+    Step, check_number, read_values)
 from gradclip_plugin.functional import combine_norms, scale_, tensor_norms
-from gradclip_plugin.functional.adaptive import (AutoClipState, ZClipMode, ZClipOption, ZClipState, agc_coefficients,
-    autoclip_update, scale_units_, threshold_coefficient, unitwise_norms, zclip_update)
+from gradclip_plugin.functional.adaptive import (AutoClipState, ZClipMode, ZClipOption, ZClipState, adagc_update,
+    agc_coefficients, autoclip_update, scale_units_, threshold_coefficient, unitwise_norms, zclip_update)
 from gradclip_plugin.functional.distributed import has_dtensor
 from gradclip_plugin.functional.norms import check_norm_type
 
-__all__ = ["AdaptiveGradientClipping", "AutoClip", "ZClip"]
+__all__ = ["AdaGC", "AdaptiveGradientClipping", "AutoClip", "ZClip"]
 
 
 class AdaptiveGradientClipping(GradientClipCallback):
@@ -46,7 +46,8 @@ class AdaptiveGradientClipping(GradientClipCallback):
             size 4096 in the paper, larger for smaller batches).
         eps: floor on the weight norm, a positive number.
         norm_type: order of the unit-wise norms (the paper uses 2).
-        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``max_consecutive_skips``, ``group_depth``, ``log_prefix`` (see
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``max_consecutive_skips``, ``group_depth``,
+            ``log_prefix``, ``report_every_n_steps`` (see
             :class:`GradientClipCallback`).
 
     Example YAML::
@@ -76,11 +77,12 @@ class AdaptiveGradientClipping(GradientClipCallback):
         max_consecutive_skips: Optional[int] = 100,
         group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
+        report_every_n_steps: Optional[int] = None,
     ) -> None:
         clip_factor, eps = check_number("clip_factor", clip_factor), check_number("eps", eps)
         super().__init__(
             include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
-            group_depth=group_depth, log_prefix=log_prefix,
+            group_depth=group_depth, log_prefix=log_prefix, report_every_n_steps=report_every_n_steps,
         )
         self.clip_factor, self.eps = clip_factor, eps
         self.norm_type = check_norm_type(norm_type)
@@ -197,7 +199,8 @@ class AutoClip(_HistoryClip):
     Args:
         percentile: in [0, 100]; the paper finds 10 works across tasks.
         history_size: number of most recent norms kept, or ``None`` for all.
-        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``max_consecutive_skips``, ``group_depth``, ``log_prefix`` (see
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``max_consecutive_skips``, ``group_depth``,
+            ``log_prefix``, ``report_every_n_steps`` (see
             :class:`GradientClipCallback`).
 
     Example YAML::
@@ -227,12 +230,13 @@ class AutoClip(_HistoryClip):
         max_consecutive_skips: Optional[int] = 100,
         group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
+        report_every_n_steps: Optional[int] = None,
     ) -> None:
         percentile = check_number("percentile", percentile, valid=lambda v: 0 <= v <= 100, what="a number in [0, 100] (10 in the paper)")
         history_size = check_number("history_size", history_size, allow_none=True, integer=True, what="a positive integer (keep every norm if None)")
         super().__init__(
             include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
-            group_depth=group_depth, log_prefix=log_prefix,
+            group_depth=group_depth, log_prefix=log_prefix, report_every_n_steps=report_every_n_steps,
         )
         self.percentile = percentile
         self.history_size = history_size
@@ -281,7 +285,8 @@ class ZClip(_HistoryClip):
         skip_update_on_spike: keep spikes out of the EMA.
         skip_step_z_thresh: skip the optimizer step when ``z`` exceeds this (at least ``z_thresh``);
             ``None`` (default) never skips.
-        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``max_consecutive_skips``, ``group_depth``, ``log_prefix`` (see
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``max_consecutive_skips``, ``group_depth``,
+            ``log_prefix``, ``report_every_n_steps`` (see
             :class:`GradientClipCallback`).
 
     Example YAML::
@@ -323,6 +328,7 @@ class ZClip(_HistoryClip):
         max_consecutive_skips: Optional[int] = 100,
         group_depth: Optional[GroupDepth] = None,
         log_prefix: str = "grad_clip",
+        report_every_n_steps: Optional[int] = None,
     ) -> None:
         alpha = check_number("alpha", alpha, valid=lambda v: 0 < v < 1, what="a number in (0, 1) (0.97 in the paper)")
         z_thresh, eps, clip_factor = (check_number(n, v) for n, v in (("z_thresh", z_thresh), ("eps", eps), ("clip_factor", clip_factor)))
@@ -331,15 +337,11 @@ class ZClip(_HistoryClip):
         zclip_update(ZClipState(), math.nan, mode=mode, clip_option=clip_option)  # validates both
         if not isinstance(skip_update_on_spike, bool):
             raise ValueError(f"`skip_update_on_spike` must be True or False, got {skip_update_on_spike!r}")
-        skip_step_z_thresh = check_number("skip_step_z_thresh", skip_step_z_thresh, allow_none=True)
-        if skip_step_z_thresh is not None and skip_step_z_thresh < z_thresh:
-            raise ValueError(
-                f"`skip_step_z_thresh` must be at least `z_thresh` ({z_thresh}): it marks the severe spikes "
-                f"among those clipped, got {skip_step_z_thresh!r}"
-            )
+        skip_step_z_thresh = check_number("skip_step_z_thresh", skip_step_z_thresh, allow_none=True, valid=lambda v: v >= z_thresh,
+                                          what=f"at least `z_thresh` ({z_thresh}): it marks the severe spikes among those clipped")  # fmt: skip
         super().__init__(
             include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
-            group_depth=group_depth, log_prefix=log_prefix,
+            group_depth=group_depth, log_prefix=log_prefix, report_every_n_steps=report_every_n_steps,
         )
         self.alpha, self.z_thresh, self.max_norm, self.eps, self.warmup_steps = alpha, z_thresh, max_norm, eps, warmup_steps
         self.mode, self.clip_option, self.clip_factor = mode, clip_option, clip_factor
@@ -371,3 +373,116 @@ class ZClip(_HistoryClip):
         if self.skip_step_z_thresh is not None and spike and z > self.skip_step_z_thresh:  # skipped: not scaled
             return ClipStats(step.host, math.nan, math.nan, False, extra, skip=True)
         return self._clip_to(threshold, grads, step)._replace(extra=extra)
+
+
+class AdaGC(GradientClipCallback):
+    """AdaGC: clip each tensor's gradient relative to a moving average of its own past clipped norms.
+
+    For the first ``warmup_steps`` optimizer steps the gradients are clipped globally to ``lambda_abs``
+    (all scaled by ``min(1, lambda_abs / ||g||)``) and each tensor's threshold ``gamma_i`` is the smallest
+    of its clipped norms. Then each tensor ``g_i`` is clipped on its own to ``lambda_rel * gamma_i``, and
+    ``gamma_i = beta * gamma_i + (1 - beta) * ||g_i clipped||``. It works with any optimizer, reads
+    nothing to the host, and measures sharded (FSDP, DTensor) tensors by their full norm. ``gamma`` is
+    saved in checkpoints by parameter name; a non-finite step or one skipped on the device leaves it
+    as it was, and so do the re-measured norms of ``nonfinite="zero"``. The steps are counted per
+    optimizer, a step skipped on the device included (one skipped on the host is not).
+
+    Differences from pytorch-optimizer's ``AdaGC`` (Adam with this clipping built in): no epsilon (it
+    adds ``eps`` to the global norm and floors ``gamma`` and the tensor norms at ``eps``, its Adam
+    ``eps``); and it counts from 1 and clips globally while ``step < warmup_steps``, so our
+    ``warmup_steps=w`` is its ``warmup_steps=w + 1``. As there, a tensor with no gradient during
+    warm-up is clipped globally until it has a ``gamma``; one whose gradient was 0 at a warm-up step
+    has ``gamma = 0``, and is zeroed from then on (the paper's rule; pytorch-optimizer's ``eps`` limits
+    it to ``1.05e-8``).
+
+    Logged besides the base metrics: ``clipped_tensors``, how many tensors were clipped at the step;
+    ``threshold`` is ``lambda_abs`` during warm-up, then the global norm of the limits ``lambda_rel * gamma_i``.
+
+    Args:
+        lambda_abs: the global threshold of the warm-up.
+        lambda_rel: each tensor's limit relative to its ``gamma`` (1.05 in the paper).
+        beta: the moving average's smoothing factor, in [0, 1) (0.98 in the paper).
+        warmup_steps: optimizer steps clipped globally (100 in the paper), a positive integer.
+        **kwargs: ``include``, ``exclude``, ``nonfinite``, ``max_consecutive_skips``, ``group_depth``,
+            ``log_prefix``, ``report_every_n_steps`` (see
+            :class:`GradientClipCallback`).
+
+    Example YAML::
+
+        trainer:
+          callbacks:
+            - class_path: gradclip_plugin.AdaGC
+              init_args:
+                lambda_abs: 1.0
+                lambda_rel: 1.05
+                beta: 0.98
+                warmup_steps: 100
+
+    References:
+        Wang et al. 2025, "AdaGC: Enhancing LLM Pretraining Stability via Adaptive Gradient Clipping",
+        arXiv 2502.11034; pytorch-optimizer ``AdaGC``.
+    """
+
+    def __init__(
+        self,
+        lambda_abs: float = 1.0,
+        lambda_rel: float = 1.05,
+        beta: float = 0.98,
+        warmup_steps: int = 100,
+        *,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        nonfinite: NonFinitePolicy = "skip",
+        max_consecutive_skips: Optional[int] = 100,
+        group_depth: Optional[GroupDepth] = None,
+        log_prefix: str = "grad_clip",
+        report_every_n_steps: Optional[int] = None,
+    ) -> None:
+        lambda_abs, lambda_rel = check_number("lambda_abs", lambda_abs), check_number("lambda_rel", lambda_rel)
+        beta = check_number("beta", beta, valid=lambda v: 0 <= v < 1, what="a number in [0, 1) (0.98 in the paper)")
+        warmup_steps = check_number("warmup_steps", warmup_steps, integer=True, what="a positive integer (100 in the paper)")
+        super().__init__(
+            include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
+            group_depth=group_depth, log_prefix=log_prefix, report_every_n_steps=report_every_n_steps,
+        )
+        self.lambda_abs, self.lambda_rel, self.beta, self.warmup_steps = lambda_abs, lambda_rel, beta, warmup_steps
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._gamma: dict[str, Tensor] = {}  # parameter name -> its gamma, 0-dim
+        self._steps: dict[int, int] = {}  # optimizer index -> steps seen
+        self._name_of: dict[int, str] = {}  # id(param) -> name, from the plans
+
+    def _names(self, params: list[Tensor]) -> list[str]:
+        """The names of ``params`` in their plans (one the module does not name: by its position)."""
+        if any(id(p) not in self._name_of for p in params):
+            self._name_of = {id(p): n for plan in self._plans.values() for p, n in zip(plan.params, plan.names)}
+        return [n if (n := self._name_of.get(id(p), "?")) != "?" else f"?{i}" for i, p in enumerate(params)]
+
+    def clip_(self, grads: list[Tensor], params: list[Tensor], step: Step) -> ClipStats:
+        keys, unset = self._names(params), step.norms.new_full((), math.inf)
+        gamma = torch.stack([self._gamma.get(k, unset).to(step.norms) for k in keys])
+        seen = self._steps[step.idx] = self._steps.get(step.idx, 0) + 1
+        warmup = seen <= self.warmup_steps
+        gamma, coefs, limits = adagc_update(gamma, step.norms, warmup=warmup, lambda_abs=self.lambda_abs,
+                                            lambda_rel=self.lambda_rel, beta=self.beta, skip=step.skip)  # fmt: skip
+        if step.sample:  # not the re-measured norms of `nonfinite="zero"`
+            self._gamma.update(zip(keys, gamma.unbind()))
+        scale_(grads, coefs)
+        clipped = coefs < 1
+        threshold = self.lambda_abs if warmup else combine_norms(limits)
+        return ClipStats(step.norm, combine_norms(step.norms * coefs), threshold, clipped.any(), {names.CLIPPED_TENSORS: clipped.sum()})
+
+    def state_dict(self) -> dict[str, Any]:
+        gamma = dict(zip(self._gamma, read_values(list(self._gamma.values()))))  # one device-to-host copy
+        return {**super().state_dict(), "gamma": gamma, "steps": dict(self._steps)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        try:
+            gamma = {str(k): torch.tensor(float(v)) for k, v in state_dict.get("gamma", {}).items()}
+            self._steps = {int(i): int(s) for i, s in state_dict.get("steps", {}).items()}
+        except (TypeError, ValueError, AttributeError):
+            lightning.rank_zero_warn("AdaGC: the checkpoint's `gamma` or step counts do not fit; they start afresh.")
+            return
+        self._gamma = gamma

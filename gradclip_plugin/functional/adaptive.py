@@ -40,8 +40,7 @@ __all__ = [
     "unit_counts",
     "unitwise_norm",
     "unitwise_norms",
-    "zclip_update",
-]
+    "zclip_update", "adagc_update"]
 
 ZClipMode = Literal["zscore", "percentile"]
 ZClipOption = Literal["adaptive_scaling", "mean"]
@@ -366,3 +365,40 @@ def zclip_update(state: ZClipState, norm: float, *, alpha: float = 0.97, z_thres
         var = alpha * var + (1 - alpha) * (x - mean) ** 2
     spike = clip is not None
     return ZClipState(buffer, mean, var, spikes + spike), min(norm if clip is None else clip, cap), z, spike
+
+
+# ---------------------------------------------------------------------------------------------- AdaGC
+@torch.no_grad()
+def adagc_update(gamma: Tensor, norms: Tensor, *, warmup: bool, lambda_abs: float = 1.0, lambda_rel: float = 1.05,
+                 beta: float = 0.98, skip: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """One AdaGC step for tensors of per-tensor 2-norms ``norms``: their coefficients, limits and new ``gamma``.
+
+    * **warm-up** (``warmup``): global clipping, every coefficient ``min(1, lambda_abs / ||g||)`` (``||g||``
+      the total norm), and ``gamma_i = min(gamma_i, clipped norm_i)``;
+    * then each tensor is clipped to ``lambda_rel * gamma_i``: coefficient ``min(1, lambda_rel * gamma_i / norm_i)``,
+      and ``gamma_i = beta * gamma_i + (1 - beta) * clipped norm_i`` (as ``lerp``).
+
+    ``gamma`` starts at ``inf``; a tensor whose ``gamma`` is still ``inf`` after warm-up (it had no finite
+    gradient during it) is clipped globally and takes the warm-up rule, as in pytorch-optimizer. No
+    epsilon: a coefficient is exactly 1 at or under its limit, and 1 for a zero norm against a zero limit.
+    ``gamma`` is left as it was at a step with a non-finite clipped norm (the whole step), and where
+    ``skip`` (a 0-dim bool tensor) is true. Nothing is read to the host.
+
+    Returns:
+        ``(new_gamma, coefficients, limits)``; ``limits`` is ``lambda_rel * gamma`` before the update.
+
+    References:
+        Wang et al. 2025, "AdaGC: Enhancing LLM Pretraining Stability via Adaptive Gradient Clipping",
+        arXiv 2502.11034, Algorithm 1.
+    """
+    check_positive("lambda_abs", lambda_abs)
+    check_positive("lambda_rel", lambda_rel)
+    total = torch.linalg.vector_norm(norms)
+    limits = lambda_rel * gamma
+    fresh = torch.isinf(gamma) | warmup  # clipped globally: in warm-up, or never measured
+    coefs = torch.where(fresh, torch.where(total > lambda_abs, lambda_abs / total, 1.0),
+                        torch.where(norms > limits, limits / norms, 1.0))  # fmt: skip
+    clipped = norms * coefs
+    new = torch.where(fresh, torch.minimum(gamma, clipped), torch.lerp(gamma, clipped, 1.0 - beta))
+    keep = ~torch.isfinite(clipped).all() if skip is None else skip | ~torch.isfinite(clipped).all()
+    return torch.where(keep, gamma, new), coefs, limits
