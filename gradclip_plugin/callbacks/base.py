@@ -562,8 +562,7 @@ class GradientClipCallback(GradientCallback):
         """
         optimizer, plan, idx, scaler = self._loop_step(module, optimizer, fabric)
         step = self._tallies[idx].steps if idx in self._tallies else 0
-        # a plain loop may have a GradScaler of its own, which would overwrite a `found_inf`
-        self._clip_step(optimizer, plan, idx, scaler, metrics, step, device_ok=fabric is not None)
+        self._clip_step(optimizer, plan, idx, scaler, metrics, step, loop="fabric" if fabric is not None else "plain")
         if not metrics:
             return {}
         values = {k: v for k, v in read_metrics(self._pop_metrics(idx)).items() if math.isfinite(v)}  # as a Trainer writes them
@@ -587,9 +586,10 @@ class GradientClipCallback(GradientCallback):
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def _clip_step(self, optimizer: torch.optim.Optimizer, plan: Plan, idx: int, scaler: Optional[torch.amp.GradScaler],
-                   log_groups: bool, global_step: int, device_ok: bool = True) -> None:  # fmt: skip
+                   log_groups: bool, global_step: int, loop: Optional[str] = None) -> None:  # fmt: skip
         """Clip the gradients of ``plan``'s parameters for ``optimizer``'s coming step: select, measure,
-        decide, clip, count. ``device_ok``: whether ``scaler`` is the only loss scaler there can be."""
+        decide, clip, count. ``loop``: ``None`` in a Trainer, ``"fabric"`` or ``"plain"`` in a loop (a plain
+        loop may have a ``GradScaler`` of its own, which would overwrite a ``found_inf``)."""
         self._guard.undo(optimizer, restore=False)  # a skip whose step never ran: new gradients have come since
         params, grads, positions = self._gradients(plan)
         if not grads:
@@ -597,7 +597,7 @@ class GradientClipCallback(GradientCallback):
         # a fused optimizer's gradients are still scaled: its norms are divided by the scale
         scale = lightning.pending_scale(scaler, optimizer, self.scale_invariant and self.norm_type in EXACT_UNDER_SCALE)
         norms, extra, norm = self._measure(grads, scale)
-        takes_flag = device_ok and scaler is None and not self.reads_norm and takes_found_inf(optimizer)
+        takes_flag = loop != "plain" and scaler is None and not self.reads_norm and takes_found_inf(optimizer)
         fate = decide(norm, policy=self.nonfinite, scaler=scaler is not None, skip_above=self.skip_above,
                       read=self.reads_norm, takes_flag=takes_flag)  # fmt: skip
         tally = self._tallies.setdefault(idx, Tally())
@@ -617,7 +617,7 @@ class GradientClipCallback(GradientCallback):
         if fate.action == "skip" or stats.skip:
             if scale is not None:  # the scaler checks for inf what it unscales: without it, its step and update fail
                 scaler.unscale_(optimizer)
-            self._guard.skip(optimizer)
+            self._guard.skip(optimizer, at_step=loop is not None)
         elif fate.action == "device":
             self._guard.flag(optimizer, fate.flag)
             self._on_device, skipped = True, fate.flag.bool()

@@ -67,8 +67,9 @@ class _Record:
 
     def __init__(self) -> None:
         self.hidden: list[tuple[Tensor, Tensor]] = []  #: the gradients taken away for a host skip
+        self.pending = False  #: the gradients are to be taken away when the step begins
         self.flag: Optional[Tensor] = None  #: the ``found_inf`` given to the optimizer
-        self.hook: Any = None  #: the step post-hook that undoes it
+        self.hooks: tuple[Any, ...] = ()  #: the step pre-hook that takes them away, the post-hook that undoes it all
 
 
 class StepGuard:
@@ -78,18 +79,28 @@ class StepGuard:
     def __init__(self) -> None:
         self._records: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def skip(self, optimizer: torch.optim.Optimizer) -> None:
+    def skip(self, optimizer: torch.optim.Optimizer, at_step: bool = False) -> None:
         """Make the coming ``optimizer.step()`` a no-op for this optimizer alone, on the host.
 
         Its gradients are taken away (torch optimizers pass over a parameter without one: weights and
         state, Adam's step count included, stay untouched) and put back right after that step, so that
-        a parameter shared with another optimizer keeps its gradient for that optimizer's step.
+        a parameter shared with another optimizer keeps its gradient for that optimizer's step. With
+        ``at_step`` they are taken when the step begins (a step pre-hook), not now: in a loop another
+        optimizer sharing a parameter may be clipped before this one steps, and a step that a loss
+        scaler skips never takes them. (In a Trainer the hook runs inside ``step()``, after its pre-hooks.)
         """
         record = self._record(optimizer)
+        record.pending = at_step
+        if not at_step:
+            self._hide(optimizer, record)
+
+    @staticmethod
+    def _hide(optimizer: torch.optim.Optimizer, record: _Record) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         record.hidden += [(p, p.grad) for p in params]
         for p in params:
             p.grad = None
+        record.pending = False
 
     def flag(self, optimizer: torch.optim.Optimizer, flag: Tensor) -> None:
         """Skip the coming step on the device where ``flag`` is 1 (``found_inf``), with no host read;
@@ -104,7 +115,8 @@ class StepGuard:
         for opt in list(self._records) if optimizer is None else [optimizer]:
             record = self._records.pop(opt, None)
             if record is not None:
-                record.hook.remove()
+                for hook in record.hooks:
+                    hook.remove()
                 self._after_step(opt, record, restore)
 
     @staticmethod
@@ -116,13 +128,16 @@ class StepGuard:
                 p.grad = g
         if record.flag is not None and optimizer.__dict__.get("found_inf") is record.flag:  # not another's
             del optimizer.found_inf
-        record.hidden, record.flag = [], None
+        record.hidden, record.flag, record.pending = [], None, False
 
     def _record(self, optimizer: torch.optim.Optimizer) -> _Record:
         record = self._records.get(optimizer)
         if record is None:
             record = self._records[optimizer] = _Record()
-            record.hook = optimizer.register_step_post_hook(lambda opt, *_: self._after_step(opt, self._records[opt]))
+            record.hooks = (
+                optimizer.register_step_pre_hook(lambda opt, *_: self._hide(opt, record) if record.pending else None),
+                optimizer.register_step_post_hook(lambda opt, *_: self._after_step(opt, record)),
+            )
         return record
 
 
