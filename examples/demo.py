@@ -136,7 +136,7 @@ def main() -> int:
     logdir = LOGDIR.relative_to(ROOT)
     print(f"\nBoth runs took {time.perf_counter() - total:.0f} s. TensorBoard logs are in {logdir}/. To look:")
     print(f"  {tool('tensorboard')} --logdir {logdir}        # then open http://localhost:6006")
-    print("  - IMAGES tab, gradclip/report: each run's gradient norm on a log axis. Without clipping it leaps to")
+    print("  - TIME SERIES tab (as it opens), first cards, clipping/report: each run's gradient norm on a log axis. Without clipping it leaps to")
     print("    1e5 at step 2 (marked 'broke down') and the wrecked model's gradients fade; with clipping every")
     print("    norm above max_norm=50 (dashed) is cut back to it (blue: the part clipped off). Click a figure to enlarge.")
     print("  - CUSTOM SCALARS tab (category gradclip), both runs on one axis:")

@@ -5,7 +5,7 @@ it logs: for a clipping callback, the pre-clip norm with the threshold in one ch
 optimizer received as a line with the part clipping cut off as a band above it; the clip rates; each
 monitor's total norm. The Text tab gets each callback's class with its arguments, at
 ``<prefix>/callback`` (which ``gradclip report`` reads to name the rule). The Images tab gets
-``gradclip report``'s figure at ``gradclip/report`` (:func:`write_figure`): on a log axis it shows the
+``gradclip report``'s figure at ``clipping/report`` (:func:`write_figure`): on a log axis it shows the
 spikes that a linear chart with outliers ignored cannot. :func:`write_fabric` writes all three from a
 Fabric loop.
 """
@@ -94,7 +94,7 @@ def write_callbacks(writers: list[tuple[Any, str]], callbacks: list[Any], n_opti
 
 def write_figure(writer: Any, step: int, tag_prefix: str = "") -> bool:
     """Write ``gradclip report``'s figure of the run ``writer`` writes (its event files so far) to the Images
-    tab, at ``<tag_prefix>gradclip/report`` and ``step``; nothing if the run has no gradient norms yet.
+    tab, at ``<tag_prefix>clipping/report`` and ``step``; nothing if the run has no gradient norms yet.
 
     Args:
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (``TensorBoardLogger.experiment``).
@@ -114,7 +114,8 @@ def write_figure(writer: Any, step: int, tag_prefix: str = "") -> bool:
     run = Path(writer.get_logdir())
     summaries = summarize(run)
     if summaries:
-        writer.add_figure(f"{tag_prefix}gradclip/report", figure(summaries, f"run {run.name}, step {step}"), global_step=step)
+        # `clipping/` sorts before Lightning's `epoch`: the figure is the first card of the Time Series tab
+        writer.add_figure(f"{tag_prefix}clipping/report", figure(summaries, f"run {run.name}, step {step}"), global_step=step)
         writer.flush()  # on disk now: TensorBoard and `gradclip report` see it without waiting for the writer's timer
     return True
 

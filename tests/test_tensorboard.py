@@ -203,7 +203,7 @@ def test_the_report_figure_goes_to_the_images_tab(tmp_path, prefix):
     tag_prefix = f"{prefix}-" if prefix else ""
     assert write_figure(logger.experiment, trainer.global_step, tag_prefix)  # the scalars still unflushed: it flushes
     logger.experiment.flush()
-    assert f"{tag_prefix}gradclip/report" in tags(logger.log_dir, "images")
+    assert f"{tag_prefix}clipping/report" in tags(logger.log_dir, "images")
 
 
 def test_the_callbacks_write_the_figure_at_the_end_of_a_fit_and_every_report_every_n_steps(tmp_path):
@@ -212,7 +212,7 @@ def test_the_callbacks_write_the_figure_at_the_end_of_a_fit_and_every_report_eve
     trainer.fit(TinyModel(), make_loader())
     acc = EventAccumulator(str(logger.log_dir), size_guidance={"images": 0})
     acc.Reload()
-    assert [e.step for e in acc.Images("gradclip/report")] == [2, 4, 5]  # every 2 steps, and at the end of the fit
+    assert [e.step for e in acc.Images("clipping/report")] == [2, 4, 5]  # every 2 steps, and at the end of the fit
 
 
 def test_the_figure_shows_norm_max_the_threshold_the_part_clipped_off_and_where_a_run_broke_down():
@@ -260,6 +260,6 @@ def test_fabric_gets_the_layout_the_rule_text_and_the_figure(tmp_path):
     assert charts[f"grad_clip: {NORM}"][1] == ["^fab\\-grad_clip/norm_max$", "^fab\\-grad_clip/norm$", "^fab\\-grad_clip/threshold$"]
     assert charts["grad_norm/total"][1] == ["^fab\\-grad_norm/total_max$", "^fab\\-grad_norm/total$"]
     assert_every_chart_has_its_tags(charts, scalar_tags(tb.log_dir))
-    assert "fab-gradclip/report" in tags(tb.log_dir, "images")
+    assert "fab-clipping/report" in tags(tb.log_dir, "images")
     (s,) = summarize(tb.log_dir)  # the Text tab names the rule
     assert (s.prefix, s.rule, s.args["max_norm"]) == ("fab-grad_clip", "ClipByGlobalNorm", 1.0)
