@@ -856,7 +856,9 @@ def test_fabric_ddp_ranks_agree_on_norms_clipping_and_skips(tmp_path):
     for step, (before, after, metrics) in enumerate(zip(r0["before"], r0["after"], r0["metrics"])):
         if step == BAD_STEP:  # a NaN on rank 1 reached both through DDP's all-reduce: both skip
             assert not all(torch.isfinite(g).all() for g in before)
-            assert all(g is None for g in after) and metrics["grad_clip/nonfinite_steps"] == 1.0
+            # in a loop the gradients are taken when the step begins: after the call they are as they were
+            assert all(torch.allclose(a, b, equal_nan=True) for a, b in zip(after, before))
+            assert metrics["grad_clip/nonfinite_steps"] == 1.0
             assert all(torch.equal(a, b) for a, b in zip(r0["weights"][step], r0["weights"][step + 1]))
             continue
         norm = ref_norm(before, 2.0)
