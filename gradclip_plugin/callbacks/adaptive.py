@@ -125,6 +125,7 @@ class _HistoryClip(GradientClipCallback):
 
     reads_norm = True
     state_type: type[NamedTuple]
+    _per_optimizer = ("_tallies", "_states")
 
     def _reset(self) -> None:
         super()._reset()
@@ -447,9 +448,11 @@ class AdaGC(GradientClipCallback):
         )
         self.lambda_abs, self.lambda_rel, self.beta, self.warmup_steps = lambda_abs, lambda_rel, beta, warmup_steps
 
+    _per_optimizer = ("_tallies", "_steps", "_gamma")
+
     def _reset(self) -> None:
         super()._reset()
-        self._gamma: dict[str, Tensor] = {}  # parameter name -> its gamma, 0-dim
+        self._gamma: dict[int, dict[str, Tensor]] = {}  # optimizer index -> parameter name -> its gamma, 0-dim
         self._steps: dict[int, int] = {}  # optimizer index -> steps seen
         self._name_of: dict[int, str] = {}  # id(param) -> name, from the plans
 
@@ -461,26 +464,30 @@ class AdaGC(GradientClipCallback):
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], step: Step) -> ClipStats:
         keys, unset = self._names(params), step.norms.new_full((), math.inf)
-        gamma = torch.stack([self._gamma.get(k, unset).to(step.norms) for k in keys])
+        ours = self._gamma.setdefault(step.idx, {})  # a parameter shared by two optimizers has a gamma in each
+        gamma = torch.stack([ours.get(k, unset).to(step.norms) for k in keys])
         seen = self._steps[step.idx] = self._steps.get(step.idx, 0) + 1
         warmup = seen <= self.warmup_steps
         gamma, coefs, limits = adagc_update(gamma, step.norms, warmup=warmup, lambda_abs=self.lambda_abs,
                                             lambda_rel=self.lambda_rel, beta=self.beta, skip=step.skip)  # fmt: skip
         if step.sample:  # not the re-measured norms of `nonfinite="zero"`
-            self._gamma.update(zip(keys, gamma.unbind()))
+            ours.update(zip(keys, gamma.unbind()))
         scale_(grads, coefs)
         clipped = coefs < 1
         threshold = self.lambda_abs if warmup else combine_norms(limits)
         return ClipStats(step.norm, combine_norms(step.norms * coefs), threshold, clipped.any(), {names.CLIPPED_TENSORS: clipped.sum()})
 
     def state_dict(self) -> dict[str, Any]:
-        gamma = dict(zip(self._gamma, read_values(list(self._gamma.values()))))  # one device-to-host copy
+        keys = [(i, k) for i, ours in self._gamma.items() for k in ours]
+        gamma: dict[int, dict[str, float]] = {i: {} for i in self._gamma}
+        for (i, k), v in zip(keys, read_values([self._gamma[i][k] for i, k in keys])):  # one device-to-host copy
+            gamma[i][k] = v
         return {**super().state_dict(), "gamma": gamma, "steps": dict(self._steps)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         try:
-            gamma = {str(k): torch.tensor(float(v)) for k, v in state_dict.get("gamma", {}).items()}
+            gamma = {int(i): {str(k): torch.tensor(float(v)) for k, v in ours.items()} for i, ours in state_dict.get("gamma", {}).items()}
             self._steps = {int(i): int(s) for i, s in state_dict.get("steps", {}).items()}
         except (TypeError, ValueError, AttributeError):
             lightning.rank_zero_warn("AdaGC: the checkpoint's `gamma` or step counts do not fit; they start afresh.")

@@ -231,6 +231,7 @@ class GradientCallback(*lightning.CALLBACK_BASES):  # type: ignore[misc]
         a new optimizer never finds what belonged to one that is gone."""
         self._plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> its Plan
         self._loop_index: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> index, in a loop
+        self._loop_seen: set[int] = set()  # the indices handed out in a loop
         self._members: dict[tuple[int, ...], Tensor] = {}  # group rows of the gradients present
         self._shard_group: Optional[Any] = None
         self._n_optimizers = 1
@@ -244,7 +245,7 @@ class GradientCallback(*lightning.CALLBACK_BASES):  # type: ignore[misc]
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # after `configure_model` and the strategy's wrapping: the parameters and the shard group are final
         try:
-            self._check_patterns(pl_module)
+            self._check_module(pl_module)
         except ValueError as err:
             raise lightning.misconfiguration(trainer, str(err)) from None
         self._shard_group = lightning.flat_shard_group(trainer)
@@ -299,7 +300,10 @@ class GradientCallback(*lightning.CALLBACK_BASES):  # type: ignore[misc]
         n = self._n_optimizers if n_optimizers is None else n_optimizers
         return f"{self._key_prefix}/opt{idx}/{name}" if n > 1 else f"{self._key_prefix}/{name}"
 
-    def _check_patterns(self, module: torch.nn.Module) -> None:
+    #: the names of the attributes that hold a dict of state per optimizer index (a new optimizer at an index starts afresh)
+    _per_optimizer: tuple[str, ...] = ()
+
+    def _check_module(self, module: torch.nn.Module) -> None:
         """Raise ``ValueError`` naming an ``include`` or ``exclude`` pattern that matches no parameter of ``module``."""
         names_ = list(parameter_names(module).values())
         for what, patterns in (("include", self.include), ("exclude", self.exclude)):
@@ -353,8 +357,14 @@ class GradientCallback(*lightning.CALLBACK_BASES):  # type: ignore[misc]
         self._shard_group = lightning.loop_shard_group(fabric, module)
         module, optimizer = lightning.unwrap(module), lightning.unwrap(optimizer)
         if optimizer not in self._plans:
-            self._check_patterns(module)
-        idx = self._loop_index.setdefault(optimizer, len(self._loop_index))
+            self._check_module(module)
+        idx = self._loop_index.get(optimizer)
+        if idx is None:
+            idx = self._loop_index[optimizer] = len(self._loop_index)
+            if idx in self._loop_seen:  # an index an earlier optimizer had, now gone (a new fold): start afresh
+                for name in self._per_optimizer:
+                    getattr(self, name).pop(idx, None)
+            self._loop_seen.add(idx)
         return optimizer, self._plan(optimizer, module), idx, lightning.loop_scaler(fabric, optimizer)
 
     def _write(self, trainer: Any) -> None:
@@ -407,6 +417,7 @@ class Tally:
     skipped: Value = 0  #: finite steps the rule skipped (``skip_above``, ZClip)
     streak: Value = 0  #: steps skipped in a row, up to the last one (non-finite or by the rule)
     since: Value = 0  #: the global step at which that run of skips began
+    tripped: Value = -1  #: on the device: where the first run of ``max_consecutive_skips`` skips began (-1: none)
     at_log: tuple[int, Value, Value] = (0, 0, 0)  #: ``(steps, ran, clipped)`` at the last log
     norm_max: Value = math.nan  #: the largest finite pre-clip norm since the last log
     last: Optional[ClipStats] = None  #: the last step's numbers
@@ -491,6 +502,16 @@ class GradientClipCallback(GradientCallback):
         """Clip ``grads`` in place from ``step``'s measurement; return the step's numbers."""
         raise NotImplementedError(f"{type(self).__name__} is a base class: use one of its subclasses")
 
+    _per_optimizer = ("_tallies",)
+
+    def _check_module(self, module: torch.nn.Module) -> None:
+        super()._check_module(module)
+        if not self.complex_ok and any(p.is_complex() for p in module.parameters()):
+            raise ValueError(
+                f"{type(self).__name__} does not clip complex parameters (torch's rule for it refuses them too). Exclude "
+                "them with `exclude=[...]`, or use ClipByNorm or ClipByGlobalNorm, which clip by the modulus."
+            )
+
     @property
     def _skips_steps(self) -> bool:
         """Whether the rule may skip a step of its own accord (then ``skipped_steps`` is logged)."""
@@ -518,12 +539,6 @@ class GradientClipCallback(GradientCallback):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_fit_start(trainer, pl_module)
-        params = [p for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]]
-        if not self.complex_ok and any(p.is_complex() for p in params):
-            raise lightning.misconfiguration(
-                trainer, f"{type(self).__name__} does not clip complex parameters (torch's rule for it refuses them "
-                "too). Exclude them with `exclude=[...]`, or use ClipByNorm or ClipByGlobalNorm, which clip by the modulus.",
-            )  # fmt: skip
         if lightning.loss_scaler(trainer) is not None and any(
             isinstance(opt, torch.optim.SGD) and opt.defaults.get("fused") and opt.defaults.get("momentum") for opt in trainer.optimizers
         ):  # fmt: skip
@@ -571,6 +586,9 @@ class GradientClipCallback(GradientCallback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         self._guard.undo()  # gradients hidden for a step that never ran (a loss scaler skipped it)
+        n = self.max_consecutive_skips
+        if self._on_device and not trainer.loggers and n and trainer.global_step % n == 0:  # no log reads the runs
+            self._written(read_metrics(self._tripped()))
         super().on_train_batch_end(trainer, pl_module, *args)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -608,21 +626,14 @@ class GradientClipCallback(GradientCallback):
             self._raise_nonfinite(plan, positions, grads, global_step)
         if fate.action == "zero":
             norms, extra, norm, fate = self._zero_(grads, fate)
-        if fate.action == "skip":
-            if fate.nonfinite:
-                self._warn_nonfinite("skipping the optimizer step")
-            stats = ClipStats(fate.host, math.nan, math.nan, False)
-        else:
-            stats = self.clip_(grads, params, self._rule_step(idx, norms, norm, extra, fate))
+        stats = self._run(grads, params, idx, norms, norm, extra, fate, scaler is not None)
         if fate.action == "skip" or stats.skip:
             if scale is not None:  # the scaler checks for inf what it unscales: without it, its step and update fail
                 scaler.unscale_(optimizer)
             self._guard.skip(optimizer, at_step=loop is not None)
         elif fate.action == "device":
             self._guard.flag(optimizer, fate.flag)
-            self._on_device, skipped = True, fate.flag.bool()
-            stats = stats._replace(norm=norm, norm_clipped=torch.where(skipped, math.nan, stats.norm_clipped),
-                                   threshold=torch.where(skipped, math.nan, torch.as_tensor(stats.threshold)))  # fmt: skip
+            self._on_device = True
         self._count(tally, fate, stats, global_step)
 
     def _measure(self, grads: list[Tensor], scale: Optional[Tensor]) -> tuple[Tensor, Any, Tensor]:
@@ -649,13 +660,22 @@ class GradientClipCallback(GradientCallback):
         norms, extra, norm = self._measure(grads, None)
         return norms, extra, norm, fate._replace(action="run", host=norm.item())
 
-    def _rule_step(self, idx: int, norms: Tensor, norm: Tensor, extra: Any, fate: Fate) -> Step:
-        """The :class:`Step` the rule clips from; on the device path, its measurements are 0 where the step is skipped."""
-        if fate.action != "device":
-            return Step(idx, norms, norm, fate.host, fate.nonfinite is not True, extra)  # not zeroed, not NaN
-        skip = fate.flag.bool()
-        zero = lambda t: torch.where(skip, 0.0, t)  # noqa: E731
-        return Step(idx, zero(norms), zero(norm), None, True, zero(extra) if isinstance(extra, Tensor) else extra, skip)
+    def _run(self, grads: list[Tensor], params: list[Tensor], idx: int, norms: Tensor, norm: Tensor, extra: Any,
+             fate: Fate, scaled: bool) -> ClipStats:  # fmt: skip
+        """The rule's clipping of a step that runs, or may (none for a skipped one): where the step is skipped on the device, or its
+        non-finite gradients are left to a loss scaler (``scaled``) unread, the rule is given measurements of
+        0 (a coefficient of 1: the gradients are not scaled) and no post-clip norm or threshold is claimed."""
+        if fate.action == "skip" or (scaled and fate.nonfinite is True):  # skipped here, or by the scaler: not run
+            if fate.action == "skip" and fate.nonfinite:
+                self._warn_nonfinite("skipping the optimizer step")
+            return ClipStats(fate.host, math.nan, math.nan, False)
+        mask = fate.flag.bool() if fate.action == "device" else fate.nonfinite if scaled and isinstance(fate.nonfinite, Tensor) else None
+        if mask is None:
+            return self.clip_(grads, params, Step(idx, norms, norm, fate.host, fate.nonfinite is not True, extra))
+        zero = lambda t: torch.where(mask, 0.0, t) if isinstance(t, Tensor) else t  # noqa: E731
+        stats = self.clip_(grads, params, Step(idx, zero(norms), zero(norm), None, True, zero(extra), mask))
+        nan = lambda v: torch.where(mask, math.nan, torch.as_tensor(v))  # noqa: E731
+        return stats._replace(norm=norm, norm_clipped=nan(stats.norm_clipped), threshold=nan(stats.threshold))
 
     def _count(self, t: Tally, fate: Fate, stats: ClipStats, global_step: int) -> None:
         """Add the step to tally ``t``: a skipped step is not a clipped one, nor in the clip rate."""
@@ -668,9 +688,11 @@ class GradientClipCallback(GradientCallback):
             t.skipped = t.skipped + (finite & skipped)
         t.norm_max = _fmax(t.norm_max, torch.where(finite, stats.norm, math.nan) if isinstance(finite, Tensor) else stats.norm if finite else math.nan)
         t.last = stats
-        if isinstance(skipped, Tensor):  # on the device: the run is checked at the next logging step
+        if isinstance(skipped, Tensor):  # on the device: the first run to reach the bound is read at the next log
             t.streak = (t.streak + 1) * skipped
             t.since = torch.where(t.streak == 1, global_step, t.since)
+            if self.max_consecutive_skips is not None:
+                t.tripped = torch.where((t.tripped < 0) & (t.streak >= self.max_consecutive_skips), t.since, t.tripped)
         else:
             t.since = global_step if skipped and not t.streak else t.since
             t.streak = t.streak + 1 if skipped else 0
@@ -701,15 +723,18 @@ class GradientClipCallback(GradientCallback):
                 values[names.SKIPPED_STEPS] = t.skipped
             values.update({f"{names.GROUP_NORM}/{g}": n for g, n in (t.groups or {}).items()})
             out.update((self._metric_key(k, i), v) for k, v in values.items())
-            if isinstance(t.streak, Tensor):  # read with the metrics, checked in `_written`
-                out.update({f"\0streak{i}": t.streak, f"\0since{i}": t.since})
+            out.update(self._tripped(i))  # read with the metrics, checked in `_written`
             t.at_log, t.groups, t.norm_max = (t.steps, t.ran, t.clipped), None, math.nan
         return out
 
+    def _tripped(self, idx: Optional[int] = None) -> dict[str, Value]:
+        """The device-side runs of skips to check, under private keys (``_written`` takes them out)."""
+        return {f"\0tripped{i}": t.tripped for i, t in self._tallies.items() if isinstance(t.tripped, Tensor) and idx in (None, i)}
+
     def _written(self, values: dict[str, float]) -> None:
-        for key in [k for k in values if k.startswith("\0streak")]:
-            i = key[len("\0streak"):]
-            self._check_streak(int(values.pop(key)), int(values.pop(f"\0since{i}")))
+        for key in [k for k in values if k.startswith("\0tripped")]:
+            if (since := values.pop(key)) >= 0:
+                self._check_streak(int(self.max_consecutive_skips or 0), int(since))
         # a step skipped on the device (`found_inf`) is first known here, at the next logging step
         if self._on_device and any(v > 0 for k, v in values.items() if k.endswith(f"/{names.NONFINITE_STEPS}")):
             self._warn_nonfinite("skipping the optimizer step")
@@ -720,7 +745,8 @@ class GradientClipCallback(GradientCallback):
         keys = ("finite", "ran", "clipped", "skipped", "streak", "since")
         return {
             "tallies": {
-                i: {"steps": t.steps, **{k: int(getattr(t, k)) for k in keys}, "at_log": tuple(int(v) for v in t.at_log)}
+                i: {"steps": t.steps, **{k: int(getattr(t, k)) for k in keys}, "at_log": tuple(int(v) for v in t.at_log),
+                    "norm_max": float(t.norm_max)}  # fmt: skip
                 for i, t in self._tallies.items()
             }
         }

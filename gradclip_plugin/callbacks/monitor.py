@@ -10,7 +10,7 @@ from torch import Tensor
 from gradclip_plugin import names
 from gradclip_plugin.callbacks import _lightning as lightning
 from gradclip_plugin.callbacks.base import (EXACT_UNDER_SCALE, GradientCallback, GroupDepth, NormType, Plan, Value,
-    check_group_depth, _fmax, read_metrics)
+    check_group_depth, check_number, _fmax, read_metrics)
 from gradclip_plugin.functional import combine_norms, tensor_norms
 from gradclip_plugin.functional.norms import check_norm_type
 
@@ -93,12 +93,12 @@ class GradientNormMonitor(GradientCallback):
         self.weight_norms, self.update_ratio = weight_norms, update_ratio
         self.norm_type = check_norm_type(norm_type)
         check_group_depth(group_depth)
-        every = histogram_every_n_steps
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-            raise ValueError(f"`histogram_every_n_steps` must be a positive int or None, got {every!r}")
-        self.histogram_every_n_steps = every
+        self.histogram_every_n_steps = check_number("histogram_every_n_steps", histogram_every_n_steps, allow_none=True,
+                                                    integer=True, what="a positive int")  # fmt: skip
         super().__init__(include=include, exclude=exclude, group_depth=group_depth, log_prefix=log_prefix,
                          report_every_n_steps=report_every_n_steps)  # fmt: skip
+
+    _per_optimizer = ("_nonfinite", "_max")
 
     def _reset(self) -> None:
         super()._reset()
@@ -110,10 +110,11 @@ class GradientNormMonitor(GradientCallback):
         self._hooks: list[Any] = []  # step post-hooks, removed at the batch's end (not while they run)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"nonfinite_steps": {i: int(n) for i, n in self._nonfinite.items()}}
+        return {"nonfinite_steps": {i: int(n) for i, n in self._nonfinite.items()}, "total_max": {i: float(m) for i, m in self._max.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._nonfinite = {int(i): int(n) for i, n in state_dict.get("nonfinite_steps", {}).items()}
+        self._max = {int(i): float(m) for i, m in state_dict.get("total_max", {}).items()}  # a spike before the resume
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_fit_start(trainer, pl_module)
@@ -225,11 +226,14 @@ class GradientNormMonitor(GradientCallback):
         self._max[idx] = _fmax(self._max.get(idx, float("nan")), torch.where(finite, total, float("nan")))
         if log:
             pending = self._pending.setdefault(idx, {})
-            pending.update({names.TOTAL: total, names.TOTAL_MAX: self._max.pop(idx), names.NONFINITE_STEPS: self._nonfinite[idx]})
+            pending.update({names.TOTAL: total, names.NONFINITE_STEPS: self._nonfinite[idx]})  # TOTAL_MAX: when read
             ours = (names.TOTAL, names.TOTAL_MAX, names.NONFINITE_STEPS, names.WEIGHT, names.UPDATE_RATIO)
             pending.update((g if g not in ours else f"{g}_", n) for g, n in self._group_norms(plan, positions, norms, self.norm_type).items())
 
     def _pop_metrics(self, idx: Optional[int] = None) -> dict[str, Value]:
+        for i, values in self._pending.items():  # the largest total of every step since the last read, several a batch too
+            if idx in (None, i) and names.TOTAL in values:
+                values[names.TOTAL_MAX] = self._max.pop(i, float("nan"))
         out = {self._metric_key(k, i): v for i, values in self._pending.items() if idx in (None, i) for k, v in values.items()}
         self._pending = {i: v for i, v in self._pending.items() if idx not in (None, i)}
         return out

@@ -8,6 +8,7 @@ gradients, with the formulas in ``test_clip``.
 from __future__ import annotations
 
 import copy
+import math
 import fnmatch
 import re
 import warnings
@@ -629,11 +630,14 @@ def test_state_dict_round_trip_of_nonfinite_steps(tmp_path):
     with pytest.warns(UserWarning, match="non-finite"):
         trainer.fit(NonFiniteModel("loss-inf", bad_steps=(1, 2)), make_loader())
     state = cb.state_dict()
-    assert state == {"tallies": {0: {"steps": 4, "finite": 2, "ran": 2, "clipped": 2, "skipped": 0, "streak": 0, "since": 1,
-                                     "at_log": (0, 0, 0)}}}  # fmt: skip
+    plain = lambda st: {i: {k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in t.items()}  # noqa: E731
+                        for i, t in st["tallies"].items()}  # fmt: skip
+    assert state["tallies"][0]["norm_max"] > 5.0  # no logger read it: the largest norm of the two steps that clipped
+    assert {k: v for k, v in plain(state)[0].items() if k != "norm_max"} == {
+        "steps": 4, "finite": 2, "ran": 2, "clipped": 2, "skipped": 0, "streak": 0, "since": 1, "at_log": (0, 0, 0)}
     fresh = ClipByGlobalNorm(5.0)
     fresh.load_state_dict(copy.deepcopy(state))
-    assert fresh.state_dict() == state
+    assert plain(fresh.state_dict()) == plain(state)
 
     # through a checkpoint: the resumed callback goes on counting from 2
     path = tmp_path / "last.ckpt"
@@ -832,7 +836,7 @@ def test_a_run_of_device_skips_stops_the_fit_at_the_next_logging_step(tmp_path):
     model = NonFiniteModel("loss-inf", bad_steps=range(1, 9), optimizer="adam")
     model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
     trainer = make_trainer(tmp_path, [cb], logger=CSVLogger(tmp_path), max_steps=10, log_every_n_steps=5)
-    with pytest.raises(RuntimeError, match=r"4 optimizer steps in a row were skipped, since global step 1"):
+    with pytest.raises(RuntimeError, match=r"3 optimizer steps in a row were skipped, since global step 1"):
         trainer.fit(model, make_loader(n=64))
     assert trainer.global_step == 5  # noticed at the logging step after step 4, with no read before it
     assert "found_inf" not in trainer.optimizers[0].__dict__  # nothing left on the optimizer
@@ -847,3 +851,113 @@ def test_a_monitor_with_nothing_selected_for_one_optimizer_logs_the_other(tmp_pa
     keys = {k for k in read_metrics(logger) if k.startswith("grad_norm")}
     assert "grad_norm/opt0/weight/encoder" in keys and "grad_norm/opt0/update_ratio/encoder" in keys
     assert not any(k.startswith("grad_norm/opt1/") for k in keys)
+
+
+# --- found by attacking the package a second time ------------------------------------------------------
+
+
+def _fused_adam_model(bad_steps):
+    model = NonFiniteModel("loss-inf", bad_steps=bad_steps, optimizer="adam")
+    model.configure_optimizers = lambda: torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
+    return model
+
+
+def test_device_skips_stop_the_fit_without_a_logger(tmp_path):
+    # no logger writes the metrics: the run of skips is read every `max_consecutive_skips` steps instead
+    trainer = make_trainer(tmp_path, [ClipByGlobalNorm(5.0, max_consecutive_skips=3)], max_steps=30)
+    with pytest.raises(RuntimeError, match=r"3 optimizer steps in a row were skipped, since global step 2"):
+        trainer.fit(_fused_adam_model(range(2, 30)), make_loader(n=128))
+    assert trainer.global_step <= 6
+
+
+def test_a_run_of_device_skips_that_ends_before_the_log_still_stops_the_fit(tmp_path):
+    trainer = make_trainer(tmp_path, [ClipByGlobalNorm(5.0, max_consecutive_skips=3)], logger=CSVLogger(tmp_path),
+                           max_steps=12, log_every_n_steps=10)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"3 optimizer steps in a row were skipped, since global step 2"):
+        trainer.fit(_fused_adam_model(range(2, 6)), make_loader(n=64))  # steps 6 to 9 run again before the log
+
+
+def test_norm_max_and_total_max_survive_a_resume_in_the_middle_of_a_logging_interval(tmp_path):
+    from gradclip_plugin import GradientNormMonitor
+
+    class Spike(TinyModel):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * 1e4 if self.global_step == 3 else loss
+
+    def run(steps, ckpt=None, version=None):
+        cbs = [GradientNormMonitor(), ClipByGlobalNorm(1e9)]
+        logger = CSVLogger(tmp_path, version=version)
+        trainer = make_trainer(tmp_path, cbs, logger=logger, max_steps=steps, log_every_n_steps=10)
+        torch.manual_seed(0)
+        trainer.fit(Spike(), make_loader(n=64), ckpt_path=ckpt)
+        return trainer, logger
+
+    _, whole = run(10, version="whole")
+    trainer, _ = run(5, version="first")
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    _, resumed = run(10, tmp_path / "mid.ckpt", version="resumed")
+    for key in ("grad_norm/total_max", "grad_clip/norm_max"):
+        assert read_metrics(resumed)[key] == read_metrics(whole)[key], key  # the spike at step 3 is in both
+        assert read_metrics(whole)[key][9] > 100
+
+
+def test_the_monitors_total_max_covers_every_step_of_a_batch_with_two(tmp_path):
+    from gradclip_plugin import GradientNormMonitor
+
+    probe, logger = GradProbe(), CSVLogger(tmp_path)
+    make_trainer(tmp_path, [probe, GradientNormMonitor()], logger=logger, max_steps=4).fit(TwoStepsPerBatchModel(), make_loader())
+    norms = [vec_norm([g for g in s.values() if g is not None], 2.0) for s in probe.steps]
+    logged = read_metrics(logger)["grad_norm/total_max"]
+    assert list(logged.values()) == pytest.approx([max(norms[0:2]), max(norms[2:4])], rel=1e-5)
+
+
+def test_a_new_optimizer_at_a_gone_ones_index_starts_afresh_but_a_loaded_state_is_kept():
+    from gradclip_plugin import AutoClip
+
+    def fold(cb, seed):
+        torch.manual_seed(seed)
+        net = nn.Linear(4, 1)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            net(torch.randn(8, 4) * 10).pow(2).mean().backward()
+            cb.clip_gradients(net, opt)
+            opt.step()
+        return cb._states[0].history
+
+    reused = AutoClip()
+    fold(reused, 0)
+    import gc
+
+    gc.collect()  # the first fold's optimizer is gone: the second gets its index
+    assert fold(reused, 1) == fold(AutoClip(), 1)  # as a new callback's, not the first fold's history continued
+    resumed = AutoClip()
+    resumed.load_state_dict(copy.deepcopy(reused.state_dict()))
+    assert len(fold(resumed, 2)) == 6  # a state loaded before the first call is continued
+
+
+def test_a_step_left_to_the_loss_scaler_is_not_scaled(tmp_path):
+    from lightning.fabric import Fabric
+    from lightning.fabric.plugins.precision import MixedPrecision
+
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))])
+    m = nn.Module()
+    m.a, m.b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    fm, fo = fabric.setup(m, torch.optim.SGD(m.parameters(), lr=0.1))
+    for cb in (ClipByGlobalNorm(1.0), pytest.importorskip("gradclip_plugin").ZClip(warmup_steps=1, max_norm=None)):
+        fo.zero_grad()
+        fabric.backward((m.a * float("inf")).sum() + (m.b * 0.1).sum())
+        metrics = cb.clip_gradients(fm, fo, fabric=fabric)
+        torch.testing.assert_close(m.b.grad, torch.full((2,), 0.1))  # as the scaler left it, not times max_norm / inf
+        assert metrics["grad_clip/nonfinite_steps"] == 1.0 and "grad_clip/norm_clipped" not in metrics
+        fo.step()
+
+
+def test_a_loop_refuses_complex_parameters_at_the_first_call_where_the_rule_cannot_clip_them():
+    net = nn.Linear(2, 2)
+    net.phase = nn.Parameter(torch.ones(2, dtype=torch.complex64))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net(torch.ones(1, 2)).sum().add(net.phase.abs().sum()).backward()
+    with pytest.raises(ValueError, match="ClipByValue does not clip complex parameters"):
+        ClipByValue(1e9).clip_gradients(net, opt)  # at once, not at the first step whose values exceed the bound
