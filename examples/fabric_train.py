@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train import IRNNRegressor, SequenceSumData  # noqa: E402  (the model and the generated data)
 
 from gradclip_plugin import ClipByGlobalNorm, GradientNormMonitor  # noqa: E402
+from gradclip_plugin.tensorboard import write_fabric  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -53,11 +54,14 @@ def main(argv: list[str] | None = None) -> float:
         fabric.backward(loss)
         log = (step + 1) % args.log_every == 0
         metrics = clip.clip_gradients(model, optimizer, fabric=fabric, metrics=log)  # no host read if not log
+        metrics.update(monitor.gradient_norms(model, optimizer, fabric=fabric, metrics=log))  # every step: total_max
         if log:
-            metrics.update(monitor.gradient_norms(model, optimizer, fabric=fabric), train_loss=loss.item())
-            fabric.log_dict(metrics, step=step)
+            fabric.log_dict({**metrics, "train_loss": loss.item()}, step=step)
         optimizer.step()
         optimizer.zero_grad()
+        if step == 0:  # TensorBoard's layout and each callback's text (the monitor knows its groups now)
+            write_fabric(fabric, clip, monitor)
+    write_fabric(fabric, clip, monitor, step=step)  # and the report's figure, in the Images tab
 
     x, y = data.make(512, 1).tensors
     with torch.no_grad():
