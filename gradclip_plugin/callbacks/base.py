@@ -167,6 +167,15 @@ def read_values(values: list[Value]) -> list[float]:
     return [next(read) if isinstance(v, Tensor) else float(v) for v in values]
 
 
+def _warn_fused_momentum(optimizers: list[torch.optim.Optimizer], scaler: Optional[torch.amp.GradScaler]) -> None:
+    """Warn of torch's fused SGD with momentum under a loss scaler: a combination this package cannot make safe."""
+    if scaler is not None and any(isinstance(o, torch.optim.SGD) and o.defaults.get("fused") and o.defaults.get("momentum") for o in optimizers):
+        lightning.rank_zero_warn(
+            "torch's fused SGD with momentum leaves its momentum buffers uninitialised when a loss scaler skips the "
+            "first step of a parameter (an overflow then): use `fused=False`, or `foreach=True`, under `16-mixed`."
+        )
+
+
 def _not(value: Union[bool, Tensor]) -> Union[bool, Tensor]:
     return ~value if isinstance(value, Tensor) else not value
 
@@ -539,13 +548,7 @@ class GradientClipCallback(GradientCallback):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_fit_start(trainer, pl_module)
-        if lightning.loss_scaler(trainer) is not None and any(
-            isinstance(opt, torch.optim.SGD) and opt.defaults.get("fused") and opt.defaults.get("momentum") for opt in trainer.optimizers
-        ):  # fmt: skip
-            lightning.rank_zero_warn(
-                "torch's fused SGD with momentum leaves its momentum buffers uninitialised when a loss scaler skips "
-                "its first step (an overflow at the first step): use `fused=False`, or `foreach=True`, under `16-mixed`."
-            )
+        _warn_fused_momentum(trainer.optimizers, lightning.loss_scaler(trainer))
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
@@ -577,6 +580,8 @@ class GradientClipCallback(GradientCallback):
         """
         optimizer, plan, idx, scaler = self._loop_step(module, optimizer, fabric)
         step = self._tallies[idx].steps if idx in self._tallies else 0
+        if not step:
+            _warn_fused_momentum([optimizer], scaler)
         self._clip_step(optimizer, plan, idx, scaler, metrics, step, loop="fabric" if fabric is not None else "plain")
         if not metrics:
             return {}

@@ -32,7 +32,8 @@
   * a param group added at a step the scaler skips, fused SGD with momentum, in the Trainer and Fabric (xfail,
     strict): the callback leaves a non-finite step to the scaler, which skips it on the device, after torch's
     fused SGD has made the new group's momentum buffers with ``empty_like`` (a ``momentum_buffer`` in the
-    state, never written); the Trainer warns of fused SGD with momentum under a scaler at fit start. (In a
+    state, never written); the Trainer (at fit start) and Fabric (at the first call) warn of fused SGD with
+    momentum under a scaler. (In a
     plain loop the callback cannot see the scaler: it hides the gradients, and the cell holds.)
 * **Failures and folds** (STYLE 18): a fit that raises leaves neither a ``found_inf`` nor a hook (and hidden
   gradients are put back); one callback clips 20 folds of a plain loop, each with a new model and optimizer;
@@ -641,11 +642,11 @@ def check_cell(cell: Cell, loop: str, run: Run) -> None:
     # non-finite step there is skipped by both (the gradients hidden, and the scaler's found_inf)
     knows_scaler = cell.scaler and loop != "plain"
     # warnings: a non-finite step skipped by the callback is warned about (once), one the scaler skips is not;
-    # fused SGD with momentum under a scaler is warned about at fit start (a Trainer's only)
+    # fused SGD with momentum under a scaler the callback knows is warned about (at fit start, or the first call)
     nonfinite_warned = sum("non-finite gradients found, skipping the optimizer step" in w for w in run.warnings)
     assert nonfinite_warned == (cell.reason == "nonfinite" and not knows_scaler), run.warnings
     momentum_warned = any("fused SGD with momentum leaves its momentum buffers" in w for w in run.warnings)
-    assert momentum_warned == (run.trainer and cell.scaler and cell.kind in MOMENTUM_FUSED), run.warnings
+    assert momentum_warned == (knows_scaler and cell.kind in MOMENTUM_FUSED), run.warnings
     if cell.scaler:  # the scaler saw the overflow, and nothing else
         assert run.scale == INIT_SCALE * (0.5 if cell.reason == "nonfinite" else 1.0)
 
