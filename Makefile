@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
 
-.PHONY: test test-oldest demo bench gpu-check dist clean
+.PHONY: test test-oldest demo bench stability gpu-check dist clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ $(BENCH_STAMP): $(STAMP) benchmarks/requirements.txt
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/bench.py
+
+# A small byte-level transformer on the Python standard library's source, learning rate too high, once per
+# clipping rule (same seed and batches): validation loss, loss spikes, skipped steps, ms/step, docs/stability.png
+stability: $(STAMP)
+	$(PY) benchmarks/stability.py
 
 # The oldest versions the package declares (pyproject.toml's floors), in a venv of their own beside the
 # pinned torch: `make test-oldest` runs the namespace and callback tests against them. Keep them equal
