@@ -397,6 +397,7 @@ def test_parse_rule():
 
 def _report_of(tmp_path, cb, steps: int = 12, name: str = "run"):
     logger = TensorBoardLogger(tmp_path, name=name, version="")
+    torch.manual_seed(0)  # the model's initial weights: the same run, and the same counts, every time
     make_trainer(tmp_path, [cb], logger=logger, max_steps=steps).fit(TinyModel(), make_loader(n=64))
     (s,) = summarize(logger.log_dir)
     return s
