@@ -12,7 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = ["AdaGC", "AdaptiveGradientClipping", "AutoClip", "ClipByGlobalNorm", "ClipByNorm", "ClipByValue",
-    "GradientClipCallback", "GradientNormMonitor", "ZClip"]
+    "GradientClipCallback", "GradientNormMonitor", "SkipSpikes", "ZClip"]
 
 
 def __getattr__(name: str) -> Any:

@@ -196,6 +196,9 @@ ADVICE = {
         "tensor's clipped norms, after a warm-up clipped globally to lambda_abs: there is no max_norm to choose. Its clip "
         "rate counts a step where any tensor was clipped; `clipped_tensors` says how many were: raise lambda_rel (1.05 in "
         "the paper) if most are clipped at most steps, or lambda_abs if the warm-up clips every step."),
+    "SkipSpikes": Advice("sigma", skip="sigma", note="SkipSpikes does not clip: it skips a step whose loss or norm is more "
+        "than sigma standard deviations above its window's mean (skipped_steps.csv lists them). Place a clipping callback "
+        "after it; raise sigma (6 in OLMo-core) if it skips more than a few steps in a thousand."),
 }  # fmt: skip
 
 

@@ -31,6 +31,7 @@ which also catches syncs that Python does not see (``.cpu()``, ``nonzero``, a bo
 from __future__ import annotations
 
 import functools
+import math
 from collections import Counter
 from typing import Any, Callable
 
@@ -333,3 +334,25 @@ def test_cuda_sync_debug_mode_over_the_fused_skip(tmp_path, skip_above):
     fit_with_no_sync_in_the_hook(tmp_path, cb, SpikyFusedModel())
     tally = cb.state_dict()["tallies"][0]
     assert tally["steps"] - tally["finite"] == 1
+
+
+def test_skip_spikes_with_a_fused_optimizer_reads_nothing(tmp_path, monkeypatch):
+    """SkipSpikes with a fused optimizer: its windows and decisions stay on the device, a NaN step and a
+    loss spike included (the rows of the skipped steps are read at the end, outside the step's hooks)."""
+    from gradclip_plugin import SkipSpikes
+
+    cb = SkipSpikes(window=2, sigma=3.0)
+    counter = HostReadCounter(monkeypatch)
+    run(tmp_path, cb, counter, log_every_n_steps=1000, model=SpikyFusedModel())
+    assert counter.counts == Counter(), "SkipSpikes read tensor values with a fused optimizer"
+    assert [(s.global_step, math.isfinite(s.norm)) for s in cb.skipped] == [(1, False), (3, True)]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_sync_debug_mode_over_skip_spikes(tmp_path):
+    from gradclip_plugin import SkipSpikes
+
+    cb = SkipSpikes(window=2, sigma=3.0)
+    fit_with_no_sync_in_the_hook(tmp_path, cb, SpikyFusedModel())
+    assert [s.global_step for s in cb.skipped] == [1, 3]

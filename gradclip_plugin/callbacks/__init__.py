@@ -4,6 +4,7 @@ from gradclip_plugin.callbacks.adaptive import AdaGC, AdaptiveGradientClipping, 
 from gradclip_plugin.callbacks.base import ClipStats, GradientClipCallback, Step
 from gradclip_plugin.callbacks.clip import ClipByGlobalNorm, ClipByNorm, ClipByValue
 from gradclip_plugin.callbacks.monitor import GradientNormMonitor
+from gradclip_plugin.callbacks.spikes import SkipSpikes
 
 __all__ = ["AdaGC", "AdaptiveGradientClipping", "AutoClip", "ClipByGlobalNorm", "ClipByNorm", "ClipByValue", "ClipStats",
-    "GradientClipCallback", "GradientNormMonitor", "Step", "ZClip"]
+    "GradientClipCallback", "GradientNormMonitor", "SkipSpikes", "Step", "ZClip"]

@@ -66,6 +66,13 @@ def loss_scaler(trainer: Any) -> Optional[torch.amp.GradScaler]:
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
+def unscaled(trainer: Any, loss: torch.Tensor) -> torch.Tensor:
+    """The loss Lightning passes to ``on_before_backward``, without the ``16-mixed`` loss scale its precision
+    plugin multiplied it by (the scaler's private scale tensor: no host read)."""
+    scaler = loss_scaler(trainer)
+    return loss if scaler is None else loss / scaler._scale
+
+
 def flat_shard_group(trainer: Any) -> Optional[Any]:
     """The process group FSDP1 (``FSDPStrategy``) shards flat parameters over, or ``None``.
 

@@ -396,8 +396,9 @@ class ClipStats(NamedTuple):
     threshold: Value  #: the threshold in force at this step
     clipped: Union[bool, Tensor]  #: whether clipping changed the gradients
     extra: Optional[dict[str, Value]] = None  #: more metrics of the rule (ZClip's ``z``)
-    skip: bool = False  #: the rule asks to skip this optimizer step (ZClip's ``skip_step_z_thresh``); it
-    #: then leaves the gradients as they are
+    #: the rule asks to skip this optimizer step (ZClip's ``skip_step_z_thresh``, SkipSpikes: a 0-dim bool
+    #: tensor, left to the device where the step may be skipped there); it then leaves the gradients as they are
+    skip: Union[bool, Tensor] = False
 
 
 class Step(NamedTuple):
@@ -632,6 +633,10 @@ class GradientClipCallback(GradientCallback):
         if fate.action == "zero":
             norms, extra, norm, fate = self._zero_(grads, fate)
         stats = self._run(grads, params, idx, norms, norm, extra, fate, scaler is not None)
+        if isinstance(stats.skip, Tensor):  # a rule's skip decided on the device: into the flag, or read here
+            device = fate.action == "device"
+            fate = fate._replace(flag=torch.maximum(fate.flag, stats.skip.float())) if device else fate
+            stats = stats._replace(skip=False if device else bool(stats.skip))
         if fate.action == "skip" or stats.skip:
             if scale is not None:  # the scaler checks for inf what it unscales: without it, its step and update fail
                 scaler.unscale_(optimizer)

@@ -31,11 +31,13 @@ from gradclip_plugin.functional.norms import check_positive, check_real, combine
 
 __all__ = [
     "AutoClipState",
+    "SpikeWindow",
     "ZClipState",
     "adaptive_clip_grad_",
     "agc_coefficients",
     "autoclip_update",
     "scale_units_",
+    "spike_update",
     "threshold_coefficient",
     "unit_counts",
     "unitwise_norm",
@@ -402,3 +404,44 @@ def adagc_update(gamma: Tensor, norms: Tensor, *, warmup: bool, lambda_abs: floa
     new = torch.where(fresh, torch.minimum(gamma, clipped), torch.lerp(gamma, clipped, 1.0 - beta))
     keep = ~torch.isfinite(clipped).all() if skip is None else skip | ~torch.isfinite(clipped).all()
     return torch.where(keep, gamma, new), coefs, limits
+
+
+# ---------------------------------------------------------------------------------------------- spike skipping
+class SpikeWindow(NamedTuple):
+    """The last ``window`` finite values of each watched quantity (a column each), oldest first, and how
+    many of the rows are real (the first ``window - count`` are not yet)."""
+
+    values: Tensor  #: ``(window, k)``, float32
+    count: Tensor  #: 0-dim int64
+
+
+@torch.no_grad()
+def spike_update(state: Optional[SpikeWindow], x: Tensor, *, window: int, sigma: float,
+                 record: Union[bool, Tensor] = True) -> tuple[SpikeWindow, Tensor, Tensor]:  # fmt: skip
+    """Whether this step's values ``x`` (``k`` of them: a loss, a norm) spike against the window, then the
+    window with ``x`` added.
+
+    OLMo-core's ``SkipStepOptimizer.get_step_factor`` on finite values: a value spikes when
+    ``x - mean > sigma * std`` (``std`` unbiased) over the previous values in the window, once
+    ``max(2, window // 2)`` values have been seen, this one included, and at least 2 before it (OLMo-core
+    would skip every step of a window under 6 once active: the std of one value is NaN). Beyond it: a
+    step with a non-finite value spikes, and enters nothing (its window is not poisoned); nor does a
+    step whose ``record`` is false. Nothing is read to the host.
+
+    Returns:
+        ``(new_state, skip, limits)``: ``skip`` a 0-dim bool tensor, ``limits`` the ``k`` values
+        ``mean + sigma * std`` in force (NaN while the window is not active).
+    """
+    x = x.detach().reshape(-1).float()
+    if state is None:
+        state = SpikeWindow(x.new_zeros(window, x.numel()), torch.zeros((), dtype=torch.long, device=x.device))
+    values, count = state.values.to(x.device), state.count.to(x.device)
+    real = (torch.arange(window, device=x.device) >= window - count).unsqueeze(1)
+    mean = torch.where(real, values, 0.0).sum(0) / count
+    std = (torch.where(real, values - mean, 0.0).square().sum(0) / (count - 1)).sqrt()
+    active = count >= max(2, window // 2 - 1)
+    finite = torch.isfinite(x).all()
+    skip = ~finite | (active & ~((x - mean) <= sigma * std).all())  # OLMo-core's comparison, NaN-safe
+    enter = finite & record
+    new = SpikeWindow(torch.where(enter, torch.cat([values[1:], x.unsqueeze(0)]), values), torch.clamp(count + enter.long(), max=window))
+    return new, skip, torch.where(active, mean + sigma * std, math.nan)
