@@ -216,6 +216,7 @@ def run_one(name: str, make_callbacks: Callable[[], list[Any]], args: argparse.N
     vloss = validation_loss(model, val, args.context)
     return {
         "name": name, "losses": losses, "spikes": spk, "val": vloss, "skipped": skipped(clip),
+        "skipped_at": [s.global_step for cb in clip for s in getattr(cb, "skipped", [])],  # SkipSpikes' record
         "max_z": max_z(losses, args.spike_window), "ms": 1000 * statistics.median(timer.times[5:] or timer.times), "wall": wall, "error": error,
         "final_train": statistics.fmean(losses[-50:]) if losses else math.nan,
     }  # fmt: skip
@@ -234,8 +235,10 @@ def plot(results: list[dict[str, Any]], path: Path, args: argparse.Namespace) ->
     for r, c in zip(results, colors):
         ls = r["losses"]
         steps = range(1, len(ls) + 1)
-        label = f"{r['name']}: {len(r['spikes'])} spikes, val {r['val']:.3f}"
+        label = f"{r['name']}: {len(r['spikes'])} spikes, val {r['val']:.3f}" + (f", {r['skipped']} skipped (x)" if r["skipped"] else "")
         ax.plot(steps, ls, color=c, lw=0.8, alpha=0.85, label=label)
+        if r["skipped_at"]:
+            ax.scatter([s + 1 for s in r["skipped_at"]], [ls[s] for s in r["skipped_at"]], color=c, marker="x", s=30, zorder=4)
         if r["spikes"]:
             ax.scatter([s + 1 for s in r["spikes"]], [ls[s] for s in r["spikes"]], color=c, s=22, zorder=3, edgecolor="black", linewidth=0.5)
     ax.set_yscale("log")
@@ -243,7 +246,7 @@ def plot(results: list[dict[str, Any]], path: Path, args: argparse.Namespace) ->
     ax.set_ylabel("training loss (nats per byte, log scale)")
     ax.set_title(
         f"Byte-level {args.norm}-LN transformer on Python stdlib source, AdamW lr={args.lr:g} ({warm_s}), batch {args.batch}\n"
-        f"dots: spikes (loss > mean + {args.spike_sigmas:g} std of the previous {args.spike_window} steps)",
+        f"dots: spikes (loss > mean + {args.spike_sigmas:g} std of the previous {args.spike_window} steps); x: steps SkipSpikes skipped",
         fontsize=10,
     )
     ax.grid(True, which="both", alpha=0.3)
@@ -326,7 +329,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         results.append(r)
         print(
             f"{name}: val {r['val']:.4f}, spikes {len(r['spikes'])} at steps {[s + 1 for s in r['spikes']][:12]}, "
-            f"max z {r['max_z']:.1f}, skipped {r['skipped']}, {r['ms']:.1f} ms/step, {r['wall']:.0f} s" + (f", STOPPED: {r['error']}" if r["error"] else ""),
+            f"max z {r['max_z']:.1f}, skipped {r['skipped']} {[s + 1 for s in r['skipped_at']][:20]}, {r['ms']:.1f} ms/step, {r['wall']:.0f} s" + (f", STOPPED: {r['error']}" if r["error"] else ""),
             flush=True,
         )
     if args.plot and results:

@@ -86,10 +86,8 @@ def load_callbacks(path: str | os.PathLike, namespace: str = "pytorch_lightning"
         with open(file, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
-        raise GradclipConfigError(
-            f"{where}: no such file (looked for {os.path.abspath(file)!r}). Set {ENV_VAR} to the path of a "
-            f"YAML file of callbacks, or unset it."
-        ) from None
+        raise GradclipConfigError(f"{where}: no such file (looked for {os.path.abspath(file)!r}). Set {ENV_VAR} to the path "
+                                  f"of a YAML file of callbacks, or unset it.") from None
     except (OSError, ValueError) as err:  # ValueError: UnicodeDecodeError (PowerShell's `>` writes UTF-16), a NUL
         fix = "; it must be UTF-8: re-save it as UTF-8 (`Out-File -Encoding utf8`)" if isinstance(err, UnicodeError) else ""
         raise GradclipConfigError(f"{where}: cannot read the file: {err}{fix}") from None
@@ -109,10 +107,9 @@ def _entries(data: Any, where: str) -> list[Any]:
         got = f"a file whose `trainer.callbacks` is {_describe(data)}"
     if isinstance(data, list) and data:
         return data
-    raise GradclipConfigError(
-        f"{where}: expected a non-empty list of `class_path`/`init_args` entries (the form of `trainer.callbacks` "
-        f"in a LightningCLI config), got {got}: list at least one callback. For example:\n{_EXAMPLE}"
-    )
+    raise GradclipConfigError(f"{where}: expected a non-empty list of `class_path`/`init_args` entries (the form of "
+                              f"`trainer.callbacks` in a LightningCLI config), got {got}: list at least one callback. "
+                              f"For example:\n{_EXAMPLE}")
 
 
 def _build(entry: Any, where: str, namespace: str) -> Any:
@@ -120,9 +117,8 @@ def _build(entry: Any, where: str, namespace: str) -> Any:
         raise GradclipConfigError(f"{where}: expected a mapping with a `class_path` string, got {entry!r}")
     unknown = sorted(set(entry) - {"class_path", "init_args"})
     if unknown:
-        raise GradclipConfigError(
-            f"{where}: unknown key(s) {unknown} next to `class_path`; only `class_path` and `init_args` are read"
-        )
+        raise GradclipConfigError(f"{where}: unknown key(s) {unknown} next to `class_path`; "
+                                  "only `class_path` and `init_args` are read")
     class_path = entry["class_path"]
     init_args = entry.get("init_args") or {}
     if not isinstance(init_args, dict):
@@ -132,9 +128,8 @@ def _build(entry: Any, where: str, namespace: str) -> Any:
     params = _arguments(cls)
     unknown = [k for k in init_args if k not in params]
     if unknown:
-        raise GradclipConfigError(
-            f"{where}: {cls.__name__} has no argument `{unknown[0]}`; its arguments are " + ", ".join(f"`{k}`" for k in params)
-        )
+        raise GradclipConfigError(f"{where}: {cls.__name__} has no argument `{unknown[0]}`; its arguments are "
+                                  + ", ".join(f"`{k}`" for k in params))
     try:
         from jsonargparse import ArgumentParser
     except ImportError:  # the constructor checks the values alone
@@ -174,9 +169,8 @@ def _resolve(class_path: str, where: str, namespace: str) -> type:
             cls = getattr(importlib.import_module(module_name), name, None)
         except Exception as err:  # ImportError, or the module's own error
             if "." in class_path:
-                raise GradclipConfigError(
-                    f"{where}: cannot import module {module_name!r} of `class_path: {class_path}`: {err}"
-                ) from err
+                raise GradclipConfigError(f"{where}: cannot import module {module_name!r} "
+                                          f"of `class_path: {class_path}`: {err}") from err
             continue
         if cls is None:
             continue
@@ -184,10 +178,8 @@ def _resolve(class_path: str, where: str, namespace: str) -> type:
         if not (isinstance(cls, type) and issubclass(cls, callback)):
             raise GradclipConfigError(f"{where}: `class_path: {class_path}` is not a {namespace} Callback class")
         return cls
-    raise GradclipConfigError(
-        f"{where}: unknown class `class_path: {class_path}`. Give the full import path, e.g. "
-        "`gradclip_plugin.ClipByGlobalNorm`."
-    )
+    raise GradclipConfigError(f"{where}: unknown class `class_path: {class_path}`. Give the full import path, e.g. "
+                              "`gradclip_plugin.ClipByGlobalNorm`.")
 
 
 def _describe(data: Any) -> str:

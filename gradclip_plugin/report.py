@@ -213,7 +213,7 @@ def advise(s: NormSummary) -> tuple[str, Optional[float], str]:
                                  f"trained. Raise it well above the {rule.quantity}s (p99 {p99:.3g}) or remove it.")  # fmt: skip
     capped = _capped(s, rule.cap) if rule.cap else ""
     if capped or rule.note:
-        rate = "" if s.clip_rate is None else f" It clipped {s.clip_rate:.0%} of the steps."
+        rate = "" if s.clip_rate is None or s.rule == "SkipSpikes" else f" It clipped {s.clip_rate:.0%} of the steps."
         return (rule.cap, None, capped + skips) if capped else (rule.parameter, None, rule.note + rate + skips)
     value, reason = suggest_max_norm(s.norm, s.threshold, peaks=s.peaks, guarded=s.guarded, steps=s.steps,
                                      parameter=rule.parameter, quantity=rule.quantity)  # fmt: skip

@@ -601,7 +601,46 @@ def scenario_fabric_fsdp_cpu(out_dir: Path) -> None:
     torch.save(res, out_dir / f"fabric_fsdp_cpu_rank{fabric.global_rank}.pt")
 
 
+def scenario_ddp_spikes(out_dir: Path) -> None:
+    """SkipSpikes under DDP: each rank has its own loss; rank 1's is 1,000 times larger at step 6."""
+    import importlib
+
+    from gradclip_plugin import SkipSpikes
+    from helpers import make_loader
+
+    pl = importlib.import_module(_ns())
+
+    class Model(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net, self.local = torch.nn.Linear(8, 1), []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y) * (1e3 if (self.global_step, self.global_rank) == (6, 1) else 1.0)
+            self.local.append(float(loss))
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    class Recording(SkipSpikes):
+        def clip_(self, grads, params, step):
+            self.losses.append(float(self._step_loss))  # the loss it decides on
+            return super().clip_(grads, params, step)
+
+    pl.seed_everything(0)
+    model, cb = Model(), Recording(window=4, sigma=3.0, watch="loss")
+    cb.losses = []
+    trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=10, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])  # fmt: skip
+    trainer.fit(model, make_loader(n=80, batch_size=4))
+    res = {"local": model.local, "losses": cb.losses, "skipped": [s.global_step for s in cb.skipped]}
+    torch.save(res, out_dir / f"ddp_spikes_rank{trainer.global_rank}.pt")
+
+
 SCENARIOS = {
+    "ddp_spikes": scenario_ddp_spikes,
     "fabric_ddp": scenario_fabric_ddp,
     "fabric_fsdp_cpu": scenario_fabric_fsdp_cpu,
     "dtensor": scenario_dtensor,
@@ -842,6 +881,13 @@ def _check_lightning_run(r0: dict, r1: dict) -> None:
 def test_ddp_ranks_agree_on_norms_clipping_and_skips(tmp_path):
     r0, r1 = run_lightning("ddp", tmp_path)
     _check_lightning_run(r0, r1)
+
+
+def test_skip_spikes_decides_on_the_loss_averaged_over_ranks(tmp_path):
+    r0, r1 = run_lightning("ddp_spikes", tmp_path)
+    assert r0["losses"] == r1["losses"] and r0["skipped"] == r1["skipped"] == [6]  # one decision, on both ranks
+    assert r0["losses"] == pytest.approx([(a + b) / 2 for a, b in zip(r0["local"], r1["local"])], rel=1e-6)
+    assert r0["local"][6] != r1["local"][6]
 
 
 @pytest.mark.parametrize("ns", ["pytorch_lightning", "lightning.pytorch"])

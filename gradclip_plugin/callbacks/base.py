@@ -192,6 +192,16 @@ def _ratio(a: Value, b: Value) -> Value:
     return a / b if isinstance(a, Tensor) or isinstance(b, Tensor) or b else math.nan
 
 
+def _rule_skip(fate: Fate, stats: ClipStats) -> tuple[Fate, ClipStats]:
+    """A rule's request to skip the step made on the device (a tensor ``stats.skip``): into the device flag
+    where the step may be skipped there, else read (the host skips it)."""
+    if not isinstance(stats.skip, Tensor):
+        return fate, stats
+    if fate.action == "device":
+        return fate._replace(flag=torch.maximum(fate.flag, stats.skip.float())), stats._replace(skip=False)
+    return fate, stats._replace(skip=bool(stats.skip))
+
+
 # ---------------------------------------------------------------------------------------------- shared base
 class GradientCallback(*lightning.CALLBACK_BASES):  # type: ignore[misc]
     """What the clipping callbacks and :class:`GradientNormMonitor` share: selection, names, writing.
@@ -632,11 +642,7 @@ class GradientClipCallback(GradientCallback):
             self._raise_nonfinite(plan, positions, grads, global_step)
         if fate.action == "zero":
             norms, extra, norm, fate = self._zero_(grads, fate)
-        stats = self._run(grads, params, idx, norms, norm, extra, fate, scaler is not None)
-        if isinstance(stats.skip, Tensor):  # a rule's skip decided on the device: into the flag, or read here
-            device = fate.action == "device"
-            fate = fate._replace(flag=torch.maximum(fate.flag, stats.skip.float())) if device else fate
-            stats = stats._replace(skip=False if device else bool(stats.skip))
+        fate, stats = _rule_skip(fate, self._run(grads, params, idx, norms, norm, extra, fate, scaler is not None))
         if fate.action == "skip" or stats.skip:
             if scale is not None:  # the scaler checks for inf what it unscales: without it, its step and update fail
                 scaler.unscale_(optimizer)

@@ -58,10 +58,8 @@ class ClipByValue(GradientClipCallback):
         report_every_n_steps: Optional[int] = None,
     ) -> None:
         self.clip_value = check_number("clip_value", clip_value)
-        super().__init__(
-            include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
-            group_depth=group_depth, log_prefix=log_prefix, report_every_n_steps=report_every_n_steps,
-        )
+        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
+                         group_depth=group_depth, log_prefix=log_prefix, report_every_n_steps=report_every_n_steps)  # fmt: skip
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], step: Step) -> ClipStats:
         unclipped = self._unclipped(step, self.clip_value)  # every entry within bounds: no clamping pass
@@ -92,14 +90,10 @@ class _MaxNormCallback(GradientClipCallback):
         max_norm = check_number("max_norm", max_norm)
         skip_above = check_number("skip_above", skip_above, allow_none=True)
         if skip_above is not None and not skip_above > max_norm:
-            raise ValueError(
-                f"`skip_above` must be above `max_norm` ({max_norm}): steps above it are skipped, those between "
-                f"are clipped; got {skip_above!r}"
-            )
-        super().__init__(
-            include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
-            group_depth=group_depth, log_prefix=log_prefix, report_every_n_steps=report_every_n_steps,
-        )
+            raise ValueError(f"`skip_above` must be above `max_norm` ({max_norm}): steps above it are skipped, those between "
+                             f"are clipped; got {skip_above!r}")
+        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
+                         group_depth=group_depth, log_prefix=log_prefix, report_every_n_steps=report_every_n_steps)  # fmt: skip
         self.max_norm, self.skip_above = max_norm, skip_above
         self.norm_type = check_norm_type(norm_type)
 

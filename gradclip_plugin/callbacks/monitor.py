@@ -128,16 +128,13 @@ class GradientNormMonitor(GradientCallback):
         same = [cb for cb in trainer.callbacks if isinstance(cb, GradientNormMonitor) and cb.log_prefix == self.log_prefix]
         if len(same) > 1:
             raise lightning.misconfiguration(
-                trainer,
-                f"{len(same)} GradientNormMonitor callbacks share `log_prefix={self.log_prefix!r}` and would log "
-                "to the same metric names. Give each its own, e.g. `log_prefix='grad_norm'` before the clipping "
-                "callback and `log_prefix='grad_norm_clipped'` after it.",
-            )
+                trainer, f"{len(same)} GradientNormMonitor callbacks share `log_prefix={self.log_prefix!r}` and would log to the "
+                "same metric names. Give each its own, e.g. `log_prefix='grad_norm'` before the clipping callback and "
+                "`log_prefix='grad_norm_clipped'` after it.")
         if self.histogram_every_n_steps is not None and not lightning.tensorboard_writers(trainer):
             lightning.rank_zero_warn(
-                f"GradientNormMonitor(histogram_every_n_steps={self.histogram_every_n_steps}) writes histograms "
-                "to a TensorBoardLogger only, and the Trainer has none: no histogram will be written."
-            )
+                f"GradientNormMonitor(histogram_every_n_steps={self.histogram_every_n_steps}) writes histograms to a "
+                "TensorBoardLogger only, and the Trainer has none: no histogram will be written.")
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
@@ -253,8 +250,6 @@ class GradientNormMonitor(GradientCallback):
                 writer.add_histogram(f"{tag_prefix}grad_values/{self.log_prefix}/{opt}{name}", values, global_step=step)
             elif not self._warned:
                 self._warned = True
-                lightning.rank_zero_warn(
-                    f"GradientNormMonitor: no histogram of `{name}` at step {step}: every gradient value is inf or "
-                    "NaN (TensorBoard cannot bin them). Such steps are counted in "
-                    f"`{self.log_prefix}/nonfinite_steps`; this warning is shown once."
-                )
+                lightning.rank_zero_warn(f"GradientNormMonitor: no histogram of `{name}` at step {step}: every gradient value "
+                                         "is inf or NaN (TensorBoard cannot bin them). Such steps are counted in "
+                                         f"`{self.log_prefix}/nonfinite_steps`; this warning is shown once.")

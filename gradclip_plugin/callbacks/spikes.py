@@ -7,6 +7,7 @@ itself is the base class's (a fused optimizer's ``found_inf``, else its gradient
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -145,7 +146,8 @@ class SkipSpikes(GradientClipCallback):
         self._batch_idx = batch_idx
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
-        self._add_loss(lightning.unscaled(trainer, loss.detach()))
+        loss = lightning.unscaled(trainer, loss.detach()).float()
+        self._loss = loss + (0.0 if self._loss is None else self._loss)  # a new tensor: the user's loss is left as it is
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         if self._loss is not None:  # the losses since the last step (of any optimizer), averaged over ranks
@@ -158,10 +160,8 @@ class SkipSpikes(GradientClipCallback):
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
-        try:  # the steps skipped before a failure (`max_consecutive_skips`) explain it
+        with contextlib.suppress(Exception):  # the steps skipped before a failure explain it; the failure is the one to raise
             self._save_csv(trainer)
-        except Exception:  # noqa: S110 - the training's own exception is the one to raise
-            pass
 
     def clip_gradients(self, module: Any, optimizer: Any, *, loss: Optional[Tensor] = None, fabric: Any = None,
                        metrics: bool = True) -> dict[str, float]:  # fmt: skip
@@ -177,9 +177,6 @@ class SkipSpikes(GradientClipCallback):
         return super().clip_gradients(module, optimizer, fabric=fabric, metrics=metrics)
 
     # ------------------------------------------------------------------ the rule
-    def _add_loss(self, loss: Tensor) -> None:
-        self._loss = loss.float() + (0.0 if self._loss is None else self._loss)  # a new tensor: the user's loss is left as it is
-
     def clip_(self, grads: list[Tensor], params: list[Tensor], step: Step) -> ClipStats:
         if self._step_loss is None and self.watch != "norm":
             raise RuntimeError(
@@ -233,12 +230,10 @@ class SkipSpikes(GradientClipCallback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        width = 2 if self.watch == "both" else 1
+        shape = (self.window, 2 if self.watch == "both" else 1)
         try:
-            windows = {
-                int(i): SpikeWindow(torch.tensor(w["values"], dtype=torch.float32).reshape(self.window, width), torch.tensor(int(w["count"])))
-                for i, w in state_dict.get("windows", {}).items()
-            }
+            windows = {int(i): SpikeWindow(torch.tensor(w["values"]).reshape(shape).float(), torch.tensor(int(w["count"])))
+                       for i, w in state_dict.get("windows", {}).items()}  # fmt: skip
             skipped = [SkippedStep(*r) for r in state_dict.get("skipped", [])]
         except (TypeError, ValueError, KeyError, RuntimeError):
             lightning.rank_zero_warn("SkipSpikes: the checkpoint's windows do not fit this `window` and `watch`; they start afresh.")

@@ -29,20 +29,9 @@ from gradclip_plugin.functional.distributed import is_dtensor
 from gradclip_plugin.functional.norms import Tensors, accumulation_dtype, as_tensor_list, check_norm_type
 from gradclip_plugin.functional.norms import check_positive, check_real, combine_norms, group_norms
 
-__all__ = [
-    "AutoClipState",
-    "SpikeWindow",
-    "ZClipState",
-    "adaptive_clip_grad_",
-    "agc_coefficients",
-    "autoclip_update",
-    "scale_units_",
-    "spike_update",
-    "threshold_coefficient",
-    "unit_counts",
-    "unitwise_norm",
-    "unitwise_norms",
-    "zclip_update", "adagc_update"]
+__all__ = ["AutoClipState", "SpikeWindow", "ZClipState", "adagc_update", "adaptive_clip_grad_", "agc_coefficients",
+           "autoclip_update", "scale_units_", "spike_update", "threshold_coefficient", "unit_counts", "unitwise_norm",
+           "unitwise_norms", "zclip_update"]
 
 ZClipMode = Literal["zscore", "percentile"]
 ZClipOption = Literal["adaptive_scaling", "mean"]
@@ -103,11 +92,9 @@ def unitwise_norms(tensors: Tensors, norm_type: float = 2.0) -> Tensor:
     if not tensors:
         return torch.zeros(0)
     if any(is_dtensor(t) for t in tensors):
-        raise ValueError(
-            "unit-wise norms of sharded (DTensor) tensors are not supported: a unit split across ranks "
-            "would be measured by its local piece. Use global-norm clipping (ClipByGlobalNorm, AutoClip, "
-            "ZClip), which reduces the norms of sharded gradients across ranks."
-        )
+        raise ValueError("unit-wise norms of sharded (DTensor) tensors are not supported: a unit split across ranks would be "
+                         "measured by its local piece. Use global-norm clipping (ClipByGlobalNorm, AutoClip, ZClip), which "
+                         "reduces the norms of sharded gradients across ranks.")
     first = tensors[0].device
     parts: list[Optional[Tensor]] = [None] * len(tensors)
     small: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -127,9 +114,8 @@ def unitwise_norms(tensors: Tensors, norm_type: float = 2.0) -> Tensor:
 
 
 @torch.no_grad()
-def agc_coefficients(
-    grad_norms: Tensor, param_norms: Tensor, clip_factor: float = 0.01, eps: float = 1e-3
-) -> tuple[Tensor, Tensor]:
+def agc_coefficients(grad_norms: Tensor, param_norms: Tensor, clip_factor: float = 0.01,
+                     eps: float = 1e-3) -> tuple[Tensor, Tensor]:  # fmt: skip
     """AGC's scale per unit: ``limit / ||G_u||`` where ``||G_u|| > limit``, else exactly 1.
 
     ``limit = clip_factor * max(||W_u||, eps)``: a zero-initialised unit (a bias at 0) gets
@@ -181,9 +167,8 @@ def scale_units_(tensors: Tensors, coefs: Tensor) -> None:
 
 
 @torch.no_grad()
-def adaptive_clip_grad_(
-    parameters: Union[Tensor, Iterable[Tensor]], clip_factor: float = 0.01, eps: float = 1e-3, norm_type: float = 2.0
-) -> Tensor:
+def adaptive_clip_grad_(parameters: Union[Tensor, Iterable[Tensor]], clip_factor: float = 0.01, eps: float = 1e-3,
+                        norm_type: float = 2.0) -> Tensor:  # fmt: skip
     """Unit-wise adaptive gradient clipping of ``p.grad`` in place, as timm's ``adaptive_clip_grad``.
 
     Each unit ``G_u`` of a gradient is scaled to ``clip_factor * max(||W_u||, eps)`` where its norm
@@ -209,10 +194,8 @@ def adaptive_clip_grad_(
     params = as_tensor_list(parameters)
     for p in params:
         if not is_parameter(p):
-            raise ValueError(
-                f"`parameters` must be the parameters (nn.Parameter, frozen or not), not their gradients: got a "
-                f"tensor of shape {tuple(p.shape)}; AGC's limits come from the weights. Pass `model.parameters()`."
-            )
+            raise ValueError(f"`parameters` must be the parameters (nn.Parameter, frozen or not), not their gradients: got a "
+                             f"tensor of shape {tuple(p.shape)}; AGC's limits come from the weights. Pass `model.parameters()`.")
     params = [p for p in params if p.grad is not None]
     grads = [p.grad for p in params]
     grad_norms = unitwise_norms(grads, norm_type)
@@ -261,9 +244,8 @@ def percentile_of(ranked: tuple[float, ...], percentile: float) -> float:
     return ranked[lo] + frac * (ranked[hi] - ranked[lo])
 
 
-def autoclip_update(
-    state: AutoClipState, norm: float, percentile: float = 10.0, history_size: Optional[int] = None
-) -> tuple[AutoClipState, float]:
+def autoclip_update(state: AutoClipState, norm: float, percentile: float = 10.0,
+                    history_size: Optional[int] = None) -> tuple[AutoClipState, float]:  # fmt: skip
     """Record ``norm`` and return the clipping threshold: the ``percentile``-th percentile of the history.
 
     The history includes this step's norm (the paper's order: append, then take the percentile),

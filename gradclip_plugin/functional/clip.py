@@ -24,16 +24,8 @@ from gradclip_plugin.functional.distributed import has_dtensor, local_tensor
 from gradclip_plugin.functional.norms import Tensors, as_tensor_list, check_positive, global_norm, tensor_norms
 from gradclip_plugin.functional.norms import check_real, group_by_device_and_dtype
 
-__all__ = [
-    "clip_by_global_norm",
-    "clip_by_global_norm_",
-    "clip_by_norm",
-    "clip_by_norm_",
-    "clip_by_value",
-    "clip_by_value_",
-    "clip_coefficient",
-    "scale_",
-]
+__all__ = ["clip_by_global_norm", "clip_by_global_norm_", "clip_by_norm", "clip_by_norm_", "clip_by_value", "clip_by_value_",
+           "clip_coefficient", "scale_"]
 
 Number = Union[float, int]
 
@@ -62,9 +54,7 @@ def clip_by_value(t: Tensor, clip_value_min: Union[Number, Tensor], clip_value_m
     refuse_parameters("clip_by_value", [t])
     if not isinstance(clip_value_min, Tensor) and not isinstance(clip_value_max, Tensor):
         if clip_value_min > clip_value_max:
-            raise ValueError(
-                f"`clip_value_min` must be <= `clip_value_max`, got {clip_value_min!r} > {clip_value_max!r}"
-            )
+            raise ValueError(f"`clip_value_min` must be <= `clip_value_max`, got {clip_value_min!r} > {clip_value_max!r}")
         return t.clamp_max(clip_value_max).clamp_min(clip_value_min)
     hi = torch.as_tensor(clip_value_max, dtype=t.dtype, device=t.device)
     lo = torch.as_tensor(clip_value_min, dtype=t.dtype, device=t.device)
@@ -107,11 +97,8 @@ def clip_by_norm(t: Tensor, clip_norm: Union[Number, Tensor], axes: Optional[Seq
 
 
 @torch.no_grad()
-def clip_by_global_norm(
-    t_list: Sequence[Optional[Tensor]],
-    clip_norm: Union[Number, Tensor],
-    use_norm: Optional[Tensor] = None,
-) -> tuple[list[Optional[Tensor]], Tensor]:
+def clip_by_global_norm(t_list: Sequence[Optional[Tensor]], clip_norm: Union[Number, Tensor],
+                        use_norm: Optional[Tensor] = None) -> tuple[list[Optional[Tensor]], Tensor]:  # fmt: skip
     """Scale every tensor by ``clip_norm / max(global_norm, clip_norm)``, as ``tf.clip_by_global_norm``.
 
     Args:
@@ -162,10 +149,8 @@ def refuse_parameters(op: str, tensors: list[Optional[Tensor]]) -> None:
     """Raise ``TypeError`` for an ``nn.Parameter`` given to the out-of-place ``op``, naming its in-place form."""
     for t in tensors:
         if isinstance(t, torch.nn.Parameter):
-            raise TypeError(
-                f"{op} takes gradients, got an nn.Parameter of shape {tuple(t.shape)}: to clip parameters' "
-                f"gradients in place use {op}_(model.parameters(), ...)"
-            )
+            raise TypeError(f"{op} takes gradients, got an nn.Parameter of shape {tuple(t.shape)}: to clip parameters' "
+                            f"gradients in place use {op}_(model.parameters(), ...)")
 
 
 def _local(tensors: list[Tensor]) -> list[Tensor]:

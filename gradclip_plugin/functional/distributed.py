@@ -72,10 +72,8 @@ def shard_groups(t: Tensor, plain: ShardKey = ()) -> ShardKey:
     groups = []
     for dim, placement in enumerate(t.placements):
         if placement.is_partial():
-            raise ValueError(
-                f"cannot take the norm of a DTensor with a Partial placement {tuple(t.placements)}: its "
-                "entries are pending sums across ranks. Call `.redistribute(placements=[Replicate()])` first."
-            )
+            raise ValueError(f"cannot take the norm of a DTensor with a Partial placement {tuple(t.placements)}: its entries "
+                             "are pending sums across ranks. Call `.redistribute(placements=[Replicate()])` first.")
         if placement.is_shard():
             groups.append(t.device_mesh.get_group(dim))
     return tuple(groups)

@@ -31,9 +31,7 @@ def compute_gradients(loss: Tensor, var_list: Sequence[Tensor]) -> list[tuple[Op
     return list(zip(grads, var_list))
 
 
-def apply_gradients(
-    optimizer: torch.optim.Optimizer, grads_and_vars: Iterable[tuple[Optional[Tensor], Tensor]]
-) -> None:
+def apply_gradients(optimizer: torch.optim.Optimizer, grads_and_vars: Iterable[tuple[Optional[Tensor], Tensor]]) -> None:
     """Set each ``var.grad`` to its ``grad`` and take one optimizer step.
 
     A ``None`` gradient leaves its variable out of the step, as in TensorFlow; so does every
@@ -46,10 +44,8 @@ def apply_gradients(
     pairs = list(grads_and_vars)
     for i, (_, var) in enumerate(pairs):
         if id(var) not in known:
-            raise ValueError(
-                f"`grads_and_vars[{i}]` holds a variable of shape {tuple(var.shape)} that is not among the "
-                "optimizer's parameters; pass it to the optimizer when creating it"
-            )
+            raise ValueError(f"`grads_and_vars[{i}]` holds a variable of shape {tuple(var.shape)} that is not among the "
+                             "optimizer's parameters; pass it to the optimizer when creating it")
     # Only the listed variables take part, as in TensorFlow: a stale `.grad` on another of the
     # optimizer's parameters is set aside for the step and put back after it.
     listed = {id(var) for _, var in pairs}

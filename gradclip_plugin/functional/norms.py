@@ -65,10 +65,8 @@ def check_norm_type(norm_type: Any) -> float:
 def check_real(dtype: torch.dtype, op: str, arg: str) -> None:
     """Raise ``ValueError`` naming ``op`` and ``arg`` for a complex ``dtype``, which ``op`` has no rule for."""
     if dtype.is_complex:
-        raise ValueError(
-            f"{op} does not support complex parameters, got {dtype} in `{arg}`. Clip complex gradients by norm "
-            "(clip_by_norm_, clip_by_global_norm_), which measures them by their entries' moduli."
-        )
+        raise ValueError(f"{op} does not support complex parameters, got {dtype} in `{arg}`. Clip complex gradients by norm "
+                         "(clip_by_norm_, clip_by_global_norm_), which measures them by their entries' moduli.")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
