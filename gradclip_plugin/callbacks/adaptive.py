@@ -124,23 +124,13 @@ class _HistoryClip(GradientClipCallback):
     """
 
     reads_norm = True
+    per_step_state = True
     state_type: type[NamedTuple]
     _per_optimizer = ("_tallies", "_states")
 
     def _reset(self) -> None:
         super()._reset()
         self._states: dict[int, Any] = {}
-
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        super().on_fit_start(trainer, pl_module)
-        for opt in trainer.optimizers:
-            if isinstance(opt, torch.optim.LBFGS):
-                raise lightning.misconfiguration(
-                    trainer,
-                    f"{type(self).__name__} keeps statistics of one gradient norm per optimizer step, but `LBFGS` "
-                    "evaluates its closure, and so this hook, several times per step. Use ClipByGlobalNorm (which "
-                    "clips every evaluation) or another optimizer.",
-                )
 
     def _sample(self, step: Step) -> float:
         """The norm the statistics take: the one read, or NaN (not recorded) after ``nonfinite="zero"``."""
@@ -449,6 +439,7 @@ class AdaGC(GradientClipCallback):
         self.lambda_abs, self.lambda_rel, self.beta, self.warmup_steps = lambda_abs, lambda_rel, beta, warmup_steps
 
     _per_optimizer = ("_tallies", "_steps", "_gamma")
+    per_step_state = True
 
     def _reset(self) -> None:
         super()._reset()

@@ -487,6 +487,9 @@ class GradientClipCallback(GradientCallback):
     complex_ok: bool = True
     #: skip a step whose pre-clip total norm exceeds this (``ClipByNorm``, ``ClipByGlobalNorm``)
     skip_above: Optional[float] = None
+    #: whether the rule keeps statistics of one measurement per optimizer step (then ``LBFGS``, whose
+    #: closure runs the hook several times a step, is refused)
+    per_step_state: bool = False
 
     def __init__(
         self,
@@ -560,6 +563,13 @@ class GradientClipCallback(GradientCallback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_fit_start(trainer, pl_module)
         _warn_fused_momentum(trainer.optimizers, lightning.loss_scaler(trainer))
+        if self.per_step_state and any(isinstance(opt, torch.optim.LBFGS) for opt in trainer.optimizers):
+            raise lightning.misconfiguration(
+                trainer,
+                f"{type(self).__name__} keeps statistics of one measurement per optimizer step, but `LBFGS` evaluates its "
+                "closure, and so this hook, several times per step. Use ClipByGlobalNorm (which clips every evaluation) "
+                "or another optimizer.",
+            )
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(trainer, pl_module, optimizer)

@@ -121,6 +121,7 @@ class SkipSpikes(GradientClipCallback):
         self.norm_type = check_norm_type(norm_type)
 
     _per_optimizer = ("_tallies", "_windows")
+    per_step_state = True
 
     def _reset(self) -> None:
         super()._reset()

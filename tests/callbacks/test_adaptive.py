@@ -28,8 +28,9 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import Tensor, nn
 
 from functional.test_adaptive import ReferenceZClip, direct_agc
-from gradclip_plugin.callbacks.adaptive import AdaptiveGradientClipping, AutoClip, ZClip
+from gradclip_plugin.callbacks.adaptive import AdaGC, AdaptiveGradientClipping, AutoClip, ZClip
 from gradclip_plugin.callbacks.clip import ClipByValue
+from gradclip_plugin.callbacks.spikes import SkipSpikes
 from gradclip_plugin.functional import ZClipState
 from helpers import GradProbe, TinyModel, TwoOptimizerModel, make_loader, make_trainer
 
@@ -387,7 +388,7 @@ class LBFGSModel(TinyModel):
         return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=4)
 
 
-@pytest.mark.parametrize("make_cb", [AutoClip, ZClip], ids=["autoclip", "zclip"])
+@pytest.mark.parametrize("make_cb", [AutoClip, ZClip, AdaGC, SkipSpikes], ids=["autoclip", "zclip", "adagc", "skipspikes"])
 def test_closure_optimizers_are_refused_by_the_history_rules_saying_why(tmp_path, make_cb):
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
