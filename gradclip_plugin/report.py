@@ -323,6 +323,9 @@ def _draw(ax: Any, s: NormSummary) -> None:
                   label="clipped off" if cut.any() else None)  # fmt: skip
         ax.plot(s.steps[skip], s.norm[skip], "X", color="tab:purple", ms=8,
                 label=f"skipped ({skip.sum()} logged steps)" if skip.any() else None)  # fmt: skip
+    if s.rule == "SkipSpikes" and (rows := [r for r in _csv_rows(s.run) if math.isfinite(float(r["norm"]))]):
+        ax.plot([int(r["global_step"]) for r in rows], [float(r["norm"]) for r in rows], "X", color="tab:purple", ms=8,
+                label=f"skipped ({len(rows)} steps,\nskipped_steps.csv)")  # fmt: skip
     if s.suggestion is not None:
         ax.axhline(s.suggestion, color="tab:green", lw=1.4, ls=":", label=f"suggested {s.parameter} {s.suggestion:g}")
     bad = ~np.isfinite(s.norm)
@@ -334,9 +337,16 @@ def _draw(ax: Any, s: NormSummary) -> None:
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("largest |gradient entry|" if s.rule == "ClipByValue" else "gradient norm")
-    rate = "" if s.clip_rate is None else f": clipped {s.clip_rate:.0%} of the steps"
-    ax.set_title(f"{s.prefix} ({s.rule or ('monitor, nothing clipped' if s.kind == 'monitor' else 'clipping')}){rate}", loc="left")
+    ax.set_title(_title(s), loc="left")
     ax.grid(True, which="both", alpha=0.25)
+
+
+def _title(s: NormSummary) -> str:
+    """A panel's title: the series, its rule where the name does not say it, and what the rule did."""
+    rule = s.rule or ("monitor, nothing clipped" if s.kind == "monitor" else "clipping")
+    did = [f"clipped {s.clip_rate:.0%} of the steps"] if s.clip_rate is not None and s.rule != "SkipSpikes" else []
+    did += [f"skipped {s.skipped} steps"] if s.skipped else []
+    return (s.prefix if s.prefix.endswith(f"/{rule}") else f"{s.prefix} ({rule})") + (": " + ", ".join(did) if did else "")
 
 
 def _shade(ax: Any, steps: np.ndarray, bad: np.ndarray) -> None:
@@ -397,10 +407,15 @@ def report(logdir: PathLike, output: Optional[PathLike] = None, out=None) -> lis
     return everything
 
 
+def _csv_rows(run: Path) -> list[dict[str, str]]:
+    """The rows of ``run/skipped_steps.csv`` (SkipSpikes' record), none without one."""
+    path = run / "skipped_steps.csv"
+    return list(csv.DictReader(path.read_text().splitlines())) if path.is_file() else []
+
+
 def _skipped_rows(run: Path, shown: int = 10) -> list[str]:
     """Lines listing the steps of ``run/skipped_steps.csv`` (none without one)."""
-    path = run / "skipped_steps.csv"
-    rows = list(csv.DictReader(path.read_text().splitlines())) if path.is_file() else []
+    path, rows = run / "skipped_steps.csv", _csv_rows(run)
     lines = ["    " + "  ".join(f"{k} {v}" for k, v in r.items()) for r in rows[:shown]]  # global_step, batch_idx, loss, norm
     more = [f"    ... and {len(rows) - shown} more"] * (len(rows) > shown)
     return [f"  {path.name}: {len(rows)} step(s)", *lines, *more] if rows else []

@@ -508,3 +508,23 @@ def test_without_matplotlib_the_summary_is_printed_and_the_extra_named(clipped_r
     assert "suggested max_norm" in out
     assert "plot: skipped, matplotlib is not installed (pip install 'gradclip_plugin[report]')" in out
     assert not (run / "none.png").exists()
+
+
+def test_a_skip_spikes_run_lists_marks_and_titles_its_skipped_steps(tmp_path, capsys):
+    from callbacks.test_spikes import SIGMA, WINDOW, SpikyModel, batches
+
+    from gradclip_plugin import SkipSpikes
+    from gradclip_plugin.report import figure
+
+    cb, logger = SkipSpikes(window=WINDOW, sigma=SIGMA), TensorBoardLogger(tmp_path, name="spikes", version="")
+    make_trainer(tmp_path, [cb], logger=logger, max_steps=STEPS, log_every_n_steps=5).fit(SpikyModel(), batches())
+    skipped = [s for s in cb.skipped if math.isfinite(s.norm)]  # the NaN step is shaded, not marked
+    assert len(skipped) >= 2
+    assert main(["report", logger.log_dir]) == 0
+    assert f"  skipped_steps.csv: {len(cb.skipped)} step(s)" in capsys.readouterr().out.splitlines()
+    (s,) = summarize(Path(logger.log_dir))
+    (ax,) = figure([s], "run").axes
+    assert ax.get_title(loc="left") == f"grad_clip (SkipSpikes): skipped {len(cb.skipped) - 1} steps"  # the NaN step is a non-finite one
+    (marks,) = [line for line in ax.get_lines() if "skipped_steps.csv" in line.get_label()]
+    assert list(marks.get_xdata()) == [s.global_step for s in skipped]
+    np.testing.assert_allclose(marks.get_ydata(), [s.norm for s in skipped])
