@@ -60,7 +60,8 @@ def charts(callback: Any, n: int) -> dict[str, tuple[str, list[str]]]:
     steady level, and a spike leaves through its top. So a clipping callback's pre-clip norm (the
     largest since the last log, ``norm_max``, and the last) shares a chart with its threshold, where
     clipping shows as the norm crossing it; what the optimizer received is a line with the part
-    clipped off as a band above it (a Margin chart); a monitor's total norm (largest and last) and
+    clipped off as a band above it (a Margin chart), and the steps a rule skipped (a rule that never
+    clips, SkipSpikes, has no band and no clip rate); a monitor's total norm (largest and last) and
     each group's weight norm and update ratio are one chart each, where runs compare.
     """
     key = callback._metric_key
@@ -70,8 +71,11 @@ def charts(callback: Any, n: int) -> dict[str, tuple[str, list[str]]]:
             peak, norm, threshold, clipped = (key(k, i, n) for k in (names.NORM_MAX, names.NORM, names.THRESHOLD, names.NORM_CLIPPED))
             prefix = norm[: -len(names.NORM) - 1]
             out[f"{prefix}: pre-clip norm and threshold"] = ("Multiline", [peak, norm, threshold])
-            out[f"{prefix}: what the optimizer received (line), the part clipped off (band)"] = ("Margin", [clipped, clipped, norm])
-        return out | {names.CLIP_RATE: ("Multiline", [key(names.CLIP_RATE, i, n) for i in range(n)])}
+            if callback.clips:
+                out[f"{prefix}: what the optimizer received (line), the part clipped off (band)"] = ("Margin", [clipped, clipped, norm])
+            if callback._skips_steps:
+                out[f"{prefix}: steps skipped"] = ("Multiline", [key(names.SKIPPED_STEPS, i, n)])
+        return out | ({names.CLIP_RATE: ("Multiline", [key(names.CLIP_RATE, i, n) for i in range(n)])} if callback.clips else {})
     out = {key(names.TOTAL, i, n): ("Multiline", [key(names.TOTAL_MAX, i, n), key(names.TOTAL, i, n)]) for i in range(n)}
     for what, on in ((names.WEIGHT, callback.weight_norms), (names.UPDATE_RATIO, callback.update_ratio)):
         for i, plan in enumerate(callback._plans.values() if on else []):  # made in optimizer order at fit start

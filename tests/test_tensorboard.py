@@ -82,6 +82,18 @@ def test_layout_shows_the_post_clip_norm_and_the_part_clipped_off(tmp_path):
     assert_every_chart_has_its_tags(charts, scalar_tags(logger.log_dir))
 
 
+def test_a_rule_that_skips_charts_its_skips_and_one_that_never_clips_has_no_clip_charts(tmp_path):
+    from gradclip_plugin import SkipSpikes
+
+    _, logger = fit(tmp_path, [SkipSpikes(window=2, watch="norm"), ClipByGlobalNorm(1.0, skip_above=1e9)])
+    charts = read_layout(logger.log_dir)[CATEGORY]
+    for rule in ("SkipSpikes", "ClipByGlobalNorm"):
+        assert charts[f"grad_clip/{rule}: steps skipped"] == ["Multiline", [f"^grad_clip/{rule}/skipped_steps$"]]
+    assert f"grad_clip/SkipSpikes: {CLIP}" not in charts and f"grad_clip/ClipByGlobalNorm: {CLIP}" in charts
+    assert charts["clip_rate"] == ["Multiline", ["^grad_clip/ClipByGlobalNorm/clip_rate$"]]
+    assert_every_chart_has_its_tags({k: v for k, v in charts.items() if "SkipSpikes: pre" not in k}, scalar_tags(logger.log_dir))
+
+
 def test_layout_for_two_optimizers(tmp_path):
     _, logger = fit(tmp_path, [ClipByGlobalNorm(1.0), GradientNormMonitor()], model=TwoOptimizerModel())
     charts = read_layout(logger.log_dir)[CATEGORY]

@@ -487,6 +487,8 @@ class GradientClipCallback(GradientCallback):
     complex_ok: bool = True
     #: skip a step whose pre-clip total norm exceeds this (``ClipByNorm``, ``ClipByGlobalNorm``)
     skip_above: Optional[float] = None
+    #: whether the rule clips (SkipSpikes only skips: no clip rate, no post-clip chart)
+    clips: bool = True
     #: whether the rule keeps statistics of one measurement per optimizer step (then ``LBFGS``, whose
     #: closure runs the hook several times a step, is refused)
     per_step_state: bool = False

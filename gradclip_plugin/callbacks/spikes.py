@@ -121,7 +121,7 @@ class SkipSpikes(GradientClipCallback):
         self.norm_type = check_norm_type(norm_type)
 
     _per_optimizer = ("_tallies", "_windows")
-    per_step_state = True
+    per_step_state, clips = True, False
 
     def _reset(self) -> None:
         super()._reset()
@@ -156,8 +156,8 @@ class SkipSpikes(GradientClipCallback):
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._save_csv(trainer)  # first: the report's figure, written next, marks its steps
         super().on_train_end(trainer, pl_module)
-        self._save_csv(trainer)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
