@@ -546,7 +546,7 @@ class GradientClipCallback(GradientCallback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         name = type(self).__name__
-        if trainer.gradient_clip_val:
+        if trainer.gradient_clip_val and self.clips:  # a rule that only skips leaves Lightning's clipping, after it, alone
             raise lightning.misconfiguration(
                 trainer,
                 f"{name} clips the gradients itself, but `Trainer(gradient_clip_val={trainer.gradient_clip_val})` "
@@ -731,8 +731,9 @@ class GradientClipCallback(GradientCallback):
         if self.max_consecutive_skips is not None and streak >= self.max_consecutive_skips:
             raise RuntimeError(
                 f"{type(self).__name__}: {streak} optimizer steps in a row were skipped, since global step {since} "
-                f"(`max_consecutive_skips={self.max_consecutive_skips}`): the gradients stay non-finite or above "
-                "`skip_above`. Lower the learning rate, check the loss and data, or raise `skip_above`."
+                f"(`max_consecutive_skips={self.max_consecutive_skips}`): the gradients stay non-finite, or the rule keeps "
+                "skipping them. Lower the learning rate, check the loss and data, or raise the rule's bound (`skip_above`, "
+                "ZClip's `skip_step_z_thresh`, SkipSpikes' `sigma`)."
             )
 
     def _pop_metrics(self, idx: Optional[int] = None) -> dict[str, Value]:

@@ -144,7 +144,7 @@ class SkipSpikes(GradientClipCallback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._batch_idx = batch_idx
+        self._batch_idx, self._step_loss = batch_idx, None  # no loss of an earlier batch is taken for this one's
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
         loss = lightning.unscaled(trainer, loss.detach()).float()
@@ -173,8 +173,10 @@ class SkipSpikes(GradientClipCallback):
         if loss is None and self.watch != "norm":
             raise ValueError(f"SkipSpikes(watch={self.watch!r}).clip_gradients needs the step's loss: pass `loss=loss`")
         if loss is not None:
-            loss = loss.detach().clone()  # reduced in place across ranks
-            self._step_loss = fabric.all_reduce(loss, reduce_op="mean") if fabric is not None else loss
+            loss = torch.as_tensor(loss).detach().float().clone()  # a copy: reduced in place across ranks
+            if loss.numel() != 1:
+                raise ValueError(f"`loss` must be the step's loss, one number (its mean over the batch), got shape {tuple(loss.shape)}")
+            self._step_loss = fabric.all_reduce(loss.reshape(()), reduce_op="mean") if fabric is not None else loss.reshape(())
         return super().clip_gradients(module, optimizer, fabric=fabric, metrics=metrics)
 
     # ------------------------------------------------------------------ the rule
@@ -227,16 +229,14 @@ class SkipSpikes(GradientClipCallback):
 
     def state_dict(self) -> dict[str, Any]:
         windows = {i: {"values": w.values.tolist(), "count": int(w.count)} for i, w in self._windows.items()}
-        return {**super().state_dict(), "windows": windows, "skipped": [list(r) for r in self.skipped]}
+        return {**super().state_dict(), "watch": self.watch, "windows": windows, "skipped": [list(r) for r in self.skipped]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        shape = (self.window, 2 if self.watch == "both" else 1)
-        try:
-            windows = {int(i): SpikeWindow(torch.tensor(w["values"]).reshape(shape).float(), torch.tensor(int(w["count"])))
-                       for i, w in state_dict.get("windows", {}).items()}  # fmt: skip
-            skipped = [SkippedStep(*r) for r in state_dict.get("skipped", [])]
-        except (TypeError, ValueError, KeyError, RuntimeError):
-            lightning.rank_zero_warn("SkipSpikes: the checkpoint's windows do not fit this `window` and `watch`; they start afresh.")
+        self._skipped = [SkippedStep(*r) for r in state_dict.get("skipped", [])]
+        shape = [self.window, 2 if self.watch == "both" else 1]
+        saved = state_dict.get("windows", {})
+        if state_dict.get("watch", self.watch) != self.watch or any(len(w["values"]) != shape[0] or len(w["values"][0]) != shape[1] for w in saved.values()):
+            lightning.rank_zero_warn(f"SkipSpikes: the checkpoint's windows are not of `window={self.window}, watch={self.watch!r}`; they start afresh.")
             return
-        self._windows, self._skipped = windows, skipped
+        self._windows = {int(i): SpikeWindow(torch.tensor(w["values"], dtype=torch.float32), torch.tensor(int(w["count"]))) for i, w in saved.items()}

@@ -419,8 +419,10 @@ def spike_update(state: Optional[SpikeWindow], x: Tensor, *, window: int, sigma:
         state = SpikeWindow(x.new_zeros(window, x.numel()), torch.zeros((), dtype=torch.long, device=x.device))
     values, count = state.values.to(x.device), state.count.to(x.device)
     real = (torch.arange(window, device=x.device) >= window - count).unsqueeze(1)
-    mean = torch.where(real, values, 0.0).sum(0) / count
-    std = (torch.where(real, values - mean, 0.0).square().sum(0) / (count - 1)).sqrt()
+    # in float64, rounded to float32, as torch.std_mean of float32 values on a CPU (a constant window: std 0)
+    wide = torch.where(real, values, 0.0).to(torch.float32 if x.device.type == "mps" else torch.float64)
+    mean = wide.sum(0) / count
+    mean, std = mean.float(), (torch.where(real, wide - mean, 0.0).square().sum(0) / (count - 1)).sqrt().float()
     active = count >= max(2, window // 2 - 1)
     finite = torch.isfinite(x).all()
     skip = ~finite | (active & ~((x - mean) <= sigma * std).all())  # OLMo-core's comparison, NaN-safe

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import math
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -14,6 +15,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
 from gradclip_plugin import ClipByGlobalNorm, SkipSpikes
+from gradclip_plugin.callbacks.spikes import SkippedStep
 from gradclip_plugin.functional import SpikeWindow
 from helpers import make_trainer
 
@@ -266,14 +268,47 @@ def test_arguments_are_validated(kwargs, match):
         SkipSpikes(**kwargs)
 
 
-def test_a_checkpoint_whose_window_does_not_fit_is_warned_about_and_dropped():
+@pytest.mark.parametrize("window, watch", [(8, "both"), (8, "loss"), (4, "norm")])  # (4, "norm"): as many numbers, other columns
+def test_a_checkpoint_of_another_window_or_watch_is_warned_about_and_its_windows_dropped(window, watch):
     saved = SkipSpikes(window=4)
-    saved._windows[0] = SpikeWindow(torch.ones(4, 2), torch.tensor(4))
+    saved._windows[0] = SpikeWindow(torch.arange(8.0).reshape(4, 2), torch.tensor(4))
+    saved._skipped = [SkippedStep(3, 3, 1.5, 99.0)]
     state = saved.state_dict()
-    fresh = SkipSpikes(window=8)
-    with pytest.warns(UserWarning, match="do not fit this `window`"):
+    fresh = SkipSpikes(window=window, watch=watch)
+    with pytest.warns(UserWarning, match=f"not of `window={window}, watch={watch!r}`; they start afresh"):
         fresh.load_state_dict(state)
-    assert fresh._windows == {}
+    assert fresh._windows == {} and fresh.skipped == [SkippedStep(3, 3, 1.5, 99.0)]  # the record is kept
     same = SkipSpikes(window=4)
     same.load_state_dict(state)
-    assert torch.equal(same._windows[0].values, torch.ones(4, 2)) and int(same._windows[0].count) == 4
+    assert torch.equal(same._windows[0].values, torch.arange(8.0).reshape(4, 2)) and int(same._windows[0].count) == 4
+
+
+def test_a_batch_whose_loss_lightning_never_saw_is_refused_not_judged_on_an_old_loss(tmp_path):
+    class BackwardByHand(SpikyModel):
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()[0]
+            opt.zero_grad()
+            loss = self.loss(batch)
+            self.manual_backward(loss) if batch_idx == 0 else loss.backward()  # the second bypasses Lightning
+            opt.step()
+
+    with pytest.raises(RuntimeError, match="saw no loss before this optimizer step"):
+        make_trainer(tmp_path, [SkipSpikes()], max_steps=4).fit(BackwardByHand(manual=True, nan_at=-1), batches())
+
+
+def test_lightnings_own_clipping_may_follow_it_as_it_only_skips(tmp_path):
+    rec, trainer = fit(tmp_path, SpikyModel(), SkipSpikes(window=WINDOW, sigma=SIGMA), gradient_clip_val=1.0)
+    assert [row[4] for row in rec.rows] == olmo_decisions([(loss, norm) for _, loss, norm, *_ in rec.rows])
+    with pytest.raises(Exception, match="clips the gradients itself"):
+        make_trainer(tmp_path, [ClipByGlobalNorm(1.0)], gradient_clip_val=1.0).fit(SpikyModel(), batches())
+
+
+def test_a_loop_takes_a_number_for_the_loss_and_refuses_a_vector():
+    model = nn.Linear(2, 1)
+    model(torch.ones(1, 2)).sum().backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cb = SkipSpikes()
+    for loss in (0.5, np.float32(0.5), torch.tensor([0.5])):
+        cb.clip_gradients(model, opt, loss=loss, metrics=False)
+    with pytest.raises(ValueError, match=r"`loss` must be the step's loss, one number .* got shape \(8,\)"):
+        cb.clip_gradients(model, opt, loss=torch.ones(8))

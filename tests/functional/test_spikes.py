@@ -109,3 +109,18 @@ def test_nothing_is_read_to_the_host(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("read to the host"))
     for _ in range(10):
         state, skip, limits = spike_update(state, torch.tensor([1.0, 1.1]), window=8, sigma=6.0)
+
+
+@pytest.mark.parametrize("value", [0.3, 1.0 / 3.0, 2.5e-4])
+def test_a_constant_window_has_std_zero_as_torch_std_mean_gives(value):
+    """A constant loss: torch's std_mean gives std 0 and OLMo-core never skips, even with sigma below 1
+    (a mean off by one rounding would give a std of that rounding and skip every step)."""
+    assert not any(decisions([(value, value)] * 40, 16, 0.5, "both"))
+    assert not any(reference([(value, value)] * 40, 16, 0.5, "both"))
+
+
+def test_values_equal_to_four_digits_take_olmo_cores_decisions():
+    g = torch.Generator().manual_seed(5)
+    for _ in range(50):
+        values = [(1.0 + 1e-4 * float(torch.randn((), generator=g)), 1.0) for _ in range(60)]
+        assert decisions(values, 8, 3.0, "loss") == reference(values, 8, 3.0, "loss")
