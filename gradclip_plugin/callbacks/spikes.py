@@ -47,8 +47,9 @@ class SkipSpikes(GradientClipCallback):
     gradients' global norm (``watch``). Once ``max(2, window // 2)`` values have been seen, this one
     included, a step whose value ``x`` has ``x - mean > sigma * std`` (``torch.std_mean``, unbiased, over
     the window before it) is skipped: its weights and optimizer state stay untouched, other optimizers
-    step as usual. The step's values still enter the window, as in OLMo-core. On finite values this is
-    ``SkipStepOptimizer.get_step_factor`` exactly.
+    step as usual. The step's values still enter the window, as in OLMo-core. On finite values it takes
+    ``SkipStepOptimizer.get_step_factor``'s decisions (its statistics in float64, rounded to float32, as
+    ``torch.std_mean`` gives them on a CPU), but where a value and its bound agree to float32 rounding.
 
     Beyond it: a non-finite loss or norm skips its step and enters no window (OLMo-core's would be
     poisoned: it would skip the next ``window`` steps); with an optimizer that takes ``found_inf`` (fused
