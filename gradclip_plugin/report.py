@@ -323,7 +323,8 @@ def _draw(ax: Any, s: NormSummary) -> None:
                   label="clipped off" if cut.any() else None)  # fmt: skip
         ax.plot(s.steps[skip], s.norm[skip], "X", color="tab:purple", ms=8,
                 label=f"skipped ({skip.sum()} logged steps)" if skip.any() else None)  # fmt: skip
-    if s.rule == "SkipSpikes" and (rows := [r for r in _csv_rows(s.run) if math.isfinite(float(r["norm"]))]):
+    # SkipSpikes' record: its global steps are the panel's steps with one optimizer (with several, they count them all)
+    if s.rule == "SkipSpikes" and "/opt" not in s.prefix and (rows := [r for r in _csv_rows(s.run) if math.isfinite(float(r["norm"]))]):
         ax.plot([int(r["global_step"]) for r in rows], [float(r["norm"]) for r in rows], "X", color="tab:purple", ms=8,
                 label=f"skipped ({len(rows)} steps,\nskipped_steps.csv)")  # fmt: skip
     if s.suggestion is not None:
@@ -407,18 +408,20 @@ def report(logdir: PathLike, output: Optional[PathLike] = None, out=None) -> lis
     return everything
 
 
-def _csv_rows(run: Path) -> list[dict[str, str]]:
-    """The rows of ``run/skipped_steps.csv`` (SkipSpikes' record), none without one."""
-    path = run / "skipped_steps.csv"
+def _csv_rows(run: Path, name: str = "skipped_steps.csv") -> list[dict[str, str]]:
+    """The rows of ``run/<name>`` (SkipSpikes' record), none without one."""
+    path = run / name
     return list(csv.DictReader(path.read_text().splitlines())) if path.is_file() else []
 
 
 def _skipped_rows(run: Path, shown: int = 10) -> list[str]:
-    """Lines listing the steps of ``run/skipped_steps.csv`` (none without one)."""
-    path, rows = run / "skipped_steps.csv", _csv_rows(run)
-    lines = ["    " + "  ".join(f"{k} {v}" for k, v in r.items()) for r in rows[:shown]]  # global_step, batch_idx, loss, norm
-    more = [f"    ... and {len(rows) - shown} more"] * (len(rows) > shown)
-    return [f"  {path.name}: {len(rows)} step(s)", *lines, *more] if rows else []
+    """Lines listing the steps of each ``run/skipped_steps*.csv`` (one per SkipSpikes)."""
+    out = []
+    for path in sorted(run.glob("skipped_steps*.csv")):
+        rows = _csv_rows(run, path.name)
+        lines = ["    " + "  ".join(f"{k} {v}" for k, v in r.items()) for r in rows[:shown]]  # global_step, batch_idx, ...
+        out += [f"  {path.name}: {len(rows)} step(s)", *lines, *[f"    ... and {len(rows) - shown} more"] * (len(rows) > shown)]
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -356,3 +356,17 @@ def test_cuda_sync_debug_mode_over_skip_spikes(tmp_path):
     cb = SkipSpikes(window=2, sigma=3.0)
     fit_with_no_sync_in_the_hook(tmp_path, cb, SpikyFusedModel())
     assert [s.global_step for s in cb.skipped] == [1, 3]
+
+
+def test_skip_spikes_reads_its_rows_with_the_metrics_on_logging_steps(tmp_path, monkeypatch):
+    """The rows of the steps it may have skipped ride in the logging steps' one copy: none is read on a
+    step that does not log while fewer than `PENDING` wait."""
+    from gradclip_plugin import SkipSpikes
+    from gradclip_plugin.callbacks import spikes
+
+    monkeypatch.setattr(spikes, "PENDING", 3)  # more than a logging interval's rows
+    cb = SkipSpikes(window=2, sigma=3.0)
+    counter = HostReadCounter(monkeypatch)
+    run(tmp_path, cb, counter, log_every_n_steps=2, model=SpikyFusedModel())
+    assert counter.counts == Counter(tolist=2), "one copy per logging step (steps 1 and 3), nothing else"
+    assert [(s.global_step, math.isfinite(s.norm)) for s in cb.skipped] == [(1, False), (3, True)]

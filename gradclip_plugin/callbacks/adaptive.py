@@ -80,10 +80,8 @@ class AdaptiveGradientClipping(GradientClipCallback):
         report_every_n_steps: Optional[int] = None,
     ) -> None:
         clip_factor, eps = check_number("clip_factor", clip_factor), check_number("eps", eps)
-        super().__init__(
-            include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
-            group_depth=group_depth, log_prefix=log_prefix, report_every_n_steps=report_every_n_steps,
-        )
+        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
+                         group_depth=group_depth, log_prefix=log_prefix, report_every_n_steps=report_every_n_steps)  # fmt: skip
         self.clip_factor, self.eps = clip_factor, eps
         self.norm_type = check_norm_type(norm_type)
 
@@ -225,10 +223,8 @@ class AutoClip(_HistoryClip):
     ) -> None:
         percentile = check_number("percentile", percentile, valid=lambda v: 0 <= v <= 100, what="a number in [0, 100] (10 in the paper)")
         history_size = check_number("history_size", history_size, allow_none=True, integer=True, what="a positive integer (keep every norm if None)")
-        super().__init__(
-            include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
-            group_depth=group_depth, log_prefix=log_prefix, report_every_n_steps=report_every_n_steps,
-        )
+        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
+                         group_depth=group_depth, log_prefix=log_prefix, report_every_n_steps=report_every_n_steps)  # fmt: skip
         self.percentile = percentile
         self.history_size = history_size
 
@@ -330,10 +326,8 @@ class ZClip(_HistoryClip):
             raise ValueError(f"`skip_update_on_spike` must be True or False, got {skip_update_on_spike!r}")
         skip_step_z_thresh = check_number("skip_step_z_thresh", skip_step_z_thresh, allow_none=True, valid=lambda v: v >= z_thresh,
                                           what=f"at least `z_thresh` ({z_thresh}): it marks the severe spikes among those clipped")  # fmt: skip
-        super().__init__(
-            include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
-            group_depth=group_depth, log_prefix=log_prefix, report_every_n_steps=report_every_n_steps,
-        )
+        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
+                         group_depth=group_depth, log_prefix=log_prefix, report_every_n_steps=report_every_n_steps)  # fmt: skip
         self.alpha, self.z_thresh, self.max_norm, self.eps, self.warmup_steps = alpha, z_thresh, max_norm, eps, warmup_steps
         self.mode, self.clip_option, self.clip_factor = mode, clip_option, clip_factor
         self.skip_update_on_spike, self.skip_step_z_thresh = skip_update_on_spike, skip_step_z_thresh
@@ -347,18 +341,9 @@ class ZClip(_HistoryClip):
 
     def clip_(self, grads: list[Tensor], params: list[Tensor], step: Step) -> ClipStats:
         state, threshold, z, spike = zclip_update(
-            self._states.get(step.idx, ZClipState()),
-            self._sample(step),
-            alpha=self.alpha,
-            z_thresh=self.z_thresh,
-            max_norm=self.max_norm,
-            eps=self.eps,
-            warmup_steps=self.warmup_steps,
-            mode=self.mode,
-            clip_option=self.clip_option,
-            clip_factor=self.clip_factor,
-            skip_update_on_spike=self.skip_update_on_spike,
-        )
+            self._states.get(step.idx, ZClipState()), self._sample(step), alpha=self.alpha, z_thresh=self.z_thresh,
+            max_norm=self.max_norm, eps=self.eps, warmup_steps=self.warmup_steps, mode=self.mode, clip_option=self.clip_option,
+            clip_factor=self.clip_factor, skip_update_on_spike=self.skip_update_on_spike)  # fmt: skip
         self._states[step.idx] = state
         extra = {names.Z: z, names.SPIKES: state.spikes}
         if self.skip_step_z_thresh is not None and spike and z > self.skip_step_z_thresh:  # skipped: not scaled
@@ -432,10 +417,8 @@ class AdaGC(GradientClipCallback):
         lambda_abs, lambda_rel = check_number("lambda_abs", lambda_abs), check_number("lambda_rel", lambda_rel)
         beta = check_number("beta", beta, valid=lambda v: 0 <= v < 1, what="a number in [0, 1) (0.98 in the paper)")
         warmup_steps = check_number("warmup_steps", warmup_steps, integer=True, what="a positive integer (100 in the paper)")
-        super().__init__(
-            include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
-            group_depth=group_depth, log_prefix=log_prefix, report_every_n_steps=report_every_n_steps,
-        )
+        super().__init__(include=include, exclude=exclude, nonfinite=nonfinite, max_consecutive_skips=max_consecutive_skips,
+                         group_depth=group_depth, log_prefix=log_prefix, report_every_n_steps=report_every_n_steps)  # fmt: skip
         self.lambda_abs, self.lambda_rel, self.beta, self.warmup_steps = lambda_abs, lambda_rel, beta, warmup_steps
 
     _per_optimizer = ("_tallies", "_steps", "_gamma")

@@ -391,8 +391,9 @@ class GradientCallback(*lightning.CALLBACK_BASES):  # type: ignore[misc]
         if metrics:  # read on every rank: each takes the same decisions (a run of skips stops them all)
             # a non-finite value is left out: a chart cannot draw it (TensorBoard would repeat the last
             # finite one); `nonfinite_steps` counts such steps
-            values = {k: v for k, v in read_metrics(metrics).items() if math.isfinite(v)}
-            self._written(values)
+            values = read_metrics(metrics)
+            self._written(values)  # takes out what is read under private keys
+            values = {k: v for k, v in values.items() if math.isfinite(v)}
             for logger in trainer.loggers if trainer.is_global_zero else ():
                 logger.log_metrics(values, step=lightning.log_step(trainer))
 
@@ -608,15 +609,15 @@ class GradientClipCallback(GradientCallback):
         self._clip_step(optimizer, plan, idx, scaler, metrics, step, loop="fabric" if fabric is not None else "plain")
         if not metrics:
             return {}
-        values = {k: v for k, v in read_metrics(self._pop_metrics(idx)).items() if math.isfinite(v)}  # as a Trainer writes them
+        values = read_metrics(self._pop_metrics(idx))
         self._written(values)
-        return values
+        return {k: v for k, v in values.items() if math.isfinite(v)}  # as a Trainer writes them
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         self._guard.undo()  # gradients hidden for a step that never ran (a loss scaler skipped it)
         n = self.max_consecutive_skips
         if self._on_device and not trainer.loggers and n and trainer.global_step % n == 0:  # no log reads the runs
-            self._written(read_metrics(self._tripped()))
+            self._written(read_metrics(self._private_reads()))
         super().on_train_batch_end(trainer, pl_module, *args)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -650,7 +651,7 @@ class GradientClipCallback(GradientCallback):
         if log_groups and self.group_depth is not None:
             tally.groups = self._group_norms(plan, positions, norms, self.norm_type)
         if fate.action == "error":
-            self._count(tally, fate, ClipStats(fate.host, math.nan, math.nan, False), global_step)  # logged on failure
+            self._count(idx, fate, ClipStats(fate.host, math.nan, math.nan, False), global_step)  # logged on failure
             self._raise_nonfinite(plan, positions, grads, global_step)
         if fate.action == "zero":
             norms, extra, norm, fate = self._zero_(grads, fate)
@@ -662,7 +663,7 @@ class GradientClipCallback(GradientCallback):
         elif fate.action == "device":
             self._guard.flag(optimizer, fate.flag)
             self._on_device = True
-        self._count(tally, fate, stats, global_step)
+        self._count(idx, fate, stats, global_step)
 
     def _measure(self, grads: list[Tensor], scale: Optional[Tensor]) -> tuple[Tensor, Any, Tensor]:
         """The rule's measurement of ``grads`` (true norms: divided by a loss ``scale`` still on them), and their total."""
@@ -705,8 +706,9 @@ class GradientClipCallback(GradientCallback):
         nan = lambda v: torch.where(mask, math.nan, torch.as_tensor(v))  # noqa: E731
         return stats._replace(norm=norm, norm_clipped=nan(stats.norm_clipped), threshold=nan(stats.threshold))
 
-    def _count(self, t: Tally, fate: Fate, stats: ClipStats, global_step: int) -> None:
-        """Add the step to tally ``t``: a skipped step is not a clipped one, nor in the clip rate."""
+    def _count(self, idx: int, fate: Fate, stats: ClipStats, global_step: int) -> None:
+        """Add the step to optimizer ``idx``'s tally: a skipped step is not a clipped one, nor in the clip rate."""
+        t = self._tallies[idx]
         skipped = fate.flag.bool() if fate.action == "device" else fate.action == "skip" or stats.skip
         finite = _not(fate.nonfinite)
         ran = finite & _not(skipped)
@@ -752,12 +754,13 @@ class GradientClipCallback(GradientCallback):
                 values[names.SKIPPED_STEPS] = t.skipped
             values.update({f"{names.GROUP_NORM}/{g}": n for g, n in (t.groups or {}).items()})
             out.update((self._metric_key(k, i), v) for k, v in values.items())
-            out.update(self._tripped(i))  # read with the metrics, checked in `_written`
+            out.update(self._private_reads(i))  # read with the metrics, taken out in `_written`
             t.at_log, t.groups, t.norm_max = (t.steps, t.ran, t.clipped), None, math.nan
         return out
 
-    def _tripped(self, idx: Optional[int] = None) -> dict[str, Value]:
-        """The device-side runs of skips to check, under private keys (``_written`` takes them out)."""
+    def _private_reads(self, idx: Optional[int] = None) -> dict[str, Value]:
+        """What is read with the metrics under private keys (``_written`` takes them out): the device-side
+        runs of skips to check."""
         return {f"\0tripped{i}": t.tripped for i, t in self._tallies.items() if isinstance(t.tripped, Tensor) and idx in (None, i)}
 
     def _written(self, values: dict[str, float]) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from gradclip_plugin.callbacks import _lightning as lightning
-from gradclip_plugin.callbacks.base import ClipStats, GradientClipCallback, GroupDepth, NormType, Step, Tally, check_number, read_values
+from gradclip_plugin.callbacks.base import ClipStats, GradientClipCallback, GroupDepth, NormType, Step, Value, check_number, read_values
 from gradclip_plugin.callbacks.step import Fate
 from gradclip_plugin.functional.adaptive import SpikeWindow, spike_update
 from gradclip_plugin.functional.norms import check_norm_type
@@ -27,7 +27,8 @@ __all__ = ["SkipSpikes", "SkippedStep"]
 Watch = Literal["loss", "norm", "both"]
 #: the skipped steps kept (the oldest are dropped first; ``skipped_steps`` counts them all)
 MAX_RECORDS = 10_000
-#: rows whose fate is still on the device, read in one copy when this many are waiting
+#: rows whose fate is still on the device are read with the metrics at logging steps, or when this many are
+#: waiting (no logger, or a loop that asks for no metrics)
 PENDING = 1024
 
 
@@ -36,7 +37,8 @@ class SkippedStep(NamedTuple):
 
     global_step: int
     batch_idx: Optional[int]  #: ``None`` in a loop without a Trainer
-    loss: float  #: the step's loss (mean over ranks), NaN if not watched
+    optimizer: int  #: the optimizer's index
+    loss: float  #: the step's loss (mean over ranks); NaN where none was given (a loop, ``watch="norm"``)
     norm: float  #: the step's pre-clip gradient norm
 
 
@@ -44,14 +46,14 @@ class SkipSpikes(GradientClipCallback):
     """Skip an optimizer step whose loss or gradient norm spikes: OLMo-core's rule, for any optimizer.
 
     Each optimizer keeps a window of the last ``window`` finite values of its step's loss and its
-    gradients' global norm (``watch``). Once ``max(2, window // 2)`` values have been seen, this one
+    gradients' global norm (``watch``). Once ``max(3, window // 2)`` values have been seen, this one
     included, a step whose value ``x`` has ``x - mean > sigma * std`` (``torch.std_mean``, unbiased, over
     the window before it) is skipped: its weights and optimizer state stay untouched, other optimizers
     step as usual. The step's values still enter the window, as in OLMo-core. On finite values it takes
-    ``SkipStepOptimizer.get_step_factor``'s decisions (its statistics in float64, rounded to float32, as
-    ``torch.std_mean`` gives them on a CPU), but where a value and its bound agree to float32 rounding.
+    ``SkipStepOptimizer.get_step_factor``'s decisions (a full window's statistics are ``torch.std_mean``'s,
+    a filling one's two passes in float64: a value within a float32 rounding of its bound may differ).
 
-    Beyond it: a non-finite loss or norm skips its step and enters no window (OLMo-core's would be
+    Beyond it: a non-finite watched value (or gradient) skips its step and enters no window (OLMo-core's would be
     poisoned: it would skip the next ``window`` steps); with an optimizer that takes ``found_inf`` (fused
     Adam, AdamW, SGD) and no loss scaler the step is skipped on the device and the windows stay there,
     nothing read; ``max_consecutive_skips`` stops a run that skips on and on; the windows are saved in
@@ -65,9 +67,10 @@ class SkipSpikes(GradientClipCallback):
     gradients (``include``, ``exclude``, ``norm_type``): place SkipSpikes before a clipping callback in
     ``callbacks`` and it decides on the pre-clip norm.
 
-    **The record**: each skipped step's global step, batch index, loss and norm, in :attr:`skipped` (the
-    last ``MAX_RECORDS``), saved in checkpoints and written to ``skipped_steps.csv`` in the Trainer's
-    ``log_dir`` at the end of the fit (and if it fails), which ``gradclip report`` lists.
+    **The record**: each skipped step's global step, batch index, optimizer, loss and norm, in
+    :attr:`skipped` (the last ``MAX_RECORDS``), read with the metrics at logging steps, saved in
+    checkpoints and written to ``skipped_steps.csv`` in the Trainer's ``log_dir`` at the end of the fit
+    (and if it fails), which ``gradclip report`` lists.
 
     Logged: ``skipped_steps`` (the steps it skipped), ``norm`` and ``norm_max``, ``threshold`` (the norm's
     ``mean + sigma * std`` once active, with ``watch`` ``"norm"`` or ``"both"``), ``nonfinite_steps``. It
@@ -139,7 +142,7 @@ class SkipSpikes(GradientClipCallback):
 
     @property
     def skipped(self) -> list[SkippedStep]:
-        """The steps skipped so far in this fit (the last ``MAX_RECORDS``), read from the device now."""
+        """The steps skipped so far (the last ``MAX_RECORDS``; a resumed fit's include the checkpoint's), read now."""
         self._flush()
         return self._skipped
 
@@ -184,8 +187,9 @@ class SkipSpikes(GradientClipCallback):
     def clip_(self, grads: list[Tensor], params: list[Tensor], step: Step) -> ClipStats:
         if self._step_loss is None and self.watch != "norm":
             raise RuntimeError(
-                f"SkipSpikes(watch={self.watch!r}) saw no loss before this optimizer step: in manual optimization call "
-                "`self.manual_backward(loss)`, not `loss.backward()`; or watch the norm alone (`watch='norm'`)."
+                f"SkipSpikes(watch={self.watch!r}): Lightning passed no loss to `on_before_backward` in this batch before its "
+                "optimizer step (in manual optimization, call `self.manual_backward(loss)`, not `loss.backward()`); or "
+                "watch the norm alone (`watch='norm'`)."
             )
         values = {"loss": [self._step_loss], "norm": [step.norm], "both": [self._step_loss, step.norm]}[self.watch]
         record = step.sample if step.skip is None else step.sample & ~step.skip  # not the zeroed norms of a skipped step
@@ -196,37 +200,51 @@ class SkipSpikes(GradientClipCallback):
         threshold = unless_skipped(limits[-1]) if self.watch != "loss" else math.nan
         return ClipStats(step.norm, unless_skipped(step.norm), threshold, False, skip=spike)
 
-    def _count(self, t: Tally, fate: Fate, stats: ClipStats, global_step: int) -> None:
-        skipped = fate.flag if fate.action == "device" else fate.action == "skip" or bool(stats.skip)
-        if isinstance(skipped, Tensor) or skipped:  # a row, read when `PENDING` have come (or at a checkpoint, the end)
+    def _count(self, idx: int, fate: Fate, stats: ClipStats, global_step: int) -> None:
+        skipped = fate.flag if fate.action == "device" else fate.action == "skip" or stats.skip
+        if isinstance(skipped, Tensor) or skipped:  # a row, read with the metrics (or at `PENDING`, a checkpoint, the end)
             loss = math.nan if self._step_loss is None else self._step_loss
-            self._pending.append((global_step, self._batch_idx, [loss, stats.norm, skipped]))
+            self._pending.append((global_step, self._batch_idx, idx, [loss, stats.norm, skipped]))
             if len(self._pending) >= PENDING:
                 self._flush()
-        super()._count(t, fate, stats, global_step)
+        super()._count(idx, fate, stats, global_step)
+
+    def _private_reads(self, idx: Optional[int] = None) -> dict[str, Value]:
+        rows = [v for *_, row in self._pending for v in row]
+        return {**super()._private_reads(idx), **{f"\0row{i}": v for i, v in enumerate(rows)}}
+
+    def _written(self, values: dict[str, float]) -> None:
+        if "\0row0" in values:
+            self._keep([values.pop(f"\0row{i}") for i in range(3 * len(self._pending))])
+        super()._written(values)
 
     def _flush(self) -> None:
         """Read the pending rows (one device-to-host copy) and keep those of skipped steps."""
-        values = read_values([v for *_, row in self._pending for v in row])
-        for i, (global_step, batch_idx, _) in enumerate(self._pending):
+        self._keep(read_values([v for *_, row in self._pending for v in row]))
+
+    def _keep(self, values: list[float]) -> None:
+        """Keep the pending rows of skipped steps, given their ``values`` read."""
+        for i, (global_step, batch_idx, idx, _) in enumerate(self._pending):
             loss, norm, skipped = values[3 * i : 3 * i + 3]
             if skipped:
-                self._skipped.append(SkippedStep(global_step, batch_idx, loss, norm))
+                self._skipped.append(SkippedStep(global_step, batch_idx, idx, loss, norm))
         self._pending = []
         del self._skipped[:-MAX_RECORDS]
 
     # ------------------------------------------------------------------ the record
     def to_csv(self, path: Union[str, os.PathLike]) -> None:
-        """Write the steps skipped so far to ``path``, a row each (``global_step,batch_idx,loss,norm``)."""
+        """Write the steps skipped so far to ``path``, a row each (``global_step,batch_idx,optimizer,loss,norm``)."""
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(SkippedStep._fields)
             writer.writerows(("" if v is None else v for v in row) for row in self.skipped)
 
     def _save_csv(self, trainer: Any) -> None:
+        """``skipped_steps.csv`` in the Trainer's ``log_dir`` (``skipped_steps-<k>.csv`` for a k-th SkipSpikes)."""
+        k = [cb for cb in trainer.callbacks if isinstance(cb, SkipSpikes)].index(self)
         if trainer.is_global_zero and trainer.loggers and trainer.log_dir:
             os.makedirs(trainer.log_dir, exist_ok=True)
-            self.to_csv(os.path.join(trainer.log_dir, "skipped_steps.csv"))
+            self.to_csv(os.path.join(trainer.log_dir, f"skipped_steps{f'-{k}' if k else ''}.csv"))
 
     def state_dict(self) -> dict[str, Any]:
         windows = {i: {"values": w.values.tolist(), "count": int(w.count)} for i, w in self._windows.items()}

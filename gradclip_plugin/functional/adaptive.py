@@ -405,8 +405,8 @@ def spike_update(state: Optional[SpikeWindow], x: Tensor, *, window: int, sigma:
 
     OLMo-core's ``SkipStepOptimizer.get_step_factor`` on finite values: a value spikes when
     ``x - mean > sigma * std`` (``std`` unbiased) over the previous values in the window, once
-    ``max(2, window // 2)`` values have been seen, this one included, and at least 2 before it (OLMo-core
-    would skip every step of a window under 6 once active: the std of one value is NaN). Beyond it: a
+    ``max(3, window // 2)`` values have been seen, this one included: OLMo-core's ``max(2, window // 2)``,
+    but for a window under 6, whose std of one value (NaN) would skip every step once active. Beyond it: a
     step with a non-finite value spikes, and enters nothing (its window is not poisoned); nor does a
     step whose ``record`` is false. Nothing is read to the host.
 
@@ -419,10 +419,12 @@ def spike_update(state: Optional[SpikeWindow], x: Tensor, *, window: int, sigma:
         state = SpikeWindow(x.new_zeros(window, x.numel()), torch.zeros((), dtype=torch.long, device=x.device))
     values, count = state.values.to(x.device), state.count.to(x.device)
     real = (torch.arange(window, device=x.device) >= window - count).unsqueeze(1)
-    # in float64, rounded to float32, as torch.std_mean of float32 values on a CPU (a constant window: std 0)
+    # while the window fills: two passes in float64, rounded to float32 (a constant window: std 0, as torch.std_mean)
     wide = torch.where(real, values, 0.0).to(torch.float32 if x.device.type == "mps" else torch.float64)
     mean = wide.sum(0) / count
     mean, std = mean.float(), (torch.where(real, wide - mean, 0.0).square().sum(0) / (count - 1)).sqrt().float()
+    full_std, full_mean = torch.std_mean(values.T.contiguous(), dim=1)  # a full window: OLMo-core's own statistics
+    mean, std = torch.where(count == window, full_mean, mean), torch.where(count == window, full_std, std)
     active = count >= max(2, window // 2 - 1)
     finite = torch.isfinite(x).all()
     skip = ~finite | (active & ~((x - mean) <= sigma * std).all())  # OLMo-core's comparison, NaN-safe

@@ -149,7 +149,8 @@ def test_the_record_is_written_to_csv_and_logged(tmp_path):
     metrics = read_metrics(logger)
     assert metrics["grad_clip/skipped_steps"][STEPS - 1] == len(skipped) - 1  # the NaN step is a non-finite one
     assert metrics["grad_clip/nonfinite_steps"][STEPS - 1] == 1
-    assert metrics["grad_clip/clip_rate"][STEPS - 1] == 0 and "grad_clip/norm_clipped" not in metrics or 15 not in metrics["grad_clip/norm_clipped"]
+    assert metrics["grad_clip/clip_rate"][STEPS - 1] == 0  # it never clips
+    assert 15 in metrics["grad_clip/norm"] and 15 not in metrics["grad_clip/norm_clipped"]  # a skipped step claims no post-clip norm
 
 
 def test_a_resumed_run_continues_the_windows_exactly(tmp_path):
@@ -171,8 +172,17 @@ def test_under_accumulation_the_loss_is_the_mean_of_the_window(tmp_path):
     seen = []
     original = cb.clip_
     cb.clip_ = lambda grads, params, step: (seen.append(float(cb._step_loss)), original(grads, params, step))[1]
-    rec, _ = fit(tmp_path, SpikyModel(nan_at=-1), cb, steps=6, accumulate_grad_batches=2)
-    assert seen == pytest.approx([row[1] for row in rec.rows])  # Lightning's divided losses, summed
+
+    class Recording(SpikyModel):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.batch_losses.append(float(loss))  # each micro-batch's own loss, before Lightning divides it
+            return loss
+
+    model = Recording(nan_at=-1)
+    model.batch_losses = []
+    fit(tmp_path, model, cb, steps=6, accumulate_grad_batches=2)
+    assert seen == pytest.approx([(a + b) / 2 for a, b in zip(model.batch_losses[::2], model.batch_losses[1::2])])
     assert len(seen) == 6
 
 
@@ -246,7 +256,7 @@ def test_a_loop_takes_the_trainers_decisions(tmp_path, loop):
     assert skipped == [row[4] for row in rec.rows]
     assert [s.global_step for s in cb.skipped] == [i for i, s in enumerate(skipped) if s]
     cb.to_csv(tmp_path / "skipped.csv")
-    assert (tmp_path / "skipped.csv").read_text().splitlines()[0] == "global_step,batch_idx,loss,norm"
+    assert (tmp_path / "skipped.csv").read_text().splitlines()[0] == "global_step,batch_idx,optimizer,loss,norm"
 
 
 def test_a_loop_must_pass_the_loss_unless_only_the_norm_is_watched():
@@ -268,19 +278,20 @@ def test_arguments_are_validated(kwargs, match):
         SkipSpikes(**kwargs)
 
 
-@pytest.mark.parametrize("window, watch", [(8, "both"), (8, "loss"), (4, "norm")])  # (4, "norm"): as many numbers, other columns
-def test_a_checkpoint_of_another_window_or_watch_is_warned_about_and_its_windows_dropped(window, watch):
-    saved = SkipSpikes(window=4)
-    saved._windows[0] = SpikeWindow(torch.arange(8.0).reshape(4, 2), torch.tensor(4))
-    saved._skipped = [SkippedStep(3, 3, 1.5, 99.0)]
+@pytest.mark.parametrize("saved_watch, window, watch", [("both", 8, "both"), ("both", 8, "loss"), ("both", 4, "norm"), ("loss", 4, "norm")])
+def test_a_checkpoint_of_another_window_or_watch_is_warned_about_and_its_windows_dropped(saved_watch, window, watch):
+    saved = SkipSpikes(window=4, watch=saved_watch)  # ("loss", 4, "norm"): the same shape, another column
+    width = 2 if saved_watch == "both" else 1
+    saved._windows[0] = SpikeWindow(torch.arange(4.0 * width).reshape(4, width), torch.tensor(4))
+    saved._skipped = [SkippedStep(3, 3, 0, 1.5, 99.0)]
     state = saved.state_dict()
     fresh = SkipSpikes(window=window, watch=watch)
     with pytest.warns(UserWarning, match=f"not of `window={window}, watch={watch!r}`; they start afresh"):
         fresh.load_state_dict(state)
-    assert fresh._windows == {} and fresh.skipped == [SkippedStep(3, 3, 1.5, 99.0)]  # the record is kept
-    same = SkipSpikes(window=4)
+    assert fresh._windows == {} and fresh.skipped == [SkippedStep(3, 3, 0, 1.5, 99.0)]  # the record is kept
+    same = SkipSpikes(window=4, watch=saved_watch)
     same.load_state_dict(state)
-    assert torch.equal(same._windows[0].values, torch.arange(8.0).reshape(4, 2)) and int(same._windows[0].count) == 4
+    assert torch.equal(same._windows[0].values, saved._windows[0].values) and int(same._windows[0].count) == 4
 
 
 def test_a_batch_whose_loss_lightning_never_saw_is_refused_not_judged_on_an_old_loss(tmp_path):
@@ -292,7 +303,7 @@ def test_a_batch_whose_loss_lightning_never_saw_is_refused_not_judged_on_an_old_
             self.manual_backward(loss) if batch_idx == 0 else loss.backward()  # the second bypasses Lightning
             opt.step()
 
-    with pytest.raises(RuntimeError, match="saw no loss before this optimizer step"):
+    with pytest.raises(RuntimeError, match="Lightning passed no loss to `on_before_backward` in this batch"):
         make_trainer(tmp_path, [SkipSpikes()], max_steps=4).fit(BackwardByHand(manual=True, nan_at=-1), batches())
 
 

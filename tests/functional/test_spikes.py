@@ -49,7 +49,7 @@ def decisions(values: list[tuple[float, float]], window: int, sigma: float, watc
 def reference(values: list[tuple[float, float]], window: int, sigma: float, watch: str) -> list[bool]:
     ref = _Reference(window, sigma)
     if watch == "norm":  # OLMo-core always watches the loss: give it a constant one, never a spike
-        return [ref.skips(1.0, norm) if i else ref.skips(1.0, norm) for i, (_, norm) in enumerate(values)]
+        return [ref.skips(1.0, norm) for _, norm in values]
     return [ref.skips(loss, norm if watch == "both" else None) for loss, norm in values]
 
 
@@ -81,8 +81,8 @@ def test_a_nonfinite_value_skips_its_step_and_the_rest_decide_as_if_it_had_not_b
     assert ours[100] is True  # skipped
     assert ours[:100] + ours[101:] == reference(values, 32, 4.0, "both")  # as if absent
     assert sum(ours) >= 3
-    with torch.no_grad():  # OLMo-core's own window is poisoned: it skips every step that follows
-        assert all(reference([tuple(v) for v in poisoned], 32, 4.0, "both")[100:133])
+    # OLMo-core's own window is poisoned: it skips every step that follows
+    assert all(reference([tuple(v) for v in poisoned], 32, 4.0, "both")[100:133])
 
 
 def test_record_false_keeps_a_step_out_of_the_window():
@@ -119,8 +119,9 @@ def test_a_constant_window_has_std_zero_as_torch_std_mean_gives(value):
     assert not any(reference([(value, value)] * 40, 16, 0.5, "both"))
 
 
-def test_values_equal_to_four_digits_take_olmo_cores_decisions():
+def test_values_equal_to_six_digits_take_olmo_cores_decisions():
+    """Near-ties: the bound within float32 roundings of the values (a full window takes torch.std_mean, as OLMo-core)."""
     g = torch.Generator().manual_seed(5)
-    for _ in range(50):
-        values = [(1.0 + 1e-4 * float(torch.randn((), generator=g)), 1.0) for _ in range(60)]
-        assert decisions(values, 8, 3.0, "loss") == reference(values, 8, 3.0, "loss")
+    for _ in range(40):
+        values = (1.0 + 1e-6 * torch.randn(120, 2, generator=g)).tolist()
+        assert decisions(values, 16, 2.0, "both") == reference(values, 16, 2.0, "both")
