@@ -133,5 +133,7 @@ def test_every_clipping_config_trains_the_example_model_to_its_full_length(tmp_p
                       "--trainer.enable_checkpointing=false", "--trainer.enable_model_summary=false",
                       f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
     assert cli.trainer.global_step == 300
+    skips = [[s.global_step for s in cb.skipped] for cb in cli.trainer.callbacks if isinstance(cb, SkipSpikes)]
+    assert skips == ([[63, 133]] if config.stem == "skip_spikes" else [])  # as skip_spikes.yaml's comment says
     (metrics,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     assert math.isfinite(metrics["val_loss"]) and metrics["val_loss"] < 1.5, metrics

@@ -163,3 +163,27 @@ def test_the_zero_code_route_reaches_the_namespaces_trainer_and_a_missing_file_s
     assert "CALLBACKS ['GradientNormMonitor', 'ClipByGlobalNorm']" in result.stdout, result.stderr
     assert result.returncode != 0
     assert f"GradclipConfigError: GRADCLIP_CONFIG={missing!r}: no such file" in result.stderr
+
+
+def test_skip_spikes_skips_a_loss_spike_and_unscales_the_loss_in_the_namespace(tmp_path, ns):
+    """SkipSpikes in either namespace's Trainer: the 16-mixed loss it decides on is unscaled (the
+    namespace's precision plugin scaled it), and a loss 1,000 times larger than the rest is skipped."""
+    from gradclip_plugin import SkipSpikes
+
+    class Spiky(ns.TinyModel):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) * (1e3 if batch_idx == 10 else 1.0)
+
+    cb, seen = SkipSpikes(window=8, sigma=6.0, watch="loss"), []
+    original = cb.clip_
+    cb.clip_ = lambda grads, params, step: (seen.append(float(cb._step_loss)), original(grads, params, step))[1]
+    plugin = mod(ns, "plugins").MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+    torch.manual_seed(0)
+    ns.make_trainer(tmp_path, [cb], max_steps=14, plugins=[plugin]).fit(Spiky(optimizer="adam"), make_loader(n=64))
+    assert 0 < seen[0] < 1e3  # TinyModel's mse, not 1,024 times it
+    losses = torch.tensor(seen)
+    expected = []  # the rule, from torch.std_mean over the previous (at most 8) losses, active from the 4th
+    for i in range(3, len(seen)):
+        std, mean = torch.std_mean(losses[max(0, i - 8) : i])
+        expected += [i] * bool(losses[i] - mean > 6.0 * std)
+    assert [s.global_step for s in cb.skipped] == expected and 10 in expected

@@ -151,8 +151,9 @@ class SkipSpikes(GradientClipCallback):
         self._batch_idx, self._step_loss = batch_idx, None  # no loss of an earlier batch is taken for this one's
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
-        loss = lightning.unscaled(trainer, loss.detach()).float()
-        self._loss = loss + (0.0 if self._loss is None else self._loss)  # a new tensor: the user's loss is left as it is
+        if self.watch != "norm":
+            loss = lightning.unscaled(trainer, loss.detach()).float()
+            self._loss = loss + (0.0 if self._loss is None else self._loss)  # a new tensor: the user's loss is left as it is
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
         if self._loss is not None:  # the losses since the last step (of any optimizer), averaged over ranks
@@ -255,7 +256,7 @@ class SkipSpikes(GradientClipCallback):
         self._skipped = [SkippedStep(*r) for r in state_dict.get("skipped", [])]
         shape = [self.window, 2 if self.watch == "both" else 1]
         saved = state_dict.get("windows", {})
-        if state_dict.get("watch", self.watch) != self.watch or any(len(w["values"]) != shape[0] or len(w["values"][0]) != shape[1] for w in saved.values()):
+        if saved and state_dict.get("watch", self.watch) != self.watch or any(len(w["values"]) != shape[0] or len(w["values"][0]) != shape[1] for w in saved.values()):
             lightning.rank_zero_warn(f"SkipSpikes: the checkpoint's windows are not of `window={self.window}, watch={self.watch!r}`; they start afresh.")
             return
         self._windows = {int(i): SpikeWindow(torch.tensor(w["values"], dtype=torch.float32), torch.tensor(int(w["count"]))) for i, w in saved.items()}
