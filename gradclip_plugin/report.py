@@ -213,7 +213,7 @@ def advise(s: NormSummary) -> tuple[str, Optional[float], str]:
                                  f"trained. Raise it well above the {rule.quantity}s (p99 {p99:.3g}) or remove it.")  # fmt: skip
     capped = _capped(s, rule.cap) if rule.cap else ""
     if capped or rule.note:
-        rate = "" if s.clip_rate is None or s.rule == "SkipSpikes" else f" It clipped {s.clip_rate:.0%} of the steps."
+        rate = "" if s.clip_rate is None else f" It clipped {s.clip_rate:.0%} of the steps."
         return (rule.cap, None, capped + skips) if capped else (rule.parameter, None, rule.note + rate + skips)
     value, reason = suggest_max_norm(s.norm, s.threshold, peaks=s.peaks, guarded=s.guarded, steps=s.steps,
                                      parameter=rule.parameter, quantity=rule.quantity)  # fmt: skip
@@ -345,7 +345,7 @@ def _draw(ax: Any, s: NormSummary) -> None:
 def _title(s: NormSummary) -> str:
     """A panel's title: the series, its rule where the name does not say it, and what the rule did."""
     rule = s.rule or ("monitor, nothing clipped" if s.kind == "monitor" else "clipping")
-    did = [f"clipped {s.clip_rate:.0%} of the steps"] if s.clip_rate is not None and s.rule != "SkipSpikes" else []
+    did = [f"clipped {s.clip_rate:.0%} of the steps"] if s.clip_rate is not None else []
     did += [f"skipped {s.skipped} steps"] if s.skipped else []
     return (s.prefix if s.prefix.endswith(f"/{rule}") else f"{s.prefix} ({rule})") + (": " + ", ".join(did) if did else "")
 

@@ -195,11 +195,14 @@ def _ratio(a: Value, b: Value) -> Value:
 def _rule_skip(fate: Fate, stats: ClipStats) -> tuple[Fate, ClipStats]:
     """A rule's request to skip the step made on the device (a tensor ``stats.skip``): into the device flag
     where the step may be skipped there, else read (the host skips it)."""
-    if not isinstance(stats.skip, Tensor):
-        return fate, stats
-    if fate.action == "device":
+    if isinstance(stats.skip, Tensor) and fate.action == "device":
         return fate._replace(flag=torch.maximum(fate.flag, stats.skip.float())), stats._replace(skip=False)
     return fate, stats._replace(skip=bool(stats.skip))
+
+
+def skips(fate: Fate, stats: ClipStats) -> Union[bool, Tensor]:
+    """Whether the step is skipped, by the policy or the rule (a 0-dim bool tensor where the device decides)."""
+    return fate.flag.bool() if fate.action == "device" else fate.action == "skip" or stats.skip
 
 
 # ---------------------------------------------------------------------------------------------- shared base
@@ -709,7 +712,7 @@ class GradientClipCallback(GradientCallback):
     def _count(self, idx: int, fate: Fate, stats: ClipStats, global_step: int) -> None:
         """Add the step to optimizer ``idx``'s tally: a skipped step is not a clipped one, nor in the clip rate."""
         t = self._tallies[idx]
-        skipped = fate.flag.bool() if fate.action == "device" else fate.action == "skip" or stats.skip
+        skipped = skips(fate, stats)
         finite = _not(fate.nonfinite)
         ran = finite & _not(skipped)
         t.steps += 1
@@ -748,7 +751,8 @@ class GradientClipCallback(GradientCallback):
             if t.last is not None:
                 values.update({names.NORM: t.last.norm, names.NORM_CLIPPED: t.last.norm_clipped, names.THRESHOLD: t.last.threshold})
                 values.update(t.last.extra or {})
-            values[names.CLIP_RATE] = _ratio(t.clipped - clipped, t.ran - ran)  # over the steps that ran
+            if self.clips:  # a rule that only skips has no clip rate
+                values[names.CLIP_RATE] = _ratio(t.clipped - clipped, t.ran - ran)  # over the steps that ran
             values[names.NONFINITE_STEPS] = t.steps - t.finite
             if self._skips_steps:
                 values[names.SKIPPED_STEPS] = t.skipped

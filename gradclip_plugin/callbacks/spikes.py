@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from gradclip_plugin.callbacks import _lightning as lightning
-from gradclip_plugin.callbacks.base import ClipStats, GradientClipCallback, GroupDepth, NormType, Step, Value, check_number, read_values
+from gradclip_plugin.callbacks.base import (ClipStats, GradientClipCallback, GroupDepth, NormType, Step, Value, check_number,
+    read_values, skips)
 from gradclip_plugin.callbacks.step import Fate
 from gradclip_plugin.functional.adaptive import SpikeWindow, spike_update
 from gradclip_plugin.functional.norms import check_norm_type
@@ -74,7 +75,7 @@ class SkipSpikes(GradientClipCallback):
 
     Logged: ``skipped_steps`` (the steps it skipped), ``norm`` and ``norm_max``, ``threshold`` (the norm's
     ``mean + sigma * std`` once active, with ``watch`` ``"norm"`` or ``"both"``), ``nonfinite_steps``. It
-    never clips: ``clip_rate`` is 0.
+    never clips: it logs no ``clip_rate`` (and ``norm_clipped`` is its ``norm``).
 
     Args:
         window: values kept per optimizer (OLMo-core's ``rolling_interval_length``), at least 2.
@@ -133,7 +134,7 @@ class SkipSpikes(GradientClipCallback):
         self._loss: Optional[Tensor] = None  # the losses since the last optimizer step, summed
         self._step_loss: Optional[Tensor] = None  # the loss of the step being decided
         self._batch_idx: Optional[int] = None
-        self._pending: list[tuple[int, Optional[int], list[Any]]] = []  # steps whose skip is still on the device
+        self._pending: list[tuple[int, Optional[int], int, list[Any]]] = []  # (global step, batch, optimizer, values to read)
         self._skipped: list[SkippedStep] = []
 
     @property
@@ -202,7 +203,7 @@ class SkipSpikes(GradientClipCallback):
         return ClipStats(step.norm, unless_skipped(step.norm), threshold, False, skip=spike)
 
     def _count(self, idx: int, fate: Fate, stats: ClipStats, global_step: int) -> None:
-        skipped = fate.flag if fate.action == "device" else fate.action == "skip" or stats.skip
+        skipped = skips(fate, stats)
         if isinstance(skipped, Tensor) or skipped:  # a row, read with the metrics (or at `PENDING`, a checkpoint, the end)
             loss = math.nan if self._step_loss is None else self._step_loss
             self._pending.append((global_step, self._batch_idx, idx, [loss, stats.norm, skipped]))
